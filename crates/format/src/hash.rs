@@ -66,7 +66,7 @@ impl Sha256 {
 }
 
 fn decode_base16(s: &str) -> Option<Vec<u8>> {
-    if !s.is_ascii() || s.len() % 2 != 0 {
+    if !s.is_ascii() || !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

@@ -150,7 +150,8 @@ pub(crate) mod tests {
     #[test]
     fn rejects_each_malformed_form() {
         use StorePathError::*;
-        let cases: Vec<(String, fn(&StorePathError) -> bool)> = vec![
+        type Case = (String, fn(&StorePathError) -> bool);
+        let cases: Vec<Case> = vec![
             (format!("/tmp/{H}-x"), |e| matches!(e, NotInStore(_))),
             (format!("/nix/store/{H}-x/bin/sh"), |e| {
                 matches!(e, Subpath(_))

@@ -1,1 +1,421 @@
+//! The test bed every integration test shares: real Nix and a real S3 server, private to the test.
+//!
+//! - [`NixDaemon`]: Debian's `nix-daemon` with its own `NIX_CONF_DIR` (no sandbox, no substituters,
+//!   optional `post-build-hook`) and its own socket. Clients reach it with `--store unix://SOCKET`.
+//!   It shares `/nix/store` with the machine, so every derivation a test builds is made unique.
+//! - [`S3Server`]: `s3s-fs` on a free loopback port with an access key and secret key, so SigV4 is
+//!   really checked, plus a second, anonymous `s3s-fs` over the same data directory that Nix 2.8
+//!   (which has no S3 support) substitutes from over plain HTTP.
+//!
+//! Both are killed when dropped, so a failing test (which unwinds) still cleans up.
 
+use std::fs;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tempfile::TempDir;
+
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A process killed and reaped on drop.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits for `ready` to hold, polling, unless the process exits first. Readiness of a freshly
+/// spawned server is an event the server does not announce, so polling it is the only way.
+fn wait_until(child: &mut Child, what: &str, log: &Path, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    while Instant::now() < deadline {
+        if ready() {
+            return true;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            eprintln!(
+                "{what} exited ({status}): {}",
+                fs::read_to_string(log).unwrap_or_default()
+            );
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{what} did not become ready in {STARTUP_TIMEOUT:?}");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A string no other test (or earlier run) has used: derivations built with it are new to the store.
+pub fn unique(tag: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{tag}-{}-{t}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Finds a program on PATH; the test scripts put their tool cache there.
+pub fn find_program(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{name}` is not on PATH; run the tests through scripts/test.sh"))
+}
+
+#[derive(Default)]
+pub struct DaemonOptions {
+    /// Absolute path of the program for `post-build-hook`.
+    pub post_build_hook: Option<PathBuf>,
+    /// Extra environment for the daemon (and so for the hook it runs).
+    pub env: Vec<(String, String)>,
+    /// Extra nix.conf lines.
+    pub extra_conf: String,
+}
+
+pub struct NixDaemon {
+    pub dir: TempDir,
+    pub socket: PathBuf,
+    pub conf_dir: PathBuf,
+    child: Option<Guard>,
+    options_env: Vec<(String, String)>,
+}
+
+impl NixDaemon {
+    pub fn start() -> Self {
+        Self::start_with(DaemonOptions::default())
+    }
+
+    pub fn start_with(opts: DaemonOptions) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("nixpush-nix-")
+            .tempdir()
+            .unwrap();
+        let conf_dir = dir.path().join("conf");
+        fs::create_dir(&conf_dir).unwrap();
+        let mut conf = String::from(
+            "build-users-group =\nsandbox = false\nsubstituters =\n\
+             experimental-features = nix-command\nrequire-sigs = true\n",
+        );
+        if let Some(hook) = &opts.post_build_hook {
+            conf.push_str(&format!("post-build-hook = {}\n", hook.display()));
+        }
+        conf.push_str(&opts.extra_conf);
+        fs::write(conf_dir.join("nix.conf"), conf).unwrap();
+        let mut d = NixDaemon {
+            socket: dir.path().join("daemon.sock"),
+            conf_dir,
+            dir,
+            child: None,
+            options_env: opts.env,
+        };
+        d.restart();
+        d
+    }
+
+    /// Starts the daemon (again, after [`NixDaemon::stop`]).
+    pub fn restart(&mut self) {
+        let log = self.dir.path().join("daemon.log");
+        let mut child = Command::new(find_program("nix-daemon"))
+            .env("NIX_CONF_DIR", &self.conf_dir)
+            .env("NIX_DAEMON_SOCKET_PATH", &self.socket)
+            .envs(self.options_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log).unwrap())
+            .stderr(fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("cannot start nix-daemon");
+        let sock = self.socket.clone();
+        assert!(wait_until(&mut child, "nix-daemon", &log, || {
+            UnixStream::connect(&sock).is_ok()
+        }));
+        self.child = Some(Guard(child));
+    }
+
+    pub fn stop(&mut self) {
+        self.child = None;
+        let _ = fs::remove_file(&self.socket);
+    }
+
+    /// `unix://SOCKET`, the store URL clients use.
+    pub fn store_url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// A Nix client command (`nix-build`, `nix-store`, `nix`) aimed at this daemon.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new(find_program(program));
+        c.env("NIX_CONF_DIR", &self.conf_dir)
+            .env_remove("NIX_REMOTE")
+            .arg("--store")
+            .arg(self.store_url());
+        c
+    }
+
+    /// Runs a client command and returns its stdout, panicking with its stderr on failure.
+    pub fn run(&self, program: &str, args: &[&str]) -> String {
+        let out = self.cmd(program).args(args).output().unwrap();
+        check(&format!("{program} {}", args.join(" ")), out)
+    }
+
+    /// Builds a Nix expression and returns the output paths, one per line of `nix-build`.
+    pub fn build(&self, expr: &str) -> Vec<String> {
+        self.run("nix-build", &["--no-out-link", "-E", expr])
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Adds a filesystem tree to the store as `nix-store --add` does.
+    pub fn add(&self, path: &Path) -> String {
+        self.run("nix-store", &["--add", path.to_str().unwrap()])
+            .trim()
+            .to_owned()
+    }
+
+    pub fn delete(&self, store_path: &str) {
+        self.run("nix-store", &["--delete", store_path]);
+    }
+
+    pub fn is_valid(&self, store_path: &str) -> bool {
+        self.cmd("nix-store")
+            .args(["--check-validity", store_path])
+            .status()
+            .unwrap()
+            .success()
+    }
+}
+
+pub fn check(what: &str, out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Nix source for a derivation built by `/bin/sh` with coreutils on PATH (there is no sandbox and no
+/// nixpkgs). `deps` are Nix expressions whose outputs the script may use; a reference to a
+/// dependency is made by writing its path into the output.
+pub fn derivation(name: &str, script: &str) -> String {
+    format!(
+        "derivation {{ name = \"{name}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; \
+         PATH = \"/usr/bin:/bin\"; nonce = \"{}\"; args = [ \"-c\" {} ]; }}",
+        unique("n"),
+        nix_string(script)
+    )
+}
+
+/// A Nix string literal (`''…''` would also interpret `${`; a quoted string escapes it).
+pub fn nix_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '$' => out.push_str("\\$"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// An expression for a chain `c -> b -> a` and a diamond `top -> {left, right} -> bottom`, as a list of
+/// the two roots. Each output has a file, an executable, a symlink and an empty directory.
+pub fn chain_and_diamond() -> String {
+    let body = |refs: &str| {
+        format!(
+            "mkdir -p $out/bin $out/empty && echo {refs} > $out/refs && \
+             printf '#!/bin/sh\\necho hi\\n' > $out/bin/hello && chmod +x $out/bin/hello && \
+             ln -s bin/hello $out/link"
+        )
+    };
+    let drv = |name: &str, deps: &[&str]| {
+        let refs: Vec<String> = deps.iter().map(|d| format!("${{{d}}}")).collect();
+        derivation(name, &body(&refs.join(" "))).replace("\\${", "${")
+    };
+    format!(
+        "let a = {}; b = {}; c = {}; bottom = {}; left = {}; right = {}; top = {}; in [ c top ]",
+        drv("chain-a", &[]),
+        drv("chain-b", &["a"]),
+        drv("chain-c", &["b"]),
+        drv("diamond-bottom", &[]),
+        drv("diamond-left", &["bottom"]),
+        drv("diamond-right", &["bottom"]),
+        drv("diamond-top", &["left", "right"]),
+    )
+}
+
+pub struct S3Server {
+    pub dir: TempDir,
+    /// `ROOT`: objects live at `ROOT/BUCKET/KEY`.
+    pub root: PathBuf,
+    pub bucket: String,
+    /// `http://127.0.0.1:PORT`, SigV4 required.
+    pub endpoint: String,
+    /// `http://127.0.0.1:PORT/BUCKET`, anonymous reads: what Nix substitutes from.
+    pub http_url: String,
+    pub access_key: String,
+    pub secret_key: String,
+    signed: Option<Guard>,
+    signed_port: u16,
+    _anonymous: Guard,
+}
+
+impl S3Server {
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("nixpush-s3-")
+            .tempdir()
+            .unwrap();
+        let root = dir.path().join("data");
+        let bucket = "cache".to_owned();
+        fs::create_dir_all(root.join(&bucket)).unwrap();
+        let (access_key, secret_key) = ("nixpush-test-key".to_owned(), unique("secret"));
+        let (signed, signed_port) =
+            Self::spawn(&root, dir.path(), Some((&access_key, &secret_key)), None);
+        let (anonymous, anon_port) = Self::spawn(&root, dir.path(), None, None);
+        S3Server {
+            endpoint: format!("http://127.0.0.1:{signed_port}"),
+            http_url: format!("http://127.0.0.1:{anon_port}/{bucket}"),
+            dir,
+            root,
+            bucket,
+            access_key,
+            secret_key,
+            signed: Some(signed),
+            signed_port,
+            _anonymous: anonymous,
+        }
+    }
+
+    fn spawn(
+        root: &Path,
+        dir: &Path,
+        keys: Option<(&str, &str)>,
+        port: Option<u16>,
+    ) -> (Guard, u16) {
+        let s3s = find_program("s3s-fs");
+        // A free port can be taken between our probe and the server's bind; try again if so.
+        for _ in 0..5 {
+            let port = port.unwrap_or_else(free_port);
+            let log = dir.join(format!("s3s-{port}.log"));
+            let mut cmd = Command::new(&s3s);
+            cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()]);
+            if let Some((ak, sk)) = keys {
+                cmd.args(["--access-key", ak, "--secret-key", sk]);
+            }
+            let mut child = cmd
+                .arg(root)
+                .stdin(Stdio::null())
+                .stdout(fs::File::create(&log).unwrap())
+                .stderr(Stdio::from(
+                    fs::File::options().append(true).open(&log).unwrap(),
+                ))
+                .spawn()
+                .expect("cannot start s3s-fs");
+            if wait_until(&mut child, "s3s-fs", &log, || {
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            }) {
+                return (Guard(child), port);
+            }
+        }
+        panic!("s3s-fs would not start");
+    }
+
+    /// The SigV4 endpoint goes down (the anonymous reader stays up); [`S3Server::resume`] brings it
+    /// back on the same port.
+    pub fn pause(&mut self) {
+        self.signed = None;
+    }
+
+    pub fn resume(&mut self) {
+        let keys = (self.access_key.as_str(), self.secret_key.as_str());
+        let (g, _) = Self::spawn(
+            &self.root,
+            self.dir.path(),
+            Some(keys),
+            Some(self.signed_port),
+        );
+        self.signed = Some(g);
+    }
+
+    /// `s3://BUCKET?endpoint=…&region=us-east-1` plus `params` (`&`-joined, may be empty).
+    pub fn store_url(&self, params: &str) -> String {
+        let sep = if params.is_empty() { "" } else { "&" };
+        format!(
+            "s3://{}?endpoint={}&region=us-east-1{sep}{params}",
+            self.bucket, self.endpoint
+        )
+    }
+
+    /// The environment that gives the AWS credential chain this server's keys, and nothing else.
+    pub fn credentials_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret_key.clone()),
+            ("AWS_CONFIG_FILE", "/nonexistent".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ]
+    }
+
+    pub fn object(&self, key: &str) -> PathBuf {
+        self.root.join(&self.bucket).join(key)
+    }
+
+    /// Every object key in the bucket, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+            for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(base, &p, out);
+                } else {
+                    out.push(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let base = self.root.join(&self.bucket);
+        walk(&base, &base, &mut out);
+        // s3s-fs keeps upload state and metadata beside the objects; those are not objects.
+        out.retain(|k| !k.starts_with(".") && !k.contains("/.") && !k.ends_with(".metadata.json"));
+        out.sort();
+        out
+    }
+}
+
+/// Writes an executable shell script (for hooks and fake editors in tests).
+pub fn write_script(path: &Path, body: &str) {
+    let mut f = fs::File::create(path).unwrap();
+    writeln!(f, "#!/bin/sh\n{body}").unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+}

@@ -287,14 +287,12 @@ impl<R: Read> Parser<'_, R> {
                     let at = self.pos;
                     let name = self.bytes(self.limits.max_name, "entry name")?;
                     check_name(at, &name)?;
-                    if let Some(prev) = &previous {
-                        if name <= *prev {
-                            return Err(NarError::NotSorted {
-                                offset: at,
-                                previous: lossy(prev),
-                                name: lossy(&name),
-                            });
-                        }
+                    if let Some(prev) = previous.as_ref().filter(|p| name <= **p) {
+                        return Err(NarError::NotSorted {
+                            offset: at,
+                            previous: lossy(prev),
+                            name: lossy(&name),
+                        });
                     }
                     v.entry(&name);
                     self.expect("node")?;

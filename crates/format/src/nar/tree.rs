@@ -11,10 +11,13 @@ pub enum Node {
     Directory(BTreeMap<Vec<u8>, Node>),
 }
 
+/// A directory being filled: its name in the parent, and the entries read so far.
+type OpenDirectory = (Vec<u8>, BTreeMap<Vec<u8>, Node>);
+
 /// A [`NarVisitor`] that rebuilds the tree (contents in memory: for tests and small NARs only).
 #[derive(Default)]
 pub struct TreeBuilder {
-    stack: Vec<(Vec<u8>, BTreeMap<Vec<u8>, Node>)>,
+    stack: Vec<OpenDirectory>,
     pending_name: Vec<u8>,
     root: Option<Node>,
 }
