@@ -1,1 +1,14 @@
+//! The local Nix store, as a nix-daemon client.
+//!
+//! nixpush never reads `/nix/var/nix/db` or walks `/nix/store` itself: the daemon is the authority on
+//! which paths are valid, their recorded hashes, references and signatures, and it serves their NARs.
+//! That works for root and for unprivileged users alike, and against any daemon version from Nix 2.1
+//! (protocol 1.21) on.
 
+mod address;
+mod protocol;
+mod store;
+
+pub use address::StoreAddress;
+pub use protocol::{Connection, PathInfo};
+pub use store::{Store, StoreError};

@@ -1,0 +1,171 @@
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use nixpush_format::StorePath;
+use nixpush_format::nar::NarError;
+use thiserror::Error;
+
+use crate::{Connection, PathInfo, StoreAddress};
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("cannot connect to the nix-daemon at {}", socket.display())]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start `nix-daemon --stdio` (is Nix installed?)")]
+    Spawn(#[source] io::Error),
+    #[error("nix-daemon protocol version {}.{} is not supported (1.21 or newer is)", .0 >> 8, .0 & 0xff)]
+    UnsupportedVersion(u64),
+    #[error("store URL {0:?} is not supported (use `daemon`, `auto`, `local` or `unix://SOCKET`)")]
+    UnsupportedStore(String),
+    #[error("nix-daemon: {0}")]
+    Daemon(String),
+    #[error("nix-daemon protocol error: {0}")]
+    Protocol(String),
+    #[error("talking to the nix-daemon failed")]
+    Io(#[source] io::Error),
+    #[error("{0} is not valid in the store (not built, or garbage-collected)")]
+    NotValid(StorePath),
+    #[error("reading the NAR of {path} from the daemon failed")]
+    Nar {
+        path: StorePath,
+        #[source]
+        source: NarError,
+    },
+    #[error("output `{output}` of {drv} has not been built")]
+    OutputNotBuilt { drv: StorePath, output: String },
+}
+
+impl StoreError {
+    /// Errors after which a connection may be out of step with the daemon and must not be reused.
+    fn breaks_connection(&self) -> bool {
+        !matches!(
+            self,
+            StoreError::Daemon(_) | StoreError::NotValid(_) | StoreError::OutputNotBuilt { .. }
+        )
+    }
+}
+
+/// A pool of daemon connections, opened on demand, so that queries and NAR streams run in parallel.
+pub struct Store {
+    address: StoreAddress,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Store {
+    /// Connects once, so a wrong socket or an incompatible daemon is reported before any work.
+    pub fn open(address: StoreAddress) -> Result<Self, StoreError> {
+        let first = Connection::open(&address)?;
+        Ok(Store {
+            address,
+            idle: Mutex::new(vec![first]),
+        })
+    }
+
+    pub fn address(&self) -> &StoreAddress {
+        &self.address
+    }
+
+    /// Runs `f` on an idle connection (or a new one), returning it to the pool unless it failed in a
+    /// way that may leave it mid-conversation.
+    pub fn with_connection<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => Connection::open(&self.address)?,
+        };
+        let result = f(&mut conn);
+        if !matches!(&result, Err(e) if e.breaks_connection()) {
+            self.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn);
+        }
+        result
+    }
+
+    pub fn path_info(&self, path: &StorePath) -> Result<PathInfo, StoreError> {
+        self.with_connection(|c| c.query_path_info(path))?
+            .ok_or_else(|| StoreError::NotValid(path.clone()))
+    }
+
+    pub fn nar(&self, path: &StorePath, out: &mut dyn Write) -> Result<u64, StoreError> {
+        self.with_connection(|c| c.nar_from_path(path, out))
+    }
+
+    /// The output paths of a derivation; every output must have been built.
+    pub fn derivation_outputs(&self, drv: &StorePath) -> Result<Vec<StorePath>, StoreError> {
+        let map = self.with_connection(|c| c.query_derivation_output_map(drv))?;
+        let mut outs = Vec::new();
+        for (output, path) in map {
+            let path = path.ok_or_else(|| StoreError::OutputNotBuilt {
+                drv: drv.clone(),
+                output: output.clone(),
+            })?;
+            let valid =
+                self.with_connection(|c| c.query_valid_paths(std::slice::from_ref(&path)))?;
+            if valid.is_empty() {
+                return Err(StoreError::OutputNotBuilt {
+                    drv: drv.clone(),
+                    output,
+                });
+            }
+            outs.push(path);
+        }
+        Ok(outs)
+    }
+
+    /// Path infos of `roots` and everything they reference, transitively. Each layer of the walk is
+    /// queried over up to `jobs` connections at once.
+    pub fn closure(
+        &self,
+        roots: &[StorePath],
+        jobs: usize,
+    ) -> Result<BTreeMap<StorePath, PathInfo>, StoreError> {
+        let mut infos = BTreeMap::new();
+        let mut frontier: BTreeSet<StorePath> = roots.iter().cloned().collect();
+        while !frontier.is_empty() {
+            let batch: Vec<StorePath> = std::mem::take(&mut frontier).into_iter().collect();
+            for info in self.path_infos(&batch, jobs)? {
+                for r in &info.references {
+                    if !infos.contains_key(r) && *r != info.path {
+                        frontier.insert(r.clone());
+                    }
+                }
+                infos.insert(info.path.clone(), info);
+            }
+            frontier.retain(|p| !infos.contains_key(p));
+        }
+        Ok(infos)
+    }
+
+    fn path_infos(&self, paths: &[StorePath], jobs: usize) -> Result<Vec<PathInfo>, StoreError> {
+        let jobs = jobs.clamp(1, paths.len().max(1));
+        let chunk = paths.len().div_ceil(jobs).max(1);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = paths
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|p| self.path_info(p))
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                })
+                .collect();
+            let mut out = Vec::with_capacity(paths.len());
+            for h in handles {
+                out.extend(h.join().expect("closure query thread panicked")?);
+            }
+            Ok(out)
+        })
+    }
+}
