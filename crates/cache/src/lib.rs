@@ -1,1 +1,23 @@
+//! Writing (and reading back) Nix binary caches in S3 buckets and directories.
+//!
+//! Invariants this crate keeps, whoever calls it:
+//! - **Published means complete**: a path's `.narinfo` is written only after its NAR object exists
+//!   and after the narinfos of all its references exist (or are known to be elsewhere, for paths
+//!   skipped because an upstream cache signs them).
+//! - **Nothing unverified is uploaded**: a NAR whose hash or size differs from the store's record is
+//!   refused before any byte of it leaves the machine.
+//! - **Replays converge**: NAR keys are content-addressed and every write is idempotent, so pushing
+//!   again after any failure ends in the same state. Failed multipart uploads are aborted.
+//! - **Memory does not grow with NAR size**: NARs stream through hashing and compression into a spool
+//!   file and are uploaded from it in bounded parts.
 
+mod error;
+mod publish;
+mod spool;
+mod target;
+mod url;
+
+pub use error::CacheError;
+pub use publish::{Cache, Event, PushOptions, PushSummary};
+pub use spool::{CompressOptions, NarSource, SourceError, SpooledNar, error_chain, spool_nar};
+pub use url::{AddressingStyle, Location, StoreUrl, UrlError};

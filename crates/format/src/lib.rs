@@ -11,10 +11,12 @@ pub mod keys;
 pub mod nar;
 pub mod narinfo;
 pub mod nix32;
+pub mod path_info;
 pub mod store_path;
 
 pub use cache_keys::Compression;
 pub use hash::Sha256;
 pub use keys::{PublicKey, SecretKey, Signature};
 pub use narinfo::NarInfo;
+pub use path_info::PathInfo;
 pub use store_path::StorePath;

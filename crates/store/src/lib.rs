@@ -10,5 +10,6 @@ mod protocol;
 mod store;
 
 pub use address::StoreAddress;
-pub use protocol::{Connection, PathInfo};
+pub use nixpush_format::PathInfo;
+pub use protocol::Connection;
 pub use store::{Store, StoreError};

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 
 use nixpush_format::nar::copy_nar;
-use nixpush_format::{Sha256, Signature, StorePath};
+use nixpush_format::{PathInfo, Sha256, StorePath};
 
 use crate::{StoreAddress, StoreError};
 
@@ -39,20 +39,6 @@ const MIN_VERSION: u64 = (1 << 8) | 21;
 /// broken stream, not data.
 const MAX_STRING: u64 = 64 << 20;
 const MAX_LIST: u64 = 1 << 24;
-
-/// What the store records about a valid path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PathInfo {
-    pub path: StorePath,
-    pub deriver: Option<StorePath>,
-    pub nar_hash: Sha256,
-    pub nar_size: u64,
-    pub references: Vec<StorePath>,
-    pub registration_time: u64,
-    pub ultimate: bool,
-    pub sigs: Vec<Signature>,
-    pub ca: Option<String>,
-}
 
 pub struct Connection {
     r: BufReader<Box<dyn Read + Send>>,

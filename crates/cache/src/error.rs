@@ -1,0 +1,89 @@
+use std::path::PathBuf;
+
+use nixpush_format::{Sha256, StorePath};
+use thiserror::Error;
+
+use crate::UrlError;
+
+#[derive(Debug, Error)]
+pub enum CacheError {
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    #[error("cannot reach the S3 endpoint {endpoint}: {message}")]
+    Unreachable { endpoint: String, message: String },
+    #[error(
+        "no AWS credentials found ({message}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or name a profile with `profile=`"
+    )]
+    NoCredentials { message: String },
+    #[error(
+        "access denied to bucket `{bucket}` ({code}): check the credentials and the bucket policy"
+    )]
+    AccessDenied { bucket: String, code: String },
+    #[error("bucket `{bucket}` does not exist at {endpoint}")]
+    NoSuchBucket { bucket: String, endpoint: String },
+    #[error("S3 is throttling requests ({code}) on {key}")]
+    Throttled {
+        key: String,
+        code: String,
+        retry_after: Option<u64>,
+    },
+    #[error("S3 {operation} of {key} failed: {message}")]
+    S3 {
+        operation: &'static str,
+        key: String,
+        message: String,
+        status: Option<u16>,
+    },
+    #[error("{operation} {} failed", path.display())]
+    File {
+        operation: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the NAR spool file in {}", dir.display())]
+    Spool {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {path} from the store failed: {message}")]
+    Source { path: StorePath, message: String },
+    #[error(
+        "refusing to upload {path}: its NAR has hash {actual_hash} and size {actual_size}, but the store \
+         recorded {recorded_hash} and {recorded_size} (the store path is corrupt; see `nix-store --verify --check-contents`)"
+    )]
+    NarMismatch {
+        path: StorePath,
+        recorded_hash: Sha256,
+        recorded_size: u64,
+        actual_hash: Sha256,
+        actual_size: u64,
+    },
+    #[error("not publishing {path}: its reference {reference} could not be published")]
+    ReferenceFailed {
+        path: StorePath,
+        reference: StorePath,
+    },
+    #[error(
+        "the cache's nix-cache-info says StoreDir {found:?}, but nixpush writes for {expected:?}"
+    )]
+    StoreDirMismatch { found: String, expected: String },
+}
+
+impl CacheError {
+    /// Whether trying again later may succeed: the network, the server or the local disk may
+    /// recover; a bad URL, a corrupt store path or missing access will not fix itself.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CacheError::Unreachable { .. }
+            | CacheError::Throttled { .. }
+            | CacheError::Spool { .. } => true,
+            CacheError::S3 { status, .. } => {
+                status.is_none_or(|s| s >= 500 || s == 408 || s == 429)
+            }
+            CacheError::File { .. } | CacheError::ReferenceFailed { .. } => true,
+            _ => false,
+        }
+    }
+}

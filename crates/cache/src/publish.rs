@@ -1,0 +1,476 @@
+//! Publishing closures: skip what the cache has, upload NARs concurrently, and publish narinfos in
+//! reference order.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use nixpush_format::cache_keys::{
+    CONTENT_TYPE_CACHE_INFO, CONTENT_TYPE_NAR, CONTENT_TYPE_NARINFO, NIX_CACHE_INFO, nar_key,
+    narinfo_key,
+};
+use nixpush_format::store_path::STORE_DIR;
+use nixpush_format::{NarInfo, PathInfo, SecretKey, StorePath};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::spool::{CompressOptions, NarSource, spool_nar};
+use crate::target::Target;
+use crate::{CacheError, StoreUrl};
+
+/// What happened to each path, as it happens. The CLI turns these into log lines, a progress bar
+/// and JSON; the daemon into queue updates.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The plan, once the cache has been asked what it already has.
+    Planned {
+        upload: usize,
+        present: usize,
+        skipped: usize,
+        nar_bytes: u64,
+    },
+    AlreadyPresent {
+        path: StorePath,
+    },
+    /// Not uploaded: signed by an upstream key the user named.
+    Skipped {
+        path: StorePath,
+        key: String,
+    },
+    /// Published. `nar_existed`: an identical NAR was already in the cache, so only the narinfo went up.
+    Uploaded {
+        path: StorePath,
+        nar_size: u64,
+        file_size: u64,
+        nar_existed: bool,
+    },
+    Failed {
+        path: StorePath,
+        error: String,
+    },
+}
+
+pub struct PushOptions {
+    /// Paths whose NARs are prepared and uploaded at once.
+    pub jobs: usize,
+    pub keys: Vec<SecretKey>,
+    pub skip_signed_by: Vec<String>,
+    pub spool_dir: PathBuf,
+}
+
+#[derive(Debug, Default)]
+pub struct PushSummary {
+    pub uploaded: Vec<StorePath>,
+    pub present: Vec<StorePath>,
+    pub skipped: Vec<StorePath>,
+    pub failed: Vec<(StorePath, CacheError)>,
+    pub nar_bytes: u64,
+    pub file_bytes: u64,
+}
+
+pub struct Cache {
+    target: Arc<Target>,
+    url: StoreUrl,
+}
+
+impl Cache {
+    /// Connects (for S3: resolves credentials and checks the bucket) and writes `nix-cache-info` if
+    /// the cache has none.
+    pub async fn open(url: StoreUrl) -> Result<Self, CacheError> {
+        let target = Target::open(&url).await?;
+        let cache = Cache {
+            target: Arc::new(target),
+            url,
+        };
+        cache.ensure_cache_info().await?;
+        Ok(cache)
+    }
+
+    pub fn url(&self) -> &StoreUrl {
+        &self.url
+    }
+
+    async fn ensure_cache_info(&self) -> Result<(), CacheError> {
+        if let Some(existing) = self.target.get(NIX_CACHE_INFO).await? {
+            let text = String::from_utf8_lossy(&existing);
+            let store_dir = text.lines().find_map(|l| l.strip_prefix("StoreDir: "));
+            return match store_dir {
+                Some(d) if d != STORE_DIR => Err(CacheError::StoreDirMismatch {
+                    found: d.to_owned(),
+                    expected: STORE_DIR.to_owned(),
+                }),
+                _ => Ok(()),
+            };
+        }
+        let info = format!(
+            "StoreDir: {STORE_DIR}\nWantMassQuery: {}\nPriority: {}\n",
+            u8::from(self.url.want_mass_query.unwrap_or(true)),
+            self.url.priority.unwrap_or(40)
+        );
+        self.target
+            .put_bytes(NIX_CACHE_INFO, info.into_bytes(), CONTENT_TYPE_CACHE_INFO)
+            .await
+    }
+
+    pub async fn has_narinfo(&self, path: &StorePath) -> Result<bool, CacheError> {
+        self.target.exists(&narinfo_key(path)).await
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        self.target.get(key).await
+    }
+
+    fn compress_options(&self) -> CompressOptions {
+        let threads = if self.url.parallel_compression {
+            std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+        } else {
+            1
+        };
+        CompressOptions {
+            compression: self.url.compression,
+            level: self.url.compression_level,
+            threads,
+        }
+    }
+
+    /// Publishes every path of `closure` (a closure: every reference of a member is a member, or
+    /// already in the cache). Never fails as a whole: each path ends uploaded, present, skipped or
+    /// failed with its reason.
+    pub async fn push(
+        &self,
+        closure: Vec<PathInfo>,
+        source: Arc<dyn NarSource>,
+        opts: &PushOptions,
+        on_event: &(dyn Fn(Event) + Send + Sync),
+    ) -> PushSummary {
+        let mut summary = PushSummary::default();
+        let mut candidates = Vec::new();
+        for info in closure {
+            match info
+                .sigs
+                .iter()
+                .find(|s| opts.skip_signed_by.iter().any(|k| k == s.key_name()))
+            {
+                Some(sig) => {
+                    on_event(Event::Skipped {
+                        path: info.path.clone(),
+                        key: sig.key_name().to_owned(),
+                    });
+                    summary.skipped.push(info.path);
+                }
+                None => candidates.push(info),
+            }
+        }
+
+        // Ask the cache what it has, many at once: on S3 each question is a round trip.
+        let probes = Arc::new(Semaphore::new((opts.jobs * 4).max(16)));
+        let mut set = JoinSet::new();
+        for info in candidates {
+            let (target, probes) = (self.target.clone(), probes.clone());
+            set.spawn(async move {
+                let _permit = probes.acquire_owned().await;
+                let has = target.exists(&narinfo_key(&info.path)).await;
+                (info, has)
+            });
+        }
+        let mut upload = Vec::new();
+        let mut unavailable = HashSet::new();
+        while let Some(joined) = set.join_next().await {
+            match joined.expect("narinfo probe panicked") {
+                (info, Ok(true)) => {
+                    on_event(Event::AlreadyPresent {
+                        path: info.path.clone(),
+                    });
+                    summary.present.push(info.path);
+                }
+                (info, Ok(false)) => upload.push(info),
+                (info, Err(e)) => {
+                    on_event(Event::Failed {
+                        path: info.path.clone(),
+                        error: e.to_string(),
+                    });
+                    unavailable.insert(info.path.clone());
+                    summary.failed.push((info.path, e));
+                }
+            }
+        }
+        let (upload, cyclic) = dependencies_first(upload);
+        for info in cyclic {
+            let reference = info
+                .references
+                .iter()
+                .find(|r| **r != info.path)
+                .cloned()
+                .unwrap_or(info.path.clone());
+            let e = CacheError::ReferenceFailed {
+                path: info.path.clone(),
+                reference,
+            };
+            on_event(Event::Failed {
+                path: info.path.clone(),
+                error: e.to_string(),
+            });
+            unavailable.insert(info.path.clone());
+            summary.failed.push((info.path, e));
+        }
+        on_event(Event::Planned {
+            upload: upload.len(),
+            present: summary.present.len(),
+            skipped: summary.skipped.len(),
+            nar_bytes: upload.iter().map(|i| i.nar_size).sum(),
+        });
+
+        let ctx = Arc::new(Ctx {
+            target: self.target.clone(),
+            source,
+            compress: self.compress_options(),
+            keys: opts.keys.clone(),
+            spool_dir: opts.spool_dir.clone(),
+            jobs: Semaphore::new(opts.jobs.max(1)),
+        });
+        let mut done: HashMap<StorePath, watch::Receiver<Option<bool>>> = HashMap::new();
+        let mut senders = Vec::new();
+        for info in &upload {
+            let (tx, rx) = watch::channel(None);
+            done.insert(info.path.clone(), rx);
+            senders.push(tx);
+        }
+        let mut tasks = JoinSet::new();
+        for (info, tx) in upload.into_iter().zip(senders) {
+            let deps = info
+                .references
+                .iter()
+                .filter(|r| **r != info.path)
+                .map(|r| match done.get(r) {
+                    Some(rx) => Dep::Pending(r.clone(), rx.clone()),
+                    None if unavailable.contains(r) => Dep::Failed(r.clone()),
+                    None => Dep::Available,
+                })
+                .collect();
+            let ctx = ctx.clone();
+            tasks.spawn(async move {
+                let result = ctx.publish(&info, deps).await;
+                // Dependents wait on this; a send error only means nobody depends on this path.
+                let _ = tx.send(Some(result.is_ok()));
+                (info, result)
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let (info, result) = joined.expect("publish task panicked");
+            match result {
+                Ok(up) => {
+                    summary.nar_bytes += info.nar_size;
+                    summary.file_bytes += up.file_size;
+                    on_event(Event::Uploaded {
+                        path: info.path.clone(),
+                        nar_size: info.nar_size,
+                        file_size: up.file_size,
+                        nar_existed: up.nar_existed,
+                    });
+                    summary.uploaded.push(info.path);
+                }
+                Err(e) => {
+                    on_event(Event::Failed {
+                        path: info.path.clone(),
+                        error: e.to_string(),
+                    });
+                    summary.failed.push((info.path, e));
+                }
+            }
+        }
+        summary
+    }
+}
+
+enum Dep {
+    /// Being published in this push: wait for it.
+    Pending(StorePath, watch::Receiver<Option<bool>>),
+    /// Could not even be checked: this path cannot be published either.
+    Failed(StorePath),
+    /// Already in the cache, or skipped because an upstream cache has it.
+    Available,
+}
+
+struct Ctx {
+    target: Arc<Target>,
+    source: Arc<dyn NarSource>,
+    compress: CompressOptions,
+    keys: Vec<SecretKey>,
+    spool_dir: PathBuf,
+    jobs: Semaphore,
+}
+
+struct Published {
+    file_size: u64,
+    nar_existed: bool,
+}
+
+impl Ctx {
+    async fn publish(
+        self: &Arc<Self>,
+        info: &PathInfo,
+        deps: Vec<Dep>,
+    ) -> Result<Published, CacheError> {
+        // The job slot covers the NAR only; waiting for references below must not hold one, or a
+        // path could wait on a reference that waits for a slot.
+        let (mut narinfo, published) = {
+            let _slot = self.jobs.acquire().await.expect("semaphore closed");
+            let this = self.clone();
+            let job_info = info.clone();
+            let spooled = tokio::task::spawn_blocking(move || {
+                spool_nar(&job_info, &*this.source, &this.compress, &this.spool_dir)
+            })
+            .await
+            .expect("NAR spooling panicked")?;
+            let key = nar_key(&spooled.file_hash, spooled.compression);
+            // Content-addressed: an object with this name already holds these exact bytes.
+            let nar_existed = self.target.exists(&key).await?;
+            if !nar_existed {
+                self.target
+                    .put_file(
+                        &key,
+                        spooled.file.path(),
+                        spooled.file_size,
+                        CONTENT_TYPE_NAR,
+                    )
+                    .await?;
+            }
+            let mut references = info.references.clone();
+            references.sort();
+            let narinfo = NarInfo {
+                store_path: info.path.clone(),
+                url: key,
+                compression: spooled.compression.as_str().to_owned(),
+                file_hash: Some(spooled.file_hash),
+                file_size: Some(spooled.file_size),
+                nar_hash: spooled.nar_hash,
+                nar_size: spooled.nar_size,
+                references,
+                deriver: info.deriver.clone(),
+                sigs: info.sigs.clone(),
+                ca: info.ca.clone(),
+            };
+            (
+                narinfo,
+                Published {
+                    file_size: spooled.file_size,
+                    nar_existed,
+                },
+            )
+        };
+        for dep in deps {
+            match dep {
+                Dep::Available => {}
+                Dep::Failed(reference) => {
+                    return Err(CacheError::ReferenceFailed {
+                        path: info.path.clone(),
+                        reference,
+                    });
+                }
+                Dep::Pending(reference, mut rx) => {
+                    let ok = rx
+                        .wait_for(Option::is_some)
+                        .await
+                        .map(|v| *v == Some(true))
+                        .unwrap_or(false);
+                    if !ok {
+                        return Err(CacheError::ReferenceFailed {
+                            path: info.path.clone(),
+                            reference,
+                        });
+                    }
+                }
+            }
+        }
+        for key in &self.keys {
+            // NarSize was checked non-zero against the real NAR above, so signing cannot fail.
+            narinfo.sign(key).map_err(|e| CacheError::Source {
+                path: info.path.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        let key = narinfo_key(&info.path);
+        self.target
+            .put_bytes(&key, narinfo.to_string().into_bytes(), CONTENT_TYPE_NARINFO)
+            .await?;
+        Ok(published)
+    }
+}
+
+/// Orders paths so that each comes after the members it references (Kahn's algorithm). The
+/// semaphore hands out job slots in this order, so narinfos can go up while later NARs upload.
+fn dependencies_first(paths: Vec<PathInfo>) -> (Vec<PathInfo>, Vec<PathInfo>) {
+    let index: HashMap<StorePath, usize> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.path.clone(), i))
+        .collect();
+    let mut waiting_on = vec![0usize; paths.len()];
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); paths.len()];
+    for (i, p) in paths.iter().enumerate() {
+        for r in p.references.iter().filter(|r| **r != p.path) {
+            if let Some(&j) = index.get(r) {
+                waiting_on[i] += 1;
+                dependents[j].push(i);
+            }
+        }
+    }
+    let mut ready: VecDeque<usize> = (0..paths.len()).filter(|&i| waiting_on[i] == 0).collect();
+    let mut order = Vec::with_capacity(paths.len());
+    while let Some(i) = ready.pop_front() {
+        order.push(i);
+        for &d in &dependents[i] {
+            waiting_on[d] -= 1;
+            if waiting_on[d] == 0 {
+                ready.push_back(d);
+            }
+        }
+    }
+    // Real store paths cannot reference each other in a cycle (a path's hash covers its references'
+    // hashes). Paths that do would wait on each other forever, so they are returned apart, to fail.
+    let mut slots: Vec<Option<PathInfo>> = paths.into_iter().map(Some).collect();
+    let ordered = order.into_iter().filter_map(|i| slots[i].take()).collect();
+    (ordered, slots.into_iter().flatten().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nixpush_format::Sha256;
+
+    fn info(name: &str, refs: &[&str]) -> PathInfo {
+        let p = |n: &str| StorePath::from_base_name(&format!("{:0>32}-{n}", n.len())).unwrap();
+        PathInfo {
+            path: p(name),
+            deriver: None,
+            nar_hash: Sha256([0; 32]),
+            nar_size: 8,
+            references: refs.iter().map(|r| p(r)).collect(),
+            registration_time: 0,
+            ultimate: false,
+            sigs: vec![],
+            ca: None,
+        }
+    }
+
+    #[test]
+    fn references_come_first_and_cycles_are_set_apart() {
+        let (order, cyclic) = dependencies_first(vec![
+            info("top", &["left", "right", "top"]),
+            info("left", &["bottom"]),
+            info("right", &["bottom"]),
+            info("bottom", &["bottom"]),
+        ]);
+        let names: Vec<&str> = order.iter().map(|i| i.path.name()).collect();
+        assert_eq!(names.first(), Some(&"bottom"));
+        assert_eq!(names.last(), Some(&"top"));
+        assert!(cyclic.is_empty());
+        let (order, cyclic) = dependencies_first(vec![
+            info("aa", &["bb"]),
+            info("bb", &["aa"]),
+            info("c", &[]),
+        ]);
+        assert_eq!(order.len(), 1);
+        assert_eq!(cyclic.len(), 2);
+    }
+}

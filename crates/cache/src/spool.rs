@@ -1,0 +1,205 @@
+//! NAR → SHA-256 (narHash) → compressor → SHA-256 (FileHash) → spool file, in one streaming pass.
+//!
+//! The compressed NAR is spooled to a local file because its object key is its own hash, known only
+//! at the end. Spooling also means nothing is uploaded before the NAR is verified against the
+//! store's record: a corrupt path costs local disk, never a bucket object. Memory stays at the
+//! compressor's window whatever the NAR's size.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+
+use nixpush_format::hash::HashingWriter;
+use nixpush_format::{Compression, PathInfo, Sha256, StorePath};
+use tempfile::NamedTempFile;
+
+use crate::CacheError;
+
+/// Where NARs come from: the store, in production; anything that can write a path's NAR.
+pub trait NarSource: Send + Sync {
+    /// Writes the NAR of `path` to `out`.
+    fn write_nar(&self, path: &StorePath, out: &mut dyn Write) -> Result<(), SourceError>;
+}
+
+pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct CompressOptions {
+    pub compression: Compression,
+    pub level: Option<i32>,
+    /// Threads for the compressor; 0 or 1 compresses on the calling thread.
+    pub threads: u32,
+}
+
+/// A verified, compressed NAR waiting in a temporary file.
+pub struct SpooledNar {
+    pub file: NamedTempFile,
+    pub compression: Compression,
+    pub file_hash: Sha256,
+    pub file_size: u64,
+    pub nar_hash: Sha256,
+    pub nar_size: u64,
+}
+
+enum Compressor<W: Write> {
+    None(W),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+    Xz(liblzma::write::XzEncoder<W>),
+}
+
+impl<W: Write> Compressor<W> {
+    fn new(w: W, opts: &CompressOptions) -> io::Result<Self> {
+        Ok(match opts.compression {
+            Compression::None => Compressor::None(w),
+            Compression::Zstd => {
+                let mut e = zstd::stream::write::Encoder::new(w, opts.level.unwrap_or(3))?;
+                if opts.threads > 1 {
+                    e.multithread(opts.threads)?;
+                }
+                Compressor::Zstd(e)
+            }
+            Compression::Xz => {
+                let preset = opts.level.unwrap_or(6).clamp(0, 9) as u32;
+                let stream = if opts.threads > 1 {
+                    liblzma::stream::MtStreamBuilder::new()
+                        .preset(preset)
+                        .threads(opts.threads)
+                        .check(liblzma::stream::Check::Crc64)
+                        .encoder()?
+                } else {
+                    liblzma::stream::Stream::new_easy_encoder(
+                        preset,
+                        liblzma::stream::Check::Crc64,
+                    )?
+                };
+                Compressor::Xz(liblzma::write::XzEncoder::new_stream(w, stream))
+            }
+        })
+    }
+
+    fn finish(self) -> io::Result<W> {
+        match self {
+            Compressor::None(w) => Ok(w),
+            Compressor::Zstd(e) => e.finish(),
+            Compressor::Xz(e) => e.finish(),
+        }
+    }
+}
+
+impl<W: Write> Write for Compressor<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Compressor::None(w) => w.write(buf),
+            Compressor::Zstd(e) => e.write(buf),
+            Compressor::Xz(e) => e.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Compressor::None(w) => w.flush(),
+            Compressor::Zstd(e) => e.flush(),
+            Compressor::Xz(e) => e.flush(),
+        }
+    }
+}
+
+/// Streams the NAR of `info.path` from `source` through hashing and compression into a spool file
+/// in `spool_dir`, then checks the NAR against what the store recorded. Blocking.
+pub fn spool_nar(
+    info: &PathInfo,
+    source: &dyn NarSource,
+    opts: &CompressOptions,
+    spool_dir: &Path,
+) -> Result<SpooledNar, CacheError> {
+    let path = &info.path;
+    let spool_err = |source: io::Error| CacheError::Spool {
+        dir: spool_dir.to_owned(),
+        source,
+    };
+    let file = tempfile::Builder::new()
+        .prefix("nixpush-nar-")
+        .tempfile_in(spool_dir)
+        .map_err(spool_err)?;
+    let out: BufWriter<File> = BufWriter::with_capacity(1 << 20, file.reopen().map_err(spool_err)?);
+    let compressed = HashingWriter::new(out);
+    let mut nar = Recording {
+        inner: HashingWriter::new(Compressor::new(compressed, opts).map_err(spool_err)?),
+        error: None,
+    };
+    source
+        .write_nar(path, &mut nar)
+        .map_err(|e| match nar.error.take() {
+            // The source failed because writing the spool failed (a full disk, say): that is ours to
+            // report, not the store's.
+            Some(io) => spool_err(io),
+            None => CacheError::Source {
+                path: path.clone(),
+                message: error_chain(e.as_ref()),
+            },
+        })?;
+    let nar = nar.inner;
+    let (compressor, nar_hash, nar_size) = nar.finish();
+    let compressed = compressor.finish().map_err(spool_err)?;
+    let (out, file_hash, file_size) = compressed.finish();
+    let out = out.into_inner().map_err(|e| spool_err(e.into_error()))?;
+    out.sync_data().map_err(spool_err)?;
+    if nar_hash != info.nar_hash || nar_size != info.nar_size {
+        return Err(CacheError::NarMismatch {
+            path: path.clone(),
+            recorded_hash: info.nar_hash,
+            recorded_size: info.nar_size,
+            actual_hash: nar_hash,
+            actual_size: nar_size,
+        });
+    }
+    // Uncompressed, the file *is* the NAR.
+    let file_hash = if opts.compression == Compression::None {
+        nar_hash
+    } else {
+        file_hash
+    };
+    Ok(SpooledNar {
+        file,
+        compression: opts.compression,
+        file_hash,
+        file_size,
+        nar_hash,
+        nar_size,
+    })
+}
+
+/// Remembers the first write error, so that it can be told apart from an error of the source.
+struct Recording<W> {
+    inner: W,
+    error: Option<io::Error>,
+}
+
+impl<W: Write> Write for Recording<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf).inspect_err(|e| {
+            if self.error.is_none() {
+                self.error = Some(io::Error::new(e.kind(), e.to_string()));
+            }
+        })
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// "outer: inner: innermost", the way errors are shown everywhere in nixpush.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let msg = inner.to_string();
+        if !s.ends_with(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = inner.source();
+    }
+    s
+}

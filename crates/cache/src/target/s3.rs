@@ -1,0 +1,359 @@
+//! A cache in an S3 bucket, through aws-sdk-s3 with the standard AWS credential chain.
+
+use std::path::Path;
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    BehaviorVersion, ProvideCredentials, Region, RequestChecksumCalculation,
+    ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, StorageClass};
+use tokio::task::JoinSet;
+
+use crate::url::AddressingStyle;
+use crate::{CacheError, StoreUrl};
+
+/// Parts uploaded at once for one object. Each streams from the spool file, so memory stays small;
+/// the bound keeps one huge NAR from taking every connection.
+const PARTS_IN_FLIGHT: usize = 4;
+
+pub(crate) struct S3Target {
+    client: Client,
+    bucket: String,
+    endpoint: String,
+    storage_class: Option<StorageClass>,
+    url: StoreUrl,
+}
+
+type HttpResponse = aws_sdk_s3::config::http::HttpResponse;
+
+/// A part failed either reading the spool file or in the request; the latter is classified by the
+/// target, which knows the bucket and endpoint.
+enum PartError {
+    Local(CacheError),
+    Sdk(SdkError<aws_sdk_s3::operation::upload_part::UploadPartError, HttpResponse>),
+}
+
+impl S3Target {
+    pub async fn open(url: &StoreUrl, bucket: &str) -> Result<Self, CacheError> {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(url.region.clone()))
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .build(),
+            );
+        if let Some(p) = &url.profile {
+            loader = loader.profile_name(p);
+        }
+        let sdk = loader.load().await;
+        // Resolve credentials now: "no credentials" is a different problem from "wrong credentials",
+        // and each deserves its own message before any work starts.
+        let provider = sdk
+            .credentials_provider()
+            .ok_or_else(|| CacheError::NoCredentials {
+                message: "no credential provider".into(),
+            })?;
+        provider
+            .provide_credentials()
+            .await
+            .map_err(|e| CacheError::NoCredentials {
+                message: DisplayErrorContext(&e).to_string(),
+            })?;
+
+        let endpoint = url.endpoint.as_ref().map(|e| {
+            if e.contains("://") {
+                e.clone()
+            } else {
+                format!("{}://{e}", url.scheme)
+            }
+        });
+        let path_style = match url.addressing_style {
+            AddressingStyle::Path => true,
+            AddressingStyle::Virtual => false,
+            AddressingStyle::Auto => endpoint.is_some(),
+        };
+        let mut config = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(path_style)
+            // S3-compatible servers (Garage, MinIO, s3s, Ceph) vary in their support of the newer
+            // flexible checksums; send them only where S3 requires them.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if let Some(e) = &endpoint {
+            config = config.endpoint_url(e);
+        }
+        let target = S3Target {
+            client: Client::from_conf(config.build()),
+            bucket: bucket.to_owned(),
+            endpoint: endpoint.unwrap_or_else(|| format!("s3.{}.amazonaws.com", url.region)),
+            storage_class: url.storage_class.as_deref().map(StorageClass::from),
+            url: url.clone(),
+        };
+        target.check_bucket().await?;
+        Ok(target)
+    }
+
+    /// Turns "nothing works" into one precise message at start-up (unreachable, denied, no bucket).
+    async fn check_bucket(&self) -> Result<(), CacheError> {
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(match self.classify(e, "HEAD bucket", "") {
+                CacheError::S3 {
+                    status: Some(404), ..
+                } => CacheError::NoSuchBucket {
+                    bucket: self.bucket.clone(),
+                    endpoint: self.endpoint.clone(),
+                },
+                other => other,
+            }),
+        }
+    }
+
+    fn classify<E>(
+        &self,
+        e: SdkError<E, HttpResponse>,
+        operation: &'static str,
+        key: &str,
+    ) -> CacheError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let message = DisplayErrorContext(&e).to_string();
+        if matches!(e, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_)) {
+            return CacheError::Unreachable {
+                endpoint: self.endpoint.clone(),
+                message,
+            };
+        }
+        let status = e.raw_response().map(|r| r.status().as_u16());
+        let code = e.code().map(str::to_owned);
+        let retry_after = e
+            .raw_response()
+            .and_then(|r| r.headers().get("retry-after"))
+            .and_then(|v| v.trim().parse().ok());
+        match (status, code.as_deref()) {
+            (_, Some("NoSuchBucket")) => CacheError::NoSuchBucket {
+                bucket: self.bucket.clone(),
+                endpoint: self.endpoint.clone(),
+            },
+            (Some(403), c)
+            | (_, c @ Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied")) => {
+                CacheError::AccessDenied {
+                    bucket: self.bucket.clone(),
+                    code: c.map_or_else(|| "HTTP 403".to_owned(), str::to_owned),
+                }
+            }
+            (Some(503), c) | (_, c @ Some("SlowDown")) => CacheError::Throttled {
+                key: key.to_owned(),
+                code: c.unwrap_or("HTTP 503").to_owned(),
+                retry_after,
+            },
+            _ => CacheError::S3 {
+                operation,
+                key: key.to_owned(),
+                message,
+                status,
+            },
+        }
+    }
+
+    pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(false),
+            Err(e) => Err(self.classify(e, "HEAD", key)),
+        }
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => {
+                let body = out.body.collect().await.map_err(|e| CacheError::S3 {
+                    operation: "GET",
+                    key: key.to_owned(),
+                    message: e.to_string(),
+                    status: None,
+                })?;
+                Ok(Some(body.to_vec()))
+            }
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
+            Err(e) => Err(self.classify(e, "GET", key)),
+        }
+    }
+
+    pub async fn put_bytes(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(), CacheError> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .set_storage_class(self.storage_class.clone())
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| self.classify(e, "PUT", key))?;
+        Ok(())
+    }
+
+    pub async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        len: u64,
+        content_type: &str,
+    ) -> Result<(), CacheError> {
+        if !self.url.use_multipart(len) {
+            let body = file_body(path, 0, len, key).await?;
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .content_type(content_type)
+                .content_length(len as i64)
+                .set_storage_class(self.storage_class.clone())
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| self.classify(e, "PUT", key))?;
+            return Ok(());
+        }
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .set_storage_class(self.storage_class.clone())
+            .send()
+            .await
+            .map_err(|e| self.classify(e, "CreateMultipartUpload", key))?;
+        let upload_id = created.upload_id().unwrap_or_default().to_owned();
+        let result = self.upload_parts(key, path, len, &upload_id).await;
+        if result.is_err() {
+            // An incomplete upload is invisible but billed; never leave one behind.
+            if let Err(e) = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .send()
+                .await
+            {
+                tracing::warn!(key, error = %DisplayErrorContext(&e), "could not abort multipart upload");
+            }
+        }
+        result
+    }
+
+    async fn upload_parts(
+        &self,
+        key: &str,
+        path: &Path,
+        len: u64,
+        upload_id: &str,
+    ) -> Result<(), CacheError> {
+        let part_size = self.url.part_size(len);
+        let count = len.div_ceil(part_size);
+        let mut in_flight = JoinSet::new();
+        let mut done = Vec::with_capacity(count as usize);
+        let mut next = 0u64;
+        while next < count || !in_flight.is_empty() {
+            while next < count && in_flight.len() < PARTS_IN_FLIGHT {
+                let offset = next * part_size;
+                let size = part_size.min(len - offset);
+                let number = (next + 1) as i32;
+                let request = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(upload_id)
+                    .part_number(number)
+                    .content_length(size as i64);
+                let (path, key) = (path.to_owned(), key.to_owned());
+                in_flight.spawn(async move {
+                    let body = file_body(&path, offset, size, &key)
+                        .await
+                        .map_err(PartError::Local)?;
+                    let out = request.body(body).send().await.map_err(PartError::Sdk)?;
+                    Ok::<_, PartError>((number, out.e_tag().map(str::to_owned)))
+                });
+                next += 1;
+            }
+            if let Some(joined) = in_flight.join_next().await {
+                let (number, etag) =
+                    joined
+                        .expect("part upload task panicked")
+                        .map_err(|e| match e {
+                            PartError::Local(e) => e,
+                            PartError::Sdk(e) => self.classify(e, "UploadPart", key),
+                        })?;
+                done.push(
+                    CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(etag)
+                        .build(),
+                );
+            }
+        }
+        done.sort_by_key(|p| p.part_number());
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(done))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| self.classify(e, "CompleteMultipartUpload", key))?;
+        Ok(())
+    }
+}
+
+async fn file_body(
+    path: &Path,
+    offset: u64,
+    len: u64,
+    key: &str,
+) -> Result<ByteStream, CacheError> {
+    ByteStream::read_from()
+        .path(path)
+        .offset(offset)
+        .length(Length::Exact(len))
+        .buffer_size(256 * 1024)
+        .build()
+        .await
+        .map_err(|e| CacheError::S3 {
+            operation: "reading spool for",
+            key: key.to_owned(),
+            message: e.to_string(),
+            status: None,
+        })
+}
