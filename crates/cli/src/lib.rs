@@ -3,6 +3,9 @@
 
 pub mod exit;
 mod keygen;
+mod paths;
+mod push;
+mod report;
 
 use std::process::ExitCode;
 
@@ -23,12 +26,21 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Keygen(keygen::Args),
+    Push(push::Args),
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NIXPUSH_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
     let result = match cli.command {
         Command::Keygen(args) => keygen::run(args),
+        Command::Push(args) => push::run(args),
     };
     exit::report(result)
 }
