@@ -291,6 +291,16 @@ enum Dep {
     Available,
 }
 
+impl Dep {
+    fn known_failure(&self) -> Option<StorePath> {
+        match self {
+            Dep::Failed(r) => Some(r.clone()),
+            Dep::Pending(r, rx) if *rx.borrow() == Some(false) => Some(r.clone()),
+            _ => None,
+        }
+    }
+}
+
 struct Ctx {
     target: Arc<Target>,
     source: Arc<dyn NarSource>,
@@ -311,6 +321,13 @@ impl Ctx {
         info: &PathInfo,
         deps: Vec<Dep>,
     ) -> Result<Published, CacheError> {
+        // A reference that has already failed dooms this path: do not upload a NAR nobody can use.
+        if let Some(reference) = deps.iter().find_map(Dep::known_failure) {
+            return Err(CacheError::ReferenceFailed {
+                path: info.path.clone(),
+                reference,
+            });
+        }
         // The job slot covers the NAR only; waiting for references below must not hold one, or a
         // path could wait on a reference that waits for a slot.
         let (mut narinfo, published) = {

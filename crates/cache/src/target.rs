@@ -1,6 +1,6 @@
 //! Where cache objects go: an S3 bucket or a directory. Keys are the cache layout's relative names.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::{CacheError, Location, StoreUrl};
 
@@ -59,12 +59,4 @@ impl Target {
             Target::File(t) => t.put_file(key, path).await,
         }
     }
-}
-
-pub(crate) fn tmp_name(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }

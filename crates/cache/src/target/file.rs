@@ -1,11 +1,10 @@
 //! A cache in a local directory (`file:///DIR`). Every object is written to a temporary name,
 //! fsynced and renamed, so a reader never sees a partial narinfo or NAR.
 
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use crate::CacheError;
-use crate::target::tmp_name;
 
 pub(crate) struct FileTarget {
     dir: PathBuf,
@@ -51,28 +50,38 @@ impl FileTarget {
     pub async fn put_bytes(&self, key: &str, body: &[u8]) -> Result<(), CacheError> {
         let dest = self.dir.join(key);
         let body = body.to_vec();
-        run_blocking(move || {
-            let tmp = tmp_name(&dest);
-            std::fs::write(&tmp, &body)
-                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-                .map_err(err("writing", &tmp))?;
-            std::fs::rename(&tmp, &dest).map_err(err("renaming into place", &dest))
-        })
-        .await
+        run_blocking(move || write_atomically(&dest, |f| f.write_all(&body))).await
     }
 
     pub async fn put_file(&self, key: &str, src: &Path) -> Result<(), CacheError> {
         let dest = self.dir.join(key);
         let src = src.to_owned();
         run_blocking(move || {
-            let tmp = tmp_name(&dest);
-            std::fs::copy(&src, &tmp)
-                .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-                .map_err(err("writing", &tmp))?;
-            std::fs::rename(&tmp, &dest).map_err(err("renaming into place", &dest))
+            write_atomically(&dest, |f| {
+                io::copy(&mut std::fs::File::open(&src)?, f).map(drop)
+            })
         })
         .await
     }
+}
+
+/// Writes through a uniquely named temporary file beside `dest` (two paths with identical NARs
+/// write the same key at once), fsyncs, and renames it into place.
+fn write_atomically(
+    dest: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> io::Result<()>,
+) -> Result<(), CacheError> {
+    let dir = dest.parent().unwrap_or(Path::new("/"));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".nixpush-")
+        .tempfile_in(dir)
+        .map_err(err("creating a file in", dir))?;
+    fill(tmp.as_file_mut())
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(err("writing", tmp.path()))?;
+    tmp.persist(dest)
+        .map_err(|e| err("renaming into place", dest)(e.error))?;
+    Ok(())
 }
 
 async fn run_blocking(

@@ -277,6 +277,7 @@ impl S3Target {
     ) -> Result<(), CacheError> {
         let part_size = self.url.part_size(len);
         let count = len.div_ceil(part_size);
+        tracing::debug!(key, parts = count, part_size, "multipart upload");
         let mut in_flight = JoinSet::new();
         let mut done = Vec::with_capacity(count as usize);
         let mut next = 0u64;

@@ -1,0 +1,523 @@
+//! `nixpush push` end to end: real Nix 2.8 builds and substitutes, a real S3 server checks SigV4.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use nixpush_format::{NarInfo, StorePath};
+use nixpush_testbed::{NixDaemon, S3Server, chain_and_diamond, derivation};
+
+struct Bed {
+    nix: NixDaemon,
+    s3: S3Server,
+    dir: tempfile::TempDir,
+    secret: String,
+    public: String,
+}
+
+impl Bed {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (secret, public) = (dir.path().join("sk"), dir.path().join("pk"));
+        let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+            .args(["keygen", "nixpush-test-1"])
+            .args([&secret, &public])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        Bed {
+            nix: NixDaemon::start(),
+            s3: S3Server::start(),
+            public: fs::read_to_string(&public).unwrap(),
+            secret: secret.to_str().unwrap().to_owned(),
+            dir,
+        }
+    }
+
+    fn push(&self, to: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_nixpush"))
+            .arg("push")
+            .args([
+                "--store",
+                &self.nix.store_url(),
+                "--to",
+                to,
+                "--secret-key-file",
+                &self.secret,
+            ])
+            .args(args)
+            .envs(self.s3.credentials_env())
+            .env_remove("CI")
+            .output()
+            .unwrap()
+    }
+
+    fn push_ok(&self, to: &str, args: &[&str]) -> String {
+        let o = self.push(to, args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "push failed ({}):\n{err}", o.status);
+        err
+    }
+
+    fn closure(&self, roots: &[String]) -> Vec<String> {
+        let mut args = vec!["--query", "--requisites"];
+        args.extend(roots.iter().map(String::as_str));
+        self.nix
+            .run("nix-store", &args)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Deletes the paths locally, then realises `roots` with `substituter` as the only source and
+    /// our key as the only trusted one. Returns whether Nix succeeded, and its stderr.
+    fn substitute(
+        &self,
+        substituter: &str,
+        roots: &[String],
+        closure: &[String],
+    ) -> (bool, String) {
+        let mut del = vec!["--delete"];
+        del.extend(closure.iter().map(String::as_str));
+        self.nix.run("nix-store", &del);
+        for p in closure {
+            assert!(!self.nix.is_valid(p), "{p} still valid after delete");
+        }
+        let o = self
+            .nix
+            .cmd("nix-store")
+            .arg("--realise")
+            .args(roots)
+            .args(["--option", "substituters", substituter])
+            .args(["--option", "trusted-public-keys", &self.public])
+            .args(["--option", "narinfo-cache-negative-ttl", "0"])
+            .args(["--option", "narinfo-cache-positive-ttl", "0"])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    fn narinfos(&self) -> Vec<String> {
+        self.s3
+            .keys()
+            .into_iter()
+            .filter(|k| k.ends_with(".narinfo"))
+            .collect()
+    }
+}
+
+fn hash_part(p: &str) -> String {
+    p.parse::<StorePath>().unwrap().hash_part().to_owned()
+}
+
+fn round_trip_through_s3(compression: &str) {
+    let bed = Bed::new();
+    let roots = bed.nix.build(&chain_and_diamond());
+    let closure = bed.closure(&roots);
+    assert_eq!(closure.len(), 7);
+    let url = bed.s3.store_url(&format!("compression={compression}"));
+    let mut args: Vec<&str> = roots.iter().map(String::as_str).collect();
+    args.push("--json");
+    let o = bed.push(&url, &args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["uploaded"].as_array().unwrap().len(), 7);
+
+    // Every narinfo is signed, names the right compression, and points at an existing NAR.
+    for p in &closure {
+        let text = fs::read_to_string(bed.s3.object(&format!("{}.narinfo", hash_part(p)))).unwrap();
+        let info: NarInfo = text.parse().unwrap();
+        assert_eq!(info.compression, compression);
+        assert!(bed.s3.object(&info.url).is_file(), "{} missing", info.url);
+        assert_eq!(info.sigs.len(), 1);
+    }
+    assert!(bed.s3.object("nix-cache-info").is_file());
+
+    let verify = bed
+        .nix
+        .cmd("nix")
+        .args([
+            "store",
+            "verify",
+            "--store",
+            &bed.s3.http_url,
+            "-r",
+            "--sigs-needed",
+            "1",
+        ])
+        .args(["--option", "trusted-public-keys", &bed.public])
+        .args(&roots)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "nix store verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    let (ok, err) = bed.substitute(&bed.s3.http_url, &roots, &closure);
+    assert!(ok, "substitution failed: {err}");
+    for p in &closure {
+        assert!(bed.nix.is_valid(p), "{p} not substituted");
+    }
+    // The substituted tree is the built one: the executable still runs.
+    let hello = format!("{}/bin/hello", roots[0]);
+    assert!(fs::metadata(&hello).unwrap().permissions().mode() & 0o100 != 0);
+}
+
+#[test]
+fn chain_and_diamond_through_s3_zstd() {
+    round_trip_through_s3("zstd");
+}
+
+#[test]
+fn chain_and_diamond_through_s3_xz() {
+    round_trip_through_s3("xz");
+}
+
+#[test]
+fn chain_and_diamond_through_s3_uncompressed() {
+    round_trip_through_s3("none");
+}
+
+#[test]
+fn chain_and_diamond_through_a_file_cache() {
+    let bed = Bed::new();
+    let roots = bed.nix.build(&chain_and_diamond());
+    let closure = bed.closure(&roots);
+    let dir = bed.dir.path().join("file-cache");
+    let url = format!("file://{}?compression=xz", dir.display());
+    let args: Vec<&str> = roots.iter().map(String::as_str).collect();
+    bed.push_ok(&url, &args);
+    assert!(dir.join("nix-cache-info").is_file());
+    let (ok, err) = bed.substitute(&format!("file://{}", dir.display()), &roots, &closure);
+    assert!(ok, "substitution from file:// failed: {err}");
+}
+
+/// Regression: two paths with byte-identical NARs share one content-addressed object, and writing
+/// it twice at once must not fail (the file target once used one temporary name per key).
+#[test]
+fn identical_nars_are_shared_by_paths_pushed_together() {
+    let bed = Bed::new();
+    let roots = bed.nix.build(&format!(
+        "[ ({}) ({}) ({}) ]",
+        derivation("same-a", "echo same > $out"),
+        derivation("same-b", "echo same > $out"),
+        derivation("same-c", "echo same > $out"),
+    ));
+    let dir = bed.dir.path().join("file-cache");
+    let args: Vec<&str> = roots.iter().map(String::as_str).collect();
+    for url in [bed.s3.store_url(""), format!("file://{}", dir.display())] {
+        bed.push_ok(&url, &args);
+    }
+    let nars = |keys: Vec<String>| keys.iter().filter(|k| k.starts_with("nar/")).count();
+    assert_eq!(bed.narinfos().len(), 3);
+    assert_eq!(nars(bed.s3.keys()), 1);
+    let file_nars = fs::read_dir(dir.join("nar")).unwrap().count();
+    assert_eq!(
+        (
+            fs::read_dir(&dir)
+                .unwrap()
+                .filter(|e| e
+                    .as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "narinfo"))
+                .count(),
+            file_nars
+        ),
+        (3, 1)
+    );
+}
+
+#[test]
+fn a_second_push_uploads_nothing_and_says_so() {
+    let bed = Bed::new();
+    let roots = bed.nix.build(&chain_and_diamond());
+    let url = bed.s3.store_url("");
+    let args: Vec<&str> = roots.iter().map(String::as_str).collect();
+    bed.push_ok(&url, &args);
+    let before: Vec<_> = bed
+        .s3
+        .keys()
+        .iter()
+        .map(|k| {
+            (
+                k.clone(),
+                fs::metadata(bed.s3.object(k)).unwrap().modified().unwrap(),
+            )
+        })
+        .collect();
+    let err = bed.push_ok(&url, &args);
+    assert!(
+        err.contains("nothing to upload: all 7 paths are already in"),
+        "{err}"
+    );
+    let after: Vec<_> = bed
+        .s3
+        .keys()
+        .iter()
+        .map(|k| {
+            (
+                k.clone(),
+                fs::metadata(bed.s3.object(k)).unwrap().modified().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(before, after, "the second push rewrote objects");
+}
+
+#[test]
+fn a_tampered_narinfo_is_refused_by_nix() {
+    for (what, tamper) in [
+        (
+            "NarHash",
+            Box::new(|t: &str| {
+                let line = t.lines().find(|l| l.starts_with("NarHash: ")).unwrap();
+                let mut h = line.to_owned();
+                let last = h.pop().unwrap();
+                h.push(if last == '0' { '1' } else { '0' });
+                t.replace(line, &h)
+            }) as Box<dyn Fn(&str) -> String>,
+        ),
+        (
+            "Sig",
+            Box::new(|t: &str| {
+                let line = t.lines().find(|l| l.starts_with("Sig: ")).unwrap();
+                let i = line.len() - 5;
+                let mut s = line.to_owned();
+                let c = if &s[i..i + 1] == "A" { "B" } else { "A" };
+                s.replace_range(i..i + 1, c);
+                t.replace(line, &s)
+            }),
+        ),
+    ] {
+        let bed = Bed::new();
+        let out = bed.nix.build(&derivation("tamper", "echo tamper > $out"));
+        bed.push_ok(&bed.s3.store_url(""), &[&out[0]]);
+        let file = bed.s3.object(&format!("{}.narinfo", hash_part(&out[0])));
+        let text = fs::read_to_string(&file).unwrap();
+        let tampered = tamper(&text);
+        assert_ne!(text, tampered);
+        fs::write(&file, tampered).unwrap();
+        let (ok, err) = bed.substitute(&bed.s3.http_url, &out, &out);
+        assert!(!ok, "Nix accepted a narinfo with a changed {what}");
+        assert!(!bed.nix.is_valid(&out[0]), "{what}: {err}");
+    }
+}
+
+#[test]
+fn a_corrupt_store_path_is_refused_and_nothing_of_it_is_published() {
+    let bed = Bed::new();
+    let expr = format!(
+        "let a = {}; in {}",
+        derivation("corrupt-dep", "mkdir $out && echo original > $out/data"),
+        derivation("corrupt-top", "echo ${a} > $out").replace("\\${a}", "${a}")
+    );
+    let top = bed.nix.build(&expr)[0].clone();
+    let closure = bed.closure(std::slice::from_ref(&top));
+    let dep = closure
+        .iter()
+        .find(|p| p.ends_with("corrupt-dep"))
+        .unwrap()
+        .clone();
+    // Change the contents behind the store's back (root can write to the read-only store).
+    fs::write(Path::new(&dep).join("data"), "tampered\n").unwrap();
+
+    let o = bed.push(&bed.s3.store_url(""), &[&dep]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("refusing to upload {dep}")) && err.contains("corrupt"),
+        "{err}"
+    );
+    assert_eq!(
+        bed.s3.keys(),
+        vec!["nix-cache-info".to_owned()],
+        "nothing of a corrupt path may be uploaded"
+    );
+
+    // Its dependents are not published either: their narinfos would promise a closure the cache
+    // cannot deliver.
+    let o = bed.push(&bed.s3.store_url(""), &[&top]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("not publishing {top}")), "{err}");
+    assert!(bed.narinfos().is_empty(), "{:?}", bed.narinfos());
+    bed.nix.delete(&top);
+    bed.nix.delete(&dep);
+}
+
+fn assert_fails_cleanly(bed: &Bed, o: Output, expect: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains(expect), "expected {expect:?} in: {err}");
+    assert!(
+        bed.narinfos().is_empty(),
+        "a narinfo was written: {:?}",
+        bed.narinfos()
+    );
+}
+
+#[test]
+fn bad_credentials_bucket_endpoint_and_parameters_are_distinct_errors() {
+    let bed = Bed::new();
+    let out = bed.nix.build(&derivation("errors", "echo e > $out"));
+    let path = out[0].as_str();
+    let url = bed.s3.store_url("");
+
+    let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .args(["push", "--store", &bed.nix.store_url(), "--to", &url, path])
+        .envs(bed.s3.credentials_env())
+        .env("AWS_SECRET_ACCESS_KEY", "wrong")
+        .output()
+        .unwrap();
+    assert_fails_cleanly(&bed, o, "access denied to bucket `cache`");
+
+    let missing = url.replace("s3://cache?", "s3://no-such-bucket?");
+    assert_fails_cleanly(
+        &bed,
+        bed.push(&missing, &[path]),
+        "bucket `no-such-bucket` does not exist",
+    );
+
+    let dead = format!("s3://cache?endpoint=http://127.0.0.1:1&region=us-east-1");
+    assert_fails_cleanly(
+        &bed,
+        bed.push(&dead, &[path]),
+        "cannot reach the S3 endpoint http://127.0.0.1:1",
+    );
+
+    assert_fails_cleanly(
+        &bed,
+        bed.push(&format!("{url}&compresion=xz"), &[path]),
+        "parameter `compresion` is unknown",
+    );
+
+    let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .args(["push", "--store", &bed.nix.store_url(), "--to", &url, path])
+        .envs(bed.s3.credentials_env())
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .output()
+        .unwrap();
+    assert_fails_cleanly(&bed, o, "no AWS credentials found");
+
+    let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .args([
+            "push",
+            "--store",
+            &bed.nix.store_url(),
+            "--to",
+            &url,
+            "--secret-key-file",
+            "/no/such/key",
+            path,
+        ])
+        .envs(bed.s3.credentials_env())
+        .output()
+        .unwrap();
+    assert_fails_cleanly(&bed, o, "cannot read secret key file /no/such/key");
+
+    let o = bed.push(&url, &["/tmp"]);
+    assert_fails_cleanly(&bed, o, "/tmp is not in the Nix store");
+
+    // After all that, the same command with the right settings works.
+    bed.push_ok(&url, &[path]);
+    assert_eq!(bed.narinfos().len(), 1);
+}
+
+#[test]
+fn a_large_path_goes_up_in_parts_and_substitutes_back() {
+    let bed = Bed::new();
+    // 24 MiB of incompressible data: five 5 MiB parts with the thresholds below.
+    let out = bed.nix.build(&derivation(
+        "large",
+        "mkdir $out && head -c 25165824 /dev/urandom > $out/blob",
+    ));
+    let url = bed
+        .s3
+        .store_url("compression=none&multipart-threshold=5242880&multipart-chunk-size=5242880");
+    let err = bed.push_ok(&url, &[&out[0]]);
+    assert!(err.contains("24.0 MiB NAR"), "{err}");
+    let (ok, err) = bed.substitute(&bed.s3.http_url, &out, &out);
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn paths_signed_by_an_upstream_key_are_skipped() {
+    let bed = Bed::new();
+    let expr = format!(
+        "let a = {}; in {}",
+        derivation("upstream-dep", "echo dep > $out"),
+        derivation("upstream-top", "echo ${a} > $out").replace("\\${a}", "${a}")
+    );
+    let top = bed.nix.build(&expr)[0].clone();
+    let closure = bed.closure(std::slice::from_ref(&top));
+    let dep = closure
+        .iter()
+        .find(|p| p.ends_with("upstream-dep"))
+        .unwrap()
+        .clone();
+    let upstream = bed.dir.path().join("upstream.sk");
+    nixpush_testbed::check(
+        "keygen",
+        Command::new(env!("CARGO_BIN_EXE_nixpush"))
+            .args([
+                "keygen",
+                "upstream-1",
+                upstream.to_str().unwrap(),
+                "/dev/null",
+                "--force",
+            ])
+            .output()
+            .unwrap(),
+    );
+    bed.nix.run(
+        "nix",
+        &[
+            "store",
+            "sign",
+            "--key-file",
+            upstream.to_str().unwrap(),
+            &dep,
+        ],
+    );
+    let err = bed.push_ok(
+        &bed.s3.store_url(""),
+        &[&top, "--skip-signed-by", "upstream-1"],
+    );
+    assert!(
+        err.contains(&format!("skipped  {dep} (signed by upstream-1)")),
+        "{err}"
+    );
+    assert_eq!(bed.narinfos(), vec![format!("{}.narinfo", hash_part(&top))]);
+}
+
+#[test]
+fn result_symlinks_and_derivations_name_their_outputs() {
+    let bed = Bed::new();
+    let out = bed.nix.build(&derivation("by-link", "echo l > $out"))[0].clone();
+    let link = bed.dir.path().join("result");
+    std::os::unix::fs::symlink(&out, &link).unwrap();
+    bed.push_ok(&bed.s3.store_url(""), &[link.to_str().unwrap()]);
+    assert_eq!(bed.narinfos(), vec![format!("{}.narinfo", hash_part(&out))]);
+
+    let out2 = bed.nix.build(&derivation("by-drv", "echo d > $out"))[0].clone();
+    let drv = bed.nix.run("nix-store", &["--query", "--deriver", &out2]);
+    bed.push_ok(&bed.s3.store_url(""), &[drv.trim()]);
+    assert!(
+        bed.narinfos()
+            .contains(&format!("{}.narinfo", hash_part(&out2)))
+    );
+    assert!(
+        !bed.narinfos()
+            .contains(&format!("{}.narinfo", hash_part(drv.trim()))),
+        "the .drv itself is not pushed"
+    );
+}
