@@ -57,3 +57,55 @@ ensure_test_deps() {
     ensure_rust
     ensure_s3s_fs
 }
+
+# --- A private test bed for the demo and the benchmarks (the Rust tests have their own, in
+# crates/testbed). Everything lives under $BED and is stopped by `bed_stop` (set as an EXIT trap).
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+wait_for() { # wait_for DESCRIPTION COMMAND...: poll a readiness check (servers do not announce it)
+    local what="$1"; shift
+    for _ in $(seq 1 500); do "$@" 2>/dev/null && return 0; sleep 0.02; done
+    echo "$what did not start" >&2; return 1
+}
+
+bed_start() { # bed_start DIR: private nix-daemon + SigV4 s3s-fs + anonymous reader
+    BED="$1"
+    mkdir -p "$BED/conf" "$BED/s3/cache"
+    PIDS=()
+    cat > "$BED/conf/nix.conf" <<CONF
+build-users-group =
+sandbox = false
+substituters =
+experimental-features = nix-command
+${BED_EXTRA_CONF:-}
+CONF
+    export NIX_CONF_DIR="$BED/conf"
+    NIX_DAEMON_SOCKET_PATH="$BED/daemon.sock" nix-daemon > "$BED/nix-daemon.log" 2>&1 &
+    PIDS+=($!)
+    export NIX_REMOTE="unix://$BED/daemon.sock"
+    wait_for nix-daemon test -S "$BED/daemon.sock"
+    S3_PORT=$(free_port); ANON_PORT=$(free_port)
+    export AWS_ACCESS_KEY_ID=nixpush-demo AWS_SECRET_ACCESS_KEY="demo-$RANDOM$RANDOM"
+    export AWS_EC2_METADATA_DISABLED=true AWS_CONFIG_FILE=/nonexistent AWS_SHARED_CREDENTIALS_FILE=/nonexistent
+    s3s-fs --host 127.0.0.1 --port "$S3_PORT" --access-key "$AWS_ACCESS_KEY_ID" \
+        --secret-key "$AWS_SECRET_ACCESS_KEY" "$BED/s3" > "$BED/s3s-fs.log" 2>&1 &
+    PIDS+=($!)
+    s3s-fs --host 127.0.0.1 --port "$ANON_PORT" "$BED/s3" > "$BED/s3s-fs-anon.log" 2>&1 &
+    PIDS+=($!)
+    wait_for s3s-fs curl -sf -o /dev/null "http://127.0.0.1:$ANON_PORT/cache/"
+    wait_for s3s-fs curl -s -o /dev/null "http://127.0.0.1:$S3_PORT/"
+    S3_URL="s3://cache?endpoint=http://127.0.0.1:$S3_PORT&region=us-east-1"
+    HTTP_URL="http://127.0.0.1:$ANON_PORT/cache"
+}
+
+bed_stop() {
+    for pid in "${PIDS[@]:-}"; do [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+
+build_nixpush() {
+    say "building nixpush (release)"
+    (cd "$REPO" && cargo build --release --locked --quiet --bin nixpush)
+    NIXPUSH="$REPO/target/release/nixpush"
+}
