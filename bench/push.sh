@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): nixpush push against `nix copy` (Nix 2.8) to the same s3s-fs, zstd, in one
+# run. Nix 2.8 has no S3 support, so it writes through its HTTP store, which PUTs to the anonymous
+# s3s-fs over the same data directory; nixpush goes through the SigV4 endpoint.
+#   1. a 1 GB path of mixed content: wall time and peak RSS;
+#   2. a cold 500-path closure: wall time.
+# Each tool writes to a fresh bucket. Usage: bench/push.sh [SIZE_MB] [PATHS]
+source "$(dirname "$0")/../scripts/lib.sh"
+SIZE_MB="${1:-1000}"
+PATHS="${2:-500}"
+ensure_test_deps
+ensure_apt time
+build_nixpush
+WORK=$(mktemp -d /tmp/nixpush-bench.XXXXXX)
+trap 'bed_stop; rm -rf "$WORK"' EXIT
+BED_EXTRA_CONF="max-jobs = 4"
+bed_start "$WORK"
+"$NIXPUSH" keygen bench-1 "$WORK/sk" "$WORK/pk" > /dev/null
+NONCE="bench-$(date +%s%N)"
+
+cat > "$WORK/bench.nix" <<'NIX'
+{ nonce, sizeMb, paths }:
+let
+  sh = name: script: extra: derivation ({
+    inherit name nonce;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    args = [ "-c" script ];
+  } // extra);
+  third = toString (sizeMb * 1000000 / 3);
+  # A third each: incompressible, text, and machine code (the system's binaries, repeated).
+  big = sh "bench-mixed" ''
+    mkdir $out
+    head -c ${third} /dev/urandom > $out/random
+    seq 1 1000000000 | head -c ${third} > $out/text
+    for i in $(seq 1 100); do cat /usr/bin/* 2>/dev/null; done | head -c ${third} > $out/binaries
+  '' {};
+  # Each member references its predecessor and its "parent" i/2, so the last one's closure is all.
+  many = builtins.genList (i: sh "bench-small-${toString i}" ''
+    mkdir $out
+    echo $deps > $out/refs
+    seq ${toString i} 1000 > $out/data
+  '' { deps = if i == 0 then [] else [ (builtins.elemAt many (i - 1)) (builtins.elemAt many (i / 2)) ]; }) paths;
+in { inherit big; small = builtins.elemAt many (paths - 1); }
+NIX
+say "building the $SIZE_MB MB mixed path and the $PATHS-path closure"
+BIG=$(nix-build --no-out-link "$WORK/bench.nix" -A big --argstr nonce "$NONCE" --arg sizeMb "$SIZE_MB" --arg paths "$PATHS")
+SMALL=$(nix-build --no-out-link "$WORK/bench.nix" -A small --argstr nonce "$NONCE" --arg sizeMb "$SIZE_MB" --arg paths "$PATHS" 2>/dev/null)
+echo "big:   $BIG ($(du -sh "$BIG" | cut -f1))"
+echo "small: $(nix-store -qR "$SMALL" | wc -l) paths"
+
+measure() { # measure LABEL COMMAND...: prints "seconds peak_rss_kib" for the command
+    local label="$1" out="$WORK/time.$1"; shift
+    /usr/bin/time -f "%e %M" -o "$out" "$@" > "$WORK/$label.log" 2>&1 \
+        || { echo "FAILED: $*" >&2; tail -5 "$WORK/$label.log" >&2; exit 1; }
+    cat "$out"
+}
+run() { # run TOOL BUCKET PATH: push PATH's closure into a fresh bucket with TOOL
+    mkdir -p "$WORK/s3/$2"
+    # The same warm page cache for both tools.
+    find $(nix-store -qR "$3") -type f -exec cat {} + > /dev/null
+    case "$1" in
+        nixpush) measure "$2" "$NIXPUSH" push --secret-key-file "$WORK/sk" \
+                    --to "s3://$2?endpoint=http://127.0.0.1:$S3_PORT&region=us-east-1&compression=zstd" "$3" ;;
+        nix-copy) measure "$2" nix copy --to "http://127.0.0.1:$ANON_PORT/$2?compression=zstd&secret-key=$WORK/sk" "$3" ;;
+    esac
+}
+
+say "$SIZE_MB MB path (zstd): nix copy, then nixpush"
+read -r copy_s copy_kb < <(run nix-copy copy-big "$BIG")
+read -r push_s push_kb < <(run nixpush push-big "$BIG")
+say "$PATHS-path closure, cold cache (zstd): nix copy, then nixpush"
+read -r copy_many_s _ < <(run nix-copy copy-many "$SMALL")
+read -r push_many_s _ < <(run nixpush push-many "$SMALL")
+
+for b in copy-big push-big copy-many push-many; do
+    echo "$b: $(ls "$WORK/s3/$b" | grep -c narinfo) narinfos, $(du -sh "$WORK/s3/$b" | cut -f1)"
+done
+ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+echo
+printf '%-28s %12s %12s %8s\n' "" "nix copy" "nixpush" "ratio"
+printf '%-28s %11ss %11ss %8s\n' "$SIZE_MB MB path: wall time" "$copy_s" "$push_s" "$(ratio "$push_s" "$copy_s")"
+printf '%-28s %9s MiB %9s MiB %8s\n' "$SIZE_MB MB path: peak RSS" "$((copy_kb / 1024))" "$((push_kb / 1024))" "$(ratio "$push_kb" "$copy_kb")"
+printf '%-28s %11ss %11ss %8s\n' "$PATHS-path closure: wall" "$copy_many_s" "$push_many_s" "$(ratio "$push_many_s" "$copy_many_s")"
