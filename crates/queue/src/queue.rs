@@ -1,0 +1,413 @@
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum QueueError {
+    #[error("queue database {}: {source}", path.display())]
+    Db {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("cannot create the state directory {}", path.display())]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What an item names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A store path to publish with its closure.
+    Path,
+    /// A derivation whose outputs are to be resolved, then published (the hook got no `OUT_PATHS`).
+    Derivation,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Path => "path",
+            Kind::Derivation => "drv",
+        }
+    }
+
+    fn parse(s: &str) -> Kind {
+        if s == "drv" {
+            Kind::Derivation
+        } else {
+            Kind::Path
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Item {
+    pub name: String,
+    pub kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum State {
+    Queued,
+    InFlight,
+    Done,
+    Failed,
+    Gone,
+}
+
+impl State {
+    pub const ALL: [State; 5] = [
+        State::Queued,
+        State::InFlight,
+        State::Done,
+        State::Failed,
+        State::Gone,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::InFlight => "in_flight",
+            State::Done => "done",
+            State::Failed => "failed",
+            State::Gone => "gone",
+        }
+    }
+}
+
+/// A claimed item, to be completed by whoever claimed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    pub id: i64,
+    pub item: Item,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    pub enqueued_at: i64,
+    /// When the first of the failed attempts happened, if any.
+    pub first_failure_at: Option<i64>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Gone(String),
+    /// Failed; try again at this time (Unix ms).
+    RetryAt {
+        at: i64,
+        error: String,
+    },
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    pub counts: Vec<(State, u64)>,
+    /// `enqueued_at` of the oldest queued or in-flight item.
+    pub oldest_pending: Option<i64>,
+    /// Most recent errors first: (item, state, attempts, error, updated_at).
+    pub recent_errors: Vec<(String, State, u32, String, i64)>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as i64
+}
+
+pub struct Queue {
+    conn: Connection,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    item TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    enqueued_at INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    first_failure_at INTEGER,
+    last_error TEXT,
+    updated_at INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS items_pending ON items(item) WHERE state IN ('queued', 'in_flight');
+CREATE INDEX IF NOT EXISTS items_due ON items(state, next_attempt_at);
+";
+
+impl Queue {
+    /// Opens (creating if needed) `state_dir/queue.sqlite`.
+    pub fn open(state_dir: &Path) -> Result<Queue, QueueError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| QueueError::StateDir {
+            path: state_dir.to_owned(),
+            source,
+        })?;
+        let path = state_dir.join("queue.sqlite");
+        let err = |source| QueueError::Db {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(err)?;
+        // Several processes (hooks, daemon, status) share the file: wait for each other's locks.
+        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(Queue { conn, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> QueueError + '_ {
+        move |source| QueueError::Db {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Records items durably; returns how many were new (not already pending).
+    pub fn enqueue(&mut self, items: &[Item]) -> Result<usize, QueueError> {
+        let now = now_ms();
+        let path = self.path.clone();
+        let err = move |source| QueueError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let mut added = 0;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO items (item, kind, state, enqueued_at, next_attempt_at, updated_at)
+                     VALUES (?1, ?2, 'queued', ?3, ?3, ?3)",
+                )
+                .map_err(&err)?;
+            for it in items {
+                added += insert
+                    .execute(params![it.name, it.kind.as_str(), now])
+                    .map_err(&err)?;
+            }
+        }
+        tx.commit().map_err(&err)?;
+        Ok(added)
+    }
+
+    /// Hands out up to `limit` queued items due by `now` (Unix ms), marking them in flight.
+    pub fn claim(&mut self, now: i64, limit: usize) -> Result<Vec<Claimed>, QueueError> {
+        let path = self.path.clone();
+        let err = move |source| QueueError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let claimed: Vec<Claimed> = {
+            let mut select = tx
+                .prepare_cached(
+                    "SELECT id, item, kind, attempts, enqueued_at, first_failure_at FROM items
+                     WHERE state = 'queued' AND next_attempt_at <= ?1
+                     ORDER BY next_attempt_at, id LIMIT ?2",
+                )
+                .map_err(&err)?;
+            select
+                .query_map(params![now, limit as i64], |r| {
+                    Ok(Claimed {
+                        id: r.get(0)?,
+                        item: Item {
+                            name: r.get(1)?,
+                            kind: Kind::parse(&r.get::<_, String>(2)?),
+                        },
+                        attempts: r.get(3)?,
+                        enqueued_at: r.get(4)?,
+                        first_failure_at: r.get(5)?,
+                    })
+                })
+                .map_err(&err)?
+                .collect::<Result<_, _>>()
+                .map_err(&err)?
+        };
+        {
+            let mut update = tx
+                .prepare_cached(
+                    "UPDATE items SET state = 'in_flight', updated_at = ?2 WHERE id = ?1",
+                )
+                .map_err(&err)?;
+            let updated = now_ms();
+            for c in &claimed {
+                update.execute(params![c.id, updated]).map_err(&err)?;
+            }
+        }
+        tx.commit().map_err(&err)?;
+        Ok(claimed)
+    }
+
+    /// Records how the attempt on a claimed item ended.
+    pub fn complete(&mut self, claimed: &Claimed, outcome: &Outcome) -> Result<(), QueueError> {
+        let now = now_ms();
+        let (sql, args): (&str, Vec<rusqlite::types::Value>) = match outcome {
+            Outcome::Done => ("UPDATE items SET state = 'done', last_error = NULL, updated_at = ?2 WHERE id = ?1", vec![]),
+            Outcome::Gone(why) => (
+                "UPDATE items SET state = 'gone', last_error = ?3, updated_at = ?2 WHERE id = ?1",
+                vec![why.clone().into()],
+            ),
+            Outcome::Failed(error) => (
+                "UPDATE items SET state = 'failed', attempts = attempts + 1, last_error = ?3,
+                 first_failure_at = COALESCE(first_failure_at, ?2), updated_at = ?2 WHERE id = ?1",
+                vec![error.clone().into()],
+            ),
+            Outcome::RetryAt { at, error } => (
+                "UPDATE items SET state = 'queued', attempts = attempts + 1, last_error = ?3,
+                 first_failure_at = COALESCE(first_failure_at, ?2), next_attempt_at = ?4, updated_at = ?2
+                 WHERE id = ?1",
+                vec![error.clone().into(), (*at).into()],
+            ),
+        };
+        let mut all: Vec<rusqlite::types::Value> = vec![claimed.id.into(), now.into()];
+        all.extend(args);
+        self.conn
+            .execute(sql, rusqlite::params_from_iter(all))
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Puts in-flight items back in the queue: after a crash (nothing is in flight when no daemon
+    /// runs) or when the daemon stops before finishing them. Returns how many.
+    pub fn recover(&mut self) -> Result<usize, QueueError> {
+        self.conn
+            .execute(
+                "UPDATE items SET state = 'queued', updated_at = ?1 WHERE state = 'in_flight'",
+                params![now_ms()],
+            )
+            .map_err(self.err())
+    }
+
+    /// Requeues failed items (all of them, or those named), due now, with their attempt count reset.
+    /// An item that is already pending again is left alone: its pending row will do the work.
+    pub fn retry_failed(&mut self, names: Option<&[String]>) -> Result<usize, QueueError> {
+        let now = now_ms();
+        let path = self.path.clone();
+        let err = move |source| QueueError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let n = {
+            let sql = "UPDATE OR IGNORE items SET state = 'queued', attempts = 0, first_failure_at = NULL,
+                       next_attempt_at = ?1, updated_at = ?1
+                       WHERE state = 'failed' AND (?2 IS NULL OR item = ?2)";
+            match names {
+                None => tx
+                    .execute(sql, params![now, Option::<String>::None])
+                    .map_err(&err)?,
+                Some(names) => {
+                    let mut n = 0;
+                    for name in names {
+                        n += tx.execute(sql, params![now, name]).map_err(&err)?;
+                    }
+                    n
+                }
+            }
+        };
+        tx.commit().map_err(&err)?;
+        Ok(n)
+    }
+
+    /// When the next queued item becomes due (Unix ms), if any is queued.
+    pub fn next_due(&self) -> Result<Option<i64>, QueueError> {
+        self.conn
+            .query_row(
+                "SELECT MIN(next_attempt_at) FROM items WHERE state = 'queued'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(Option::flatten)
+            .map_err(self.err())
+    }
+
+    pub fn status(&self, recent: usize) -> Result<Status, QueueError> {
+        let mut status = Status::default();
+        for state in State::ALL {
+            let n: i64 = self
+                .conn
+                .query_row(
+                    "SELECT COUNT(*) FROM items WHERE state = ?1",
+                    [state.as_str()],
+                    |r| r.get(0),
+                )
+                .map_err(self.err())?;
+            status.counts.push((state, n as u64));
+        }
+        status.oldest_pending = self
+            .conn
+            .query_row(
+                "SELECT MIN(enqueued_at) FROM items WHERE state IN ('queued', 'in_flight')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.err())?;
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT item, state, attempts, last_error, updated_at FROM items
+                 WHERE last_error IS NOT NULL AND state IN ('queued', 'in_flight', 'failed', 'gone')
+                 ORDER BY updated_at DESC, id DESC LIMIT ?1",
+            )
+            .map_err(self.err())?;
+        status.recent_errors = stmt
+            .query_map([recent as i64], |r| {
+                let state: String = r.get(1)?;
+                let state = State::ALL
+                    .into_iter()
+                    .find(|s| s.as_str() == state)
+                    .unwrap_or(State::Queued);
+                Ok((r.get(0)?, state, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .map_err(self.err())?
+            .collect::<Result<_, _>>()
+            .map_err(self.err())?;
+        Ok(status)
+    }
+
+    /// Every row's item and state, oldest first (for tests and `status --json`).
+    pub fn items(&self) -> Result<Vec<(String, State)>, QueueError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT item, state FROM items ORDER BY id")
+            .map_err(self.err())?;
+        stmt.query_map([], |r| {
+            let s: String = r.get(1)?;
+            Ok((
+                r.get(0)?,
+                State::ALL
+                    .into_iter()
+                    .find(|x| x.as_str() == s)
+                    .unwrap_or(State::Queued),
+            ))
+        })
+        .map_err(self.err())?
+        .collect::<Result<_, _>>()
+        .map_err(self.err())
+    }
+}

@@ -1,0 +1,247 @@
+//! The queue's invariants (see the crate doc), checked directly and against a model.
+
+use std::collections::HashMap;
+
+use nixpush_queue::{Claimed, Item, Kind, Outcome, Queue, State};
+use proptest::prelude::*;
+
+fn item(n: &str) -> Item {
+    Item {
+        name: n.to_owned(),
+        kind: Kind::Path,
+    }
+}
+
+fn far_future() -> i64 {
+    i64::MAX / 2
+}
+
+#[test]
+fn bundled_sqlite_is_recent_enough() {
+    // 3.51.3 fixes WAL-reset corruption that concurrent writers (hooks and daemon) could hit.
+    assert!(
+        rusqlite::version_number() >= 3_051_003,
+        "SQLite {}",
+        rusqlite::version()
+    );
+}
+
+#[test]
+fn duplicates_collapse_while_pending_but_not_after() {
+    let d = tempfile::tempdir().unwrap();
+    let mut q = Queue::open(d.path()).unwrap();
+    assert_eq!(q.enqueue(&[item("a"), item("a"), item("b")]).unwrap(), 2);
+    assert_eq!(q.enqueue(&[item("a")]).unwrap(), 0);
+    let claimed = q.claim(far_future(), 10).unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert_eq!(
+        q.enqueue(&[item("a")]).unwrap(),
+        0,
+        "in flight counts as pending"
+    );
+    q.complete(&claimed[0], &Outcome::Done).unwrap();
+    assert_eq!(
+        q.enqueue(&[item("a")]).unwrap(),
+        1,
+        "a finished item enqueued again is new work"
+    );
+}
+
+#[test]
+fn claims_are_exclusive_and_recovery_returns_them() {
+    let d = tempfile::tempdir().unwrap();
+    let mut q = Queue::open(d.path()).unwrap();
+    let mut q2 = Queue::open(d.path()).unwrap();
+    q.enqueue(&[item("a"), item("b"), item("c")]).unwrap();
+    let first = q.claim(far_future(), 2).unwrap();
+    let second = q2.claim(far_future(), 10).unwrap();
+    assert_eq!(first.len() + second.len(), 3);
+    assert!(q2.claim(far_future(), 10).unwrap().is_empty());
+    // A crash: nothing completed. Recovery puts everything back.
+    drop(q);
+    assert_eq!(q2.recover().unwrap(), 3);
+    assert_eq!(q2.claim(far_future(), 10).unwrap().len(), 3);
+}
+
+#[test]
+fn retries_wait_their_turn_and_failures_can_be_retried() {
+    let d = tempfile::tempdir().unwrap();
+    let mut q = Queue::open(d.path()).unwrap();
+    q.enqueue(&[item("a"), item("b")]).unwrap();
+    let c = q.claim(far_future(), 10).unwrap();
+    let t = c[0].enqueued_at;
+    q.complete(
+        &c[0],
+        &Outcome::RetryAt {
+            at: t + 60_000,
+            error: "endpoint down".into(),
+        },
+    )
+    .unwrap();
+    q.complete(&c[1], &Outcome::Failed("corrupt".into()))
+        .unwrap();
+    assert!(q.claim(t + 59_999, 10).unwrap().is_empty(), "not due yet");
+    assert_eq!(q.next_due().unwrap(), Some(t + 60_000));
+    let again = q.claim(t + 60_000, 10).unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempts, 1);
+    assert!(again[0].first_failure_at.is_some());
+
+    let s = q.status(10).unwrap();
+    assert!(s.counts.contains(&(State::Failed, 1)) && s.counts.contains(&(State::InFlight, 1)));
+    assert_eq!(
+        s.recent_errors
+            .iter()
+            .map(|e| e.3.as_str())
+            .collect::<Vec<_>>(),
+        vec!["corrupt", "endpoint down"]
+    );
+    assert_eq!(q.retry_failed(Some(&["b".to_owned()])).unwrap(), 1);
+    let b = q.claim(far_future(), 10).unwrap();
+    assert_eq!((b[0].item.name.as_str(), b[0].attempts), ("b", 0));
+}
+
+#[test]
+fn concurrent_writers_lose_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    Queue::open(d.path()).unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let dir = d.path().to_owned();
+            std::thread::spawn(move || {
+                let mut q = Queue::open(&dir).unwrap();
+                for i in 0..50 {
+                    q.enqueue(&[item(&format!("t{t}-{i}")), item("shared")])
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    // A claimer runs at the same time, as the daemon would.
+    let mut q = Queue::open(d.path()).unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        seen.extend(q.claim(far_future(), 7).unwrap());
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    seen.extend(q.claim(far_future(), 10_000).unwrap());
+    let mut names: Vec<String> = seen.iter().map(|c| c.item.name.clone()).collect();
+    names.sort();
+    let unique = names.len();
+    names.dedup();
+    assert_eq!(
+        names.len(),
+        unique,
+        "an item was claimed twice while pending"
+    );
+    for t in 0..8 {
+        for i in 0..50 {
+            assert!(
+                names.binary_search(&format!("t{t}-{i}")).is_ok(),
+                "t{t}-{i} lost"
+            );
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Enqueue(Vec<u8>),
+    Claim(usize),
+    Complete(usize, u8),
+    Recover,
+    Retry,
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        proptest::collection::vec(0u8..6, 1..4).prop_map(Op::Enqueue),
+        (1usize..4).prop_map(Op::Claim),
+        (0usize..8, 0u8..4).prop_map(|(i, o)| Op::Complete(i, o)),
+        Just(Op::Recover),
+        Just(Op::Retry),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The queue behaves like a simple model: per name, at most one pending entry; every enqueued
+    /// name is pending until completed with a final outcome.
+    #[test]
+    fn behaves_like_the_model(ops in proptest::collection::vec(arb_op(), 1..40)) {
+        let d = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(d.path()).unwrap();
+        // name -> pending state (Queued or InFlight); finals are counted.
+        let mut model: HashMap<String, State> = HashMap::new();
+        let mut failed: Vec<String> = Vec::new();
+        let mut held: Vec<Claimed> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Enqueue(ns) => {
+                    let items: Vec<Item> = ns.iter().map(|n| item(&format!("p{n}"))).collect();
+                    let added = q.enqueue(&items).unwrap();
+                    let mut expect = 0;
+                    for it in &items {
+                        if !model.contains_key(&it.name) {
+                            model.insert(it.name.clone(), State::Queued);
+                            expect += 1;
+                        }
+                    }
+                    prop_assert_eq!(added, expect);
+                }
+                Op::Claim(n) => {
+                    let c = q.claim(far_future(), n).unwrap();
+                    let queued = model.values().filter(|s| **s == State::Queued).count();
+                    prop_assert_eq!(c.len(), n.min(queued));
+                    for x in &c {
+                        prop_assert_eq!(model.insert(x.item.name.clone(), State::InFlight), Some(State::Queued));
+                    }
+                    held.extend(c);
+                }
+                Op::Complete(i, o) if !held.is_empty() => {
+                    let c = held.remove(i % held.len());
+                    let outcome = match o {
+                        0 => Outcome::Done,
+                        1 => Outcome::Gone("gc".into()),
+                        2 => Outcome::Failed("bad".into()),
+                        _ => Outcome::RetryAt { at: 0, error: "later".into() },
+                    };
+                    q.complete(&c, &outcome).unwrap();
+                    if o == 3 {
+                        model.insert(c.item.name.clone(), State::Queued);
+                    } else {
+                        model.remove(&c.item.name);
+                        if o == 2 { failed.push(c.item.name.clone()); }
+                    }
+                }
+                Op::Complete(..) => {}
+                Op::Recover => {
+                    let n = q.recover().unwrap();
+                    prop_assert_eq!(n, held.len());
+                    held.clear();
+                    for s in model.values_mut() { *s = State::Queued; }
+                }
+                Op::Retry => {
+                    let n = q.retry_failed(None).unwrap();
+                    let mut expect = 0;
+                    for f in failed.drain(..) {
+                        // A failed name that is pending again stays failed (its pending row does the work).
+                        if let std::collections::hash_map::Entry::Vacant(e) = model.entry(f) {
+                            e.insert(State::Queued);
+                            expect += 1;
+                        }
+                    }
+                    prop_assert!(n >= expect);
+                    // Failed rows of names already pending were left alone; the model drops them.
+                    prop_assert_eq!(n, expect);
+                }
+            }
+            let pending: usize = q.status(0).unwrap().counts.iter()
+                .filter(|(s, _)| matches!(s, State::Queued | State::InFlight)).map(|(_, n)| *n as usize).sum();
+            prop_assert_eq!(pending, model.len());
+        }
+    }
+}
