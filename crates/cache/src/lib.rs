@@ -19,5 +19,8 @@ mod url;
 
 pub use error::CacheError;
 pub use publish::{Cache, Event, PushOptions, PushSummary};
-pub use spool::{CompressOptions, NarSource, SourceError, SpooledNar, error_chain, spool_nar};
+pub use spool::{
+    CompressOptions, MEMORY_SPOOL, NarSource, SourceError, Spool, SpooledNar, error_chain,
+    spool_nar,
+};
 pub use url::{AddressingStyle, Location, StoreUrl, UrlError};

@@ -14,7 +14,7 @@ use nixpush_format::{NarInfo, PathInfo, SecretKey, StorePath};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::spool::{CompressOptions, NarSource, spool_nar};
+use crate::spool::{CompressOptions, NarSource, Spool, spool_nar};
 use crate::target::Target;
 use crate::{CacheError, StoreUrl};
 
@@ -194,6 +194,11 @@ impl Cache {
                 }
             }
         }
+        tracing::debug!(
+            missing = upload.len(),
+            present = summary.present.len(),
+            "cache probed"
+        );
         let (upload, cyclic) = dependencies_first(upload);
         for info in cyclic {
             let reference = info
@@ -282,6 +287,9 @@ impl Cache {
     }
 }
 
+/// NARs at least this large (compressed) are only uploaded after asking whether the cache has them.
+const ASK_BEFORE_PUT: u64 = 1 << 20;
+
 enum Dep {
     /// Being published in this push: wait for it.
     Pending(StorePath, watch::Receiver<Option<bool>>),
@@ -340,17 +348,22 @@ impl Ctx {
             .await
             .expect("NAR spooling panicked")?;
             let key = nar_key(&spooled.file_hash, spooled.compression);
-            // Content-addressed: an object with this name already holds these exact bytes.
-            let nar_existed = self.target.exists(&key).await?;
+            // Content-addressed: an object with this name already holds these exact bytes, so a
+            // large one is not sent again. For a small one the question costs as much as the
+            // answer, and rewriting identical bytes is harmless.
+            let nar_existed =
+                spooled.file_size >= ASK_BEFORE_PUT && self.target.exists(&key).await?;
             if !nar_existed {
-                self.target
-                    .put_file(
-                        &key,
-                        spooled.file.path(),
-                        spooled.file_size,
-                        CONTENT_TYPE_NAR,
-                    )
-                    .await?;
+                match spooled.spool {
+                    Spool::Memory(bytes) => {
+                        self.target.put_bytes(&key, bytes, CONTENT_TYPE_NAR).await?
+                    }
+                    Spool::File(ref f) => {
+                        self.target
+                            .put_file(&key, f.path(), spooled.file_size, CONTENT_TYPE_NAR)
+                            .await?
+                    }
+                }
             }
             let mut references = info.references.clone();
             references.sort();

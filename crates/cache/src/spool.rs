@@ -1,9 +1,10 @@
 //! NAR → SHA-256 (narHash) → compressor → SHA-256 (FileHash) → spool file, in one streaming pass.
 //!
-//! The compressed NAR is spooled to a local file because its object key is its own hash, known only
-//! at the end. Spooling also means nothing is uploaded before the NAR is verified against the
-//! store's record: a corrupt path costs local disk, never a bucket object. Memory stays at the
-//! compressor's window whatever the NAR's size.
+//! The compressed NAR is spooled because its object key is its own hash, known only at the end.
+//! Spooling also means nothing is uploaded before the NAR is verified against the store's record: a
+//! corrupt path costs local disk, never a bucket object. Small NARs (most of any closure) stay in
+//! memory; past [`MEMORY_SPOOL`] bytes the spool moves to a file, so memory stays bounded whatever
+//! the NAR's size.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -27,13 +28,73 @@ pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
 pub struct CompressOptions {
     pub compression: Compression,
     pub level: Option<i32>,
-    /// Threads for the compressor; 0 or 1 compresses on the calling thread.
+    /// Threads for the compressor on large NARs; 0 or 1 compresses on the calling thread.
     pub threads: u32,
 }
 
-/// A verified, compressed NAR waiting in a temporary file.
+/// Below this NAR size, starting compressor threads costs more than it saves.
+const PARALLEL_MIN_NAR: u64 = 8 << 20;
+
+/// Compressed bytes kept in memory before the spool moves to a file.
+pub const MEMORY_SPOOL: usize = 1 << 20;
+
+/// Where a compressed NAR waits for upload.
+pub enum Spool {
+    Memory(Vec<u8>),
+    File(NamedTempFile),
+}
+
+/// Writes to memory until [`MEMORY_SPOOL`] bytes, then moves everything to a file in `dir`.
+struct SpoolWriter<'a> {
+    dir: &'a Path,
+    memory: Vec<u8>,
+    file: Option<(NamedTempFile, BufWriter<File>)>,
+}
+
+impl Write for SpoolWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.file.is_none() && self.memory.len() + buf.len() > MEMORY_SPOOL {
+            let tmp = tempfile::Builder::new()
+                .prefix("nixpush-nar-")
+                .tempfile_in(self.dir)?;
+            let mut w = BufWriter::with_capacity(1 << 20, tmp.reopen()?);
+            w.write_all(&self.memory)?;
+            self.memory = Vec::new();
+            self.file = Some((tmp, w));
+        }
+        match &mut self.file {
+            Some((_, w)) => w.write(buf),
+            None => {
+                self.memory.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.file {
+            Some((_, w)) => w.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl SpoolWriter<'_> {
+    fn finish(self) -> io::Result<Spool> {
+        Ok(match self.file {
+            // Flushed, not fsynced: the spool is scratch, and a crash means starting this path again.
+            Some((tmp, w)) => {
+                w.into_inner().map_err(|e| e.into_error())?;
+                Spool::File(tmp)
+            }
+            None => Spool::Memory(self.memory),
+        })
+    }
+}
+
+/// A verified, compressed NAR waiting for upload.
 pub struct SpooledNar {
-    pub file: NamedTempFile,
+    pub spool: Spool,
     pub compression: Compression,
     pub file_hash: Sha256,
     pub file_size: u64,
@@ -117,14 +178,22 @@ pub fn spool_nar(
         dir: spool_dir.to_owned(),
         source,
     };
-    let file = tempfile::Builder::new()
-        .prefix("nixpush-nar-")
-        .tempfile_in(spool_dir)
-        .map_err(spool_err)?;
-    let out: BufWriter<File> = BufWriter::with_capacity(1 << 20, file.reopen().map_err(spool_err)?);
+    let out = SpoolWriter {
+        dir: spool_dir,
+        memory: Vec::new(),
+        file: None,
+    };
     let compressed = HashingWriter::new(out);
+    let opts = CompressOptions {
+        threads: if info.nar_size >= PARALLEL_MIN_NAR {
+            opts.threads
+        } else {
+            1
+        },
+        ..*opts
+    };
     let mut nar = Recording {
-        inner: HashingWriter::new(Compressor::new(compressed, opts).map_err(spool_err)?),
+        inner: HashingWriter::new(Compressor::new(compressed, &opts).map_err(spool_err)?),
         error: None,
     };
     source
@@ -142,8 +211,7 @@ pub fn spool_nar(
     let (compressor, nar_hash, nar_size) = nar.finish();
     let compressed = compressor.finish().map_err(spool_err)?;
     let (out, file_hash, file_size) = compressed.finish();
-    let out = out.into_inner().map_err(|e| spool_err(e.into_error()))?;
-    out.sync_data().map_err(spool_err)?;
+    let spool = out.finish().map_err(spool_err)?;
     if nar_hash != info.nar_hash || nar_size != info.nar_size {
         return Err(CacheError::NarMismatch {
             path: path.clone(),
@@ -160,7 +228,7 @@ pub fn spool_nar(
         file_hash
     };
     Ok(SpooledNar {
-        file,
+        spool,
         compression: opts.compression,
         file_hash,
         file_size,

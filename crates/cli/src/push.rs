@@ -26,7 +26,7 @@ pub struct Args {
     /// Sign narinfos with this secret key (repeatable; adds to the URL's secret-key=)
     #[arg(long = "secret-key-file", value_name = "FILE")]
     secret_key_files: Vec<PathBuf>,
-    /// Paths prepared and uploaded at once [default: 2 per CPU, at least 4]
+    /// Paths prepared and uploaded at once [default: 16]
     #[arg(long, short = 'j', value_name = "N")]
     jobs: Option<usize>,
     /// Do not upload paths signed by this key, e.g. cache.nixos.org-1 (repeatable)
@@ -40,9 +40,8 @@ pub struct Args {
     json: bool,
 }
 
-pub fn default_jobs() -> usize {
-    std::thread::available_parallelism().map_or(4, |n| (n.get() * 2).max(4))
-}
+/// Most paths are small and their time is round trips to the cache, not CPU: many at once.
+pub const DEFAULT_JOBS: usize = 16;
 
 /// Reads secret key files; errors name the file and what is wrong, never the key.
 pub fn load_keys(files: &[PathBuf]) -> Result<Vec<SecretKey>> {
@@ -76,7 +75,7 @@ pub fn run(args: Args) -> Result<()> {
              the signatures the store already has"
         );
     }
-    let jobs = args.jobs.unwrap_or_else(default_jobs).max(1);
+    let jobs = args.jobs.unwrap_or(DEFAULT_JOBS).max(1);
     let address = StoreAddress::resolve(args.store.as_deref())?;
     let store = Arc::new(Store::open(address).context("cannot open the Nix store")?);
     let mut roots = Vec::new();

@@ -440,11 +440,23 @@ fn a_large_path_goes_up_in_parts_and_substitutes_back() {
         "large",
         "mkdir $out && head -c 25165824 /dev/urandom > $out/blob",
     ));
-    let url = bed
-        .s3
-        .store_url("compression=none&multipart-threshold=5242880&multipart-chunk-size=5242880");
-    let err = bed.push_ok(&url, &[&out[0]]);
+    let url = bed.s3.store_url(
+        "compression=none&multipart-upload=true&multipart-threshold=5242880&multipart-chunk-size=5242880",
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .args(["push", "--store", &bed.nix.store_url(), "--to", &url])
+        .args(["--secret-key-file", &bed.secret, &out[0]])
+        .envs(bed.s3.credentials_env())
+        .env("NIXPUSH_LOG", "nixpush_cache=debug")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
     assert!(err.contains("24.0 MiB NAR"), "{err}");
+    assert!(
+        err.contains("multipart upload") && err.contains("parts=5"),
+        "{err}"
+    );
     let (ok, err) = bed.substitute(&bed.s3.http_url, &out, &out);
     assert!(ok, "{err}");
 }
