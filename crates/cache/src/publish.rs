@@ -77,13 +77,27 @@ impl Cache {
     /// Connects (for S3: resolves credentials and checks the bucket) and writes `nix-cache-info` if
     /// the cache has none.
     pub async fn open(url: StoreUrl) -> Result<Self, CacheError> {
-        let target = Target::open(&url).await?;
+        Self::open_with_journal(url, None).await
+    }
+
+    /// Like [`Cache::open`], recording multipart uploads in `journal` (a directory) while they are in
+    /// progress, so that [`Cache::abort_stale_uploads`] can clean up after a crash.
+    pub async fn open_with_journal(
+        url: StoreUrl,
+        journal: Option<&std::path::Path>,
+    ) -> Result<Self, CacheError> {
+        let target = Target::open(&url, journal).await?;
         let cache = Cache {
             target: Arc::new(target),
             url,
         };
         cache.ensure_cache_info().await?;
         Ok(cache)
+    }
+
+    /// Aborts the multipart uploads this process's journal recorded and did not finish.
+    pub async fn abort_stale_uploads(&self) -> Result<usize, CacheError> {
+        self.target.abort_journaled().await
     }
 
     pub fn url(&self) -> &StoreUrl {

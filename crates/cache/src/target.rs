@@ -13,11 +13,19 @@ pub(crate) enum Target {
 }
 
 impl Target {
-    pub async fn open(url: &StoreUrl) -> Result<Self, CacheError> {
+    pub async fn open(url: &StoreUrl, journal: Option<&Path>) -> Result<Self, CacheError> {
         Ok(match &url.location {
-            Location::S3 { bucket } => Target::S3(s3::S3Target::open(url, bucket).await?),
+            Location::S3 { bucket } => Target::S3(s3::S3Target::open(url, bucket, journal).await?),
             Location::File { dir } => Target::File(file::FileTarget::open(dir).await?),
         })
+    }
+
+    /// Aborts multipart uploads a crash left behind (recorded in the journal).
+    pub async fn abort_journaled(&self) -> Result<usize, CacheError> {
+        match self {
+            Target::S3(t) => t.abort_journaled().await,
+            Target::File(_) => Ok(0),
+        }
     }
 
     pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {

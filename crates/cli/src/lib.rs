@@ -1,11 +1,16 @@
 //! The `nixpush` binary: commands, configuration, logging and progress, wired onto the crates that
 //! do the work. Errors reach the user in exactly one place, [`exit`].
 
+mod config;
+mod daemon;
 pub mod exit;
+pub mod hook;
+mod ipc;
 mod keygen;
 mod paths;
 mod push;
 mod report;
+mod status;
 
 use std::process::ExitCode;
 
@@ -27,22 +32,34 @@ struct Cli {
 enum Command {
     Keygen(keygen::Args),
     Push(push::Args),
+    Daemon(daemon::Args),
+    Status(status::StatusArgs),
+    Retry(status::RetryArgs),
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The daemon's log is its record of what it uploaded; commands log only problems.
+    let default_level = if matches!(cli.command, Command::Daemon(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // Logs often go to journald or a CI log, where escape codes are noise.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NIXPUSH_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| default_level.into()),
         )
         .init();
     let result = match cli.command {
         Command::Keygen(args) => keygen::run(args),
         Command::Push(args) => push::run(args),
+        Command::Daemon(args) => daemon::run(args),
+        Command::Status(args) => status::status(args),
+        Command::Retry(args) => status::retry(args),
     };
     exit::report(result)
 }

@@ -56,7 +56,7 @@ pub fn load_keys(files: &[PathBuf]) -> Result<Vec<SecretKey>> {
         .collect()
 }
 
-struct StoreSource(Arc<Store>);
+pub struct StoreSource(pub Arc<Store>);
 
 impl NarSource for StoreSource {
     fn write_nar(&self, path: &StorePath, out: &mut dyn std::io::Write) -> Result<(), SourceError> {

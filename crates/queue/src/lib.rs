@@ -30,5 +30,5 @@
 mod queue;
 mod retry;
 
-pub use queue::{Claimed, Item, Kind, Outcome, Queue, QueueError, State, Status};
+pub use queue::{Claimed, Item, Kind, Outcome, Queue, QueueError, State, Status, now_ms};
 pub use retry::{Decision, RetryPolicy};

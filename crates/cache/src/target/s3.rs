@@ -1,6 +1,6 @@
 //! A cache in an S3 bucket, through aws-sdk-s3 with the standard AWS credential chain.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
@@ -21,6 +21,9 @@ use crate::{CacheError, StoreUrl};
 const PARTS_IN_FLIGHT: usize = 4;
 
 pub(crate) struct S3Target {
+    /// Where in-progress multipart uploads are recorded, so that a restarted daemon aborts the ones
+    /// a crash left behind, and only those (other builders may be uploading to the same bucket).
+    journal: Option<PathBuf>,
     client: Client,
     bucket: String,
     endpoint: String,
@@ -38,7 +41,11 @@ enum PartError {
 }
 
 impl S3Target {
-    pub async fn open(url: &StoreUrl, bucket: &str) -> Result<Self, CacheError> {
+    pub async fn open(
+        url: &StoreUrl,
+        bucket: &str,
+        journal: Option<&Path>,
+    ) -> Result<Self, CacheError> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(url.region.clone()))
             .timeout_config(
@@ -86,6 +93,7 @@ impl S3Target {
             config = config.endpoint_url(e);
         }
         let target = S3Target {
+            journal: journal.map(Path::to_owned),
             client: Client::from_conf(config.build()),
             bucket: bucket.to_owned(),
             endpoint: endpoint.unwrap_or_else(|| format!("s3.{}.amazonaws.com", url.region)),
@@ -100,7 +108,7 @@ impl S3Target {
     async fn check_bucket(&self) -> Result<(), CacheError> {
         match self.client.head_bucket().bucket(&self.bucket).send().await {
             Ok(_) => Ok(()),
-            Err(e) => Err(match self.classify(e, "HEAD bucket", "") {
+            Err(e) => Err(match self.classify(e, "HeadBucket", &self.bucket) {
                 CacheError::S3 {
                     status: Some(404), ..
                 } => CacheError::NoSuchBucket {
@@ -121,8 +129,8 @@ impl S3Target {
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
-        let message = DisplayErrorContext(&e).to_string();
         if matches!(e, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_)) {
+            let message = DisplayErrorContext(&e).to_string();
             return CacheError::Unreachable {
                 endpoint: self.endpoint.clone(),
                 message,
@@ -130,6 +138,13 @@ impl S3Target {
         }
         let status = e.raw_response().map(|r| r.status().as_u16());
         let code = e.code().map(str::to_owned);
+        // The server's own words when it sent any (HEAD responses have no body), else the status.
+        let message = match (&e, code.as_deref(), e.message()) {
+            (SdkError::ServiceError(_), Some(c), Some(m)) => format!("{c}: {m}"),
+            (SdkError::ServiceError(_), Some(c), None) => c.to_owned(),
+            (SdkError::ServiceError(_), None, _) => format!("HTTP {}", status.unwrap_or_default()),
+            _ => DisplayErrorContext(&e).to_string(),
+        };
         let retry_after = e
             .raw_response()
             .and_then(|r| r.headers().get("retry-after"))
@@ -250,6 +265,17 @@ impl S3Target {
             .await
             .map_err(|e| self.classify(e, "CreateMultipartUpload", key))?;
         let upload_id = created.upload_id().unwrap_or_default().to_owned();
+        let entry = self
+            .journal
+            .as_ref()
+            .map(|dir| dir.join(journal_name(&upload_id)));
+        if let Some(entry) = &entry {
+            let recorded = std::fs::create_dir_all(self.journal.as_ref().expect("set"))
+                .and_then(|()| std::fs::write(entry, format!("{key}\n{upload_id}\n")));
+            if let Err(e) = recorded {
+                tracing::warn!(error = %e, "cannot record the multipart upload; a crash would leave it behind");
+            }
+        }
         let result = self.upload_parts(key, path, len, &upload_id).await;
         if result.is_err() {
             // An incomplete upload is invisible but billed; never leave one behind.
@@ -263,9 +289,54 @@ impl S3Target {
                 .await
             {
                 tracing::warn!(key, error = %DisplayErrorContext(&e), "could not abort multipart upload");
+                return result;
             }
         }
+        if let Some(entry) = entry {
+            let _ = std::fs::remove_file(entry);
+        }
         result
+    }
+
+    /// Aborts the multipart uploads recorded in the journal (left by a crash). Returns how many.
+    pub async fn abort_journaled(&self) -> Result<usize, CacheError> {
+        let Some(dir) = &self.journal else {
+            return Ok(0);
+        };
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => {
+                return Err(CacheError::File {
+                    operation: "reading",
+                    path: dir.clone(),
+                    source,
+                });
+            }
+        };
+        let mut aborted = 0;
+        for entry in entries.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let mut lines = text.lines();
+            if let (Some(key), Some(upload_id)) = (lines.next(), lines.next()) {
+                match self
+                    .client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(upload_id)
+                    .send()
+                    .await
+                {
+                    Ok(_) => aborted += 1,
+                    // Already completed or aborted: nothing left to clean.
+                    Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {}
+                    Err(e) => return Err(self.classify(e, "AbortMultipartUpload", key)),
+                }
+            }
+            let _ = std::fs::remove_file(entry.path());
+        }
+        Ok(aborted)
     }
 
     async fn upload_parts(
@@ -336,6 +407,11 @@ impl S3Target {
             .map_err(|e| self.classify(e, "CompleteMultipartUpload", key))?;
         Ok(())
     }
+}
+
+/// Upload ids are opaque and may hold `/`; the journal's file names must not.
+fn journal_name(upload_id: &str) -> String {
+    upload_id.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 async fn file_body(

@@ -1,0 +1,629 @@
+//! `nixpush daemon`: drains the durable queue into the cache, in the background.
+//!
+//! - One daemon per state directory (an exclusive lock on `daemon.lock`).
+//! - On start: in-flight items left by a crash are queued again, leftover spool files are removed,
+//!   and multipart uploads a crash left behind are aborted (from the journal in `multipart/`).
+//! - The hook's socket: each request is committed to the queue before it is acknowledged.
+//! - The worker claims due items in batches, resolves derivations to outputs, pushes the closures
+//!   (see `nixpush_cache::Cache::push`), and completes every claimed item: done, gone (no longer in
+//!   the store), queued again after a backoff, or failed (permanent error, or retrying too long).
+//! - SIGTERM/SIGINT: stop accepting, finish the batch in hand, exit 0. The hook meanwhile writes the
+//!   queue directly, so nothing built while the daemon is down is missed.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nixpush_cache::{Cache, CacheError, Event, NarSource, PushOptions, StoreUrl};
+use nixpush_format::{SecretKey, StorePath};
+use nixpush_queue::{Claimed, Decision, Kind, Outcome, Queue, RetryPolicy};
+use nixpush_store::{Store, StoreAddress, StoreError};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Notify, watch};
+
+use crate::config::{self, Config};
+use crate::ipc::{MAX_REQUEST, Reply, Request, WireKind};
+use crate::push::{DEFAULT_JOBS, StoreSource, load_keys};
+
+/// Items claimed at once: one closure computation and one push for all of them.
+const BATCH: usize = 1000;
+/// Hooks that cannot reach the daemon write the queue directly; look for such work this often.
+const POLL: Duration = Duration::from_secs(1);
+
+/// Upload queued builds in the background (what nixpush-hook feeds)
+#[derive(clap::Args)]
+pub struct Args {
+    /// Binary cache URL (overrides `to` in the config file)
+    #[arg(long, value_name = "STORE_URL")]
+    to: Option<String>,
+    /// Sign with this secret key (repeatable; adds to the config's secret-key-files)
+    #[arg(long = "secret-key-file", value_name = "FILE")]
+    secret_key_files: Vec<PathBuf>,
+    /// Queue and lock directory (overrides `state-dir`)
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Socket the hook talks to (overrides `socket`)
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Paths prepared and uploaded at once (overrides `jobs`)
+    #[arg(long, short = 'j', value_name = "N")]
+    jobs: Option<usize>,
+    /// The local store: `daemon`, `unix://SOCKET`, `local` or `auto` [default: $NIX_REMOTE, else auto]
+    #[arg(long, value_name = "STORE")]
+    store: Option<String>,
+    /// Print the commented example configuration and exit
+    #[arg(long)]
+    print_config_example: bool,
+}
+
+struct Settings {
+    url: StoreUrl,
+    keys: Vec<SecretKey>,
+    state_dir: PathBuf,
+    socket: PathBuf,
+    socket_group: Option<String>,
+    jobs: usize,
+    skip_signed_by: Vec<String>,
+    retry: RetryPolicy,
+    store: Option<String>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.print_config_example {
+        print!("{}", config::EXAMPLE);
+        return Ok(());
+    }
+    let cfg = Config::load()?;
+    let to = args.to.or(cfg.to.clone()).context(
+        "no cache to upload to: set `to` in the config file (NIXPUSH_CONFIG, default /etc/nixpush/nixpush.toml) or pass --to",
+    )?;
+    let url: StoreUrl = to.parse()?;
+    let mut key_files = cfg.secret_key_files.clone();
+    key_files.extend(url.secret_key_files.iter().cloned());
+    key_files.extend(args.secret_key_files);
+    let settings = Settings {
+        keys: load_keys(&key_files)?,
+        url,
+        state_dir: args.state_dir.unwrap_or_else(|| cfg.state_dir()),
+        socket: args.socket.unwrap_or_else(|| cfg.socket()),
+        socket_group: cfg.socket_group.clone(),
+        jobs: args.jobs.or(cfg.jobs).unwrap_or(DEFAULT_JOBS).max(1),
+        skip_signed_by: cfg.skip_signed_by.clone(),
+        retry: cfg.retry_policy(),
+        store: args.store,
+    };
+    fs::create_dir_all(&settings.state_dir).with_context(|| {
+        format!(
+            "cannot create state directory {}",
+            settings.state_dir.display()
+        )
+    })?;
+    let _lock = lock(&settings.state_dir)?;
+    let mut queue = Queue::open(&settings.state_dir)?;
+    let recovered = queue.recover()?;
+    let spool = settings.state_dir.join("spool");
+    // Spool files of a killed daemon; their paths are queued again and will be spooled anew.
+    let _ = fs::remove_dir_all(&spool);
+    fs::create_dir_all(&spool).with_context(|| format!("cannot create {}", spool.display()))?;
+    tracing::info!(
+        state_dir = %settings.state_dir.display(),
+        cache = %settings.url.display_base(),
+        recovered,
+        "nixpush daemon starting"
+    );
+    if settings.keys.is_empty() {
+        tracing::warn!(
+            "no signing key: paths are published with only the signatures the store already has"
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(settings, queue))
+}
+
+/// Holds the state directory's lock for the daemon's lifetime.
+fn lock(state_dir: &Path) -> Result<File> {
+    let path = state_dir.join("daemon.lock");
+    let f = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another nixpush daemon is running for {} (lock {} is held)",
+            state_dir.display(),
+            path.display()
+        );
+    }
+    Ok(f)
+}
+
+fn bind(socket: &Path, group: Option<&str>) -> Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            bail!("something is already listening on {}", socket.display());
+        }
+        fs::remove_file(socket)
+            .with_context(|| format!("cannot remove stale socket {}", socket.display()))?;
+    }
+    // Created owner-only from the start: no moment where another user could connect.
+    // SAFETY: umask only swaps the process's file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(socket);
+    unsafe { libc::umask(old) };
+    let listener = listener.with_context(|| format!("cannot listen on {}", socket.display()))?;
+    if let Some(group) = group {
+        let name = std::ffi::CString::new(group).context("bad socket-group")?;
+        // SAFETY: getgrnam reads a NUL-terminated string and returns a pointer into static storage,
+        // read at once.
+        let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+        if gr.is_null() {
+            bail!("socket-group `{group}` does not exist");
+        }
+        let gid = unsafe { (*gr).gr_gid };
+        std::os::unix::fs::chown(socket, None, Some(gid))
+            .with_context(|| format!("cannot give {} to group {group}", socket.display()))?;
+        fs::set_permissions(socket, fs::Permissions::from_mode(0o660))?;
+    }
+    Ok(listener)
+}
+
+async fn serve(settings: Settings, worker_queue: Queue) -> Result<()> {
+    let listener = bind(&settings.socket, settings.socket_group.as_deref())?;
+    let intake = Arc::new(Mutex::new(Queue::open(&settings.state_dir)?));
+    let work = Arc::new(Notify::new());
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(t), Ok(i)) => (t, i),
+            _ => return,
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("stopping: finishing the work in hand");
+        let _ = stop_tx.send(true);
+    });
+    let acceptor = {
+        let (work, mut stop) = (work.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((conn, _)) => {
+                            let (intake, work) = (intake.clone(), work.clone());
+                            tokio::spawn(async move { handle_hook(conn, intake, work).await });
+                        }
+                        Err(e) => tracing::warn!(error = %e, "accept failed"),
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    };
+    let mut worker = Worker {
+        settings,
+        queue: Arc::new(Mutex::new(worker_queue)),
+        store: None,
+        cache: None,
+    };
+    worker.run(work, stop).await;
+    let _ = acceptor.await;
+    let _ = fs::remove_file(&worker.settings.socket);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// One hook request: read, validate, commit, then acknowledge.
+async fn handle_hook(conn: UnixStream, intake: Arc<Mutex<Queue>>, work: Arc<Notify>) {
+    let (read, mut write) = conn.into_split();
+    let mut line = String::new();
+    let reply = match BufReader::new(read.take(MAX_REQUEST as u64))
+        .read_line(&mut line)
+        .await
+    {
+        Err(e) => Reply::Error {
+            error: format!("reading the request: {e}"),
+        },
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Err(e) => Reply::Error {
+                error: format!("bad request: {e}"),
+            },
+            Ok(req) => {
+                // The hook validated these already; the socket is still an input, so check again.
+                let items: Vec<_> = req
+                    .items
+                    .iter()
+                    .filter(|i| {
+                        i.name
+                            .parse::<StorePath>()
+                            .is_ok_and(|p| i.kind == WireKind::Path || p.is_derivation())
+                    })
+                    .map(|i| i.to_item())
+                    .collect();
+                let committed = tokio::task::spawn_blocking(move || {
+                    intake
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .enqueue(&items)
+                })
+                .await;
+                match committed {
+                    Ok(Ok(n)) => {
+                        work.notify_one();
+                        Reply::Queued { queued: n }
+                    }
+                    Ok(Err(e)) => Reply::Error {
+                        error: e.to_string(),
+                    },
+                    Err(e) => Reply::Error {
+                        error: e.to_string(),
+                    },
+                }
+            }
+        },
+    };
+    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+    out.push(b'\n');
+    let _ = write.write_all(&out).await;
+}
+
+struct Worker {
+    settings: Settings,
+    queue: Arc<Mutex<Queue>>,
+    store: Option<Arc<Store>>,
+    cache: Option<Arc<Cache>>,
+}
+
+/// Why an attempt on an item failed, as the retry decision needs it.
+#[derive(Clone)]
+struct Failure {
+    message: String,
+    permanent: bool,
+    retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn transient(message: String) -> Self {
+        Failure {
+            message,
+            permanent: false,
+            retry_after: None,
+        }
+    }
+}
+
+impl Worker {
+    async fn with_queue<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Queue) -> Result<T, nixpush_queue::QueueError> + Send + 'static,
+    ) -> Result<T> {
+        let q = self.queue.clone();
+        Ok(
+            tokio::task::spawn_blocking(move || {
+                f(&mut q.lock().unwrap_or_else(|e| e.into_inner()))
+            })
+            .await??,
+        )
+    }
+
+    async fn run(&mut self, work: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let claimed = match self
+                .with_queue(|q| q.claim(nixpush_queue::now_ms(), BATCH))
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "cannot read the queue");
+                    Vec::new()
+                }
+            };
+            if claimed.is_empty() {
+                let next = self.with_queue(|q| q.next_due()).await.ok().flatten();
+                let wait = next.map_or(POLL, |t| {
+                    Duration::from_millis((t - nixpush_queue::now_ms()).max(0) as u64).min(POLL)
+                });
+                tokio::select! {
+                    _ = work.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            let outcomes = self.attempt(&claimed).await;
+            let done = self
+                .with_queue(move |q| {
+                    for (c, o) in claimed.iter().zip(&outcomes) {
+                        q.complete(c, o)?;
+                    }
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = done {
+                tracing::error!(error = %format!("{e:#}"), "cannot record results; the items will be retried");
+            }
+        }
+    }
+
+    async fn store(&mut self) -> Result<Arc<Store>, String> {
+        if let Some(s) = &self.store {
+            return Ok(s.clone());
+        }
+        let address =
+            StoreAddress::resolve(self.settings.store.as_deref()).map_err(|e| e.to_string())?;
+        let store = tokio::task::spawn_blocking(move || Store::open(address))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot open the Nix store: {e}"))?;
+        let store = Arc::new(store);
+        self.store = Some(store.clone());
+        Ok(store)
+    }
+
+    async fn cache(&mut self) -> Result<Arc<Cache>, CacheError> {
+        if let Some(c) = &self.cache {
+            return Ok(c.clone());
+        }
+        let journal = self.settings.state_dir.join("multipart");
+        let cache =
+            Arc::new(Cache::open_with_journal(self.settings.url.clone(), Some(&journal)).await?);
+        match cache.abort_stale_uploads().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                aborted = n,
+                "aborted multipart uploads left by an earlier run"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot abort earlier multipart uploads"),
+        }
+        self.cache = Some(cache.clone());
+        Ok(cache)
+    }
+
+    /// One attempt at a batch; returns an outcome for every claimed item, in order.
+    async fn attempt(&mut self, claimed: &[Claimed]) -> Vec<Outcome> {
+        let started = Instant::now();
+        let store = match self.store().await {
+            Ok(s) => s,
+            Err(e) => return self.all_retry(claimed, Failure::transient(e)),
+        };
+        // Resolve each item to the paths it stands for; gone ones end here.
+        let items: Vec<(String, Kind)> = claimed
+            .iter()
+            .map(|c| (c.item.name.clone(), c.item.kind))
+            .collect();
+        let resolve_store = store.clone();
+        let resolved = tokio::task::spawn_blocking(move || {
+            items
+                .iter()
+                .map(|(name, kind)| resolve(&resolve_store, name, *kind))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        if resolved.len() != claimed.len() {
+            return self.all_retry(claimed, Failure::transient("resolving paths failed".into()));
+        }
+        if resolved.iter().any(|r| {
+            matches!(
+                r,
+                Err(StoreError::Io(_) | StoreError::Connect { .. } | StoreError::Protocol(_))
+            )
+        }) {
+            // The connection to nix-daemon broke: open a new one next time.
+            self.store = None;
+        }
+        let mut roots: Vec<StorePath> = Vec::new();
+        for r in resolved.iter().flatten() {
+            roots.extend(r.iter().cloned());
+        }
+        roots.sort();
+        roots.dedup();
+        let closure = if roots.is_empty() {
+            Ok(Default::default())
+        } else {
+            let (store, roots, jobs) = (store.clone(), roots.clone(), self.settings.jobs);
+            tokio::task::spawn_blocking(move || store.closure(&roots, jobs))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Protocol(e.to_string())))
+        };
+        let closure = match closure {
+            Ok(c) => c,
+            Err(e) => {
+                self.store = None;
+                return self.finish(
+                    claimed,
+                    &resolved,
+                    &HashSet::new(),
+                    &HashMap::new(),
+                    Some(e.to_string()),
+                );
+            }
+        };
+        let (ok, failed) = if closure.is_empty() {
+            (HashSet::new(), HashMap::new())
+        } else {
+            let cache = match self.cache().await {
+                Ok(c) => c,
+                Err(e) => {
+                    let f = failure_of(&e);
+                    tracing::warn!(error = %f.message, "cannot open the cache; will retry");
+                    return self.finish(
+                        claimed,
+                        &resolved,
+                        &HashSet::new(),
+                        &HashMap::new(),
+                        Some(f.message),
+                    );
+                }
+            };
+            let opts = PushOptions {
+                jobs: self.settings.jobs,
+                keys: self.settings.keys.clone(),
+                skip_signed_by: self.settings.skip_signed_by.clone(),
+                spool_dir: self.settings.state_dir.join("spool"),
+            };
+            let source: Arc<dyn NarSource> = Arc::new(StoreSource(store));
+            let summary = cache
+                .push(closure.into_values().collect(), source, &opts, &log_event)
+                .await;
+            let ok: HashSet<StorePath> = summary
+                .uploaded
+                .iter()
+                .chain(&summary.present)
+                .chain(&summary.skipped)
+                .cloned()
+                .collect();
+            let failed: HashMap<StorePath, CacheError> = summary.failed.into_iter().collect();
+            (ok, failed)
+        };
+        tracing::debug!(items = claimed.len(), elapsed = ?started.elapsed(), "batch done");
+        self.finish(claimed, &resolved, &ok, &failed, None)
+    }
+
+    fn finish(
+        &self,
+        claimed: &[Claimed],
+        resolved: &[Result<Vec<StorePath>, StoreError>],
+        ok: &HashSet<StorePath>,
+        failed: &HashMap<StorePath, CacheError>,
+        batch_error: Option<String>,
+    ) -> Vec<Outcome> {
+        claimed
+            .iter()
+            .zip(resolved)
+            .map(|(c, r)| match r {
+                Err(e @ (StoreError::NotValid(_) | StoreError::OutputNotBuilt { .. })) => {
+                    tracing::info!(item = %c.item.name, "gone from the store; nothing to upload");
+                    Outcome::Gone(e.to_string())
+                }
+                Err(e) => self.retry(c, Failure::transient(e.to_string())),
+                Ok(roots) => {
+                    if let Some(e) = &batch_error {
+                        return self.retry(c, Failure::transient(e.clone()));
+                    }
+                    match roots.iter().find(|p| !ok.contains(p)) {
+                        None => Outcome::Done,
+                        Some(p) => match failed.get(p) {
+                            Some(_) => self.retry(c, root_cause(p, failed)),
+                            None => {
+                                self.retry(c, Failure::transient(format!("{p} was not published")))
+                            }
+                        },
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn all_retry(&self, claimed: &[Claimed], f: Failure) -> Vec<Outcome> {
+        tracing::warn!(error = %f.message, "batch failed; will retry");
+        claimed.iter().map(|c| self.retry(c, f.clone())).collect()
+    }
+
+    fn retry(&self, c: &Claimed, f: Failure) -> Outcome {
+        if f.permanent {
+            return Outcome::Failed(f.message);
+        }
+        let now = nixpush_queue::now_ms();
+        let since = Duration::from_millis((now - c.first_failure_at.unwrap_or(now)).max(0) as u64);
+        let unit = getrandom::u64().map_or(0.5, |r| (r >> 11) as f64 / (1u64 << 53) as f64);
+        match self
+            .settings
+            .retry
+            .decide(c.attempts + 1, since, f.retry_after, unit)
+        {
+            Decision::RetryIn(ms) => Outcome::RetryAt {
+                at: now + ms as i64,
+                error: f.message,
+            },
+            Decision::GiveUp => Outcome::Failed(format!(
+                "gave up after {} attempts over {}: {}",
+                c.attempts + 1,
+                crate::status::human_duration(since),
+                f.message
+            )),
+        }
+    }
+}
+
+fn resolve(store: &Store, name: &str, kind: Kind) -> Result<Vec<StorePath>, StoreError> {
+    let path: StorePath = name
+        .parse()
+        .map_err(|e| StoreError::Protocol(format!("queued item {name:?}: {e}")))?;
+    match kind {
+        Kind::Path => store.path_info(&path).map(|_| vec![path]),
+        Kind::Derivation => store.derivation_outputs(&path),
+    }
+}
+
+fn failure_of(e: &CacheError) -> Failure {
+    Failure {
+        message: e.to_string(),
+        // A corrupt store path stays corrupt; everything else (network, server, credentials being
+        // fixed, a reference that failed for such a reason) may pass.
+        permanent: matches!(e, CacheError::NarMismatch { .. }),
+        retry_after: match e {
+            CacheError::Throttled { retry_after, .. } => retry_after.map(Duration::from_secs),
+            _ => None,
+        },
+    }
+}
+
+/// Follows "its reference … could not be published" to the path that actually failed.
+fn root_cause(path: &StorePath, failed: &HashMap<StorePath, CacheError>) -> Failure {
+    let mut cur = path;
+    for _ in 0..failed.len() + 1 {
+        match failed.get(cur) {
+            Some(CacheError::ReferenceFailed { reference, .. })
+                if failed.contains_key(reference) =>
+            {
+                cur = reference
+            }
+            Some(e) if cur == path => return failure_of(e),
+            Some(e) => {
+                let mut f = failure_of(e);
+                f.message = format!("its dependency {cur} failed: {}", f.message);
+                return f;
+            }
+            None => break,
+        }
+    }
+    Failure::transient(format!("{path} was not published"))
+}
+
+fn log_event(e: Event) {
+    match e {
+        Event::Uploaded {
+            path,
+            nar_size,
+            file_size,
+            ..
+        } => {
+            tracing::info!(%path, nar_size, file_size, "uploaded")
+        }
+        Event::Failed { path, error } => tracing::warn!(%path, %error, "not published"),
+        Event::Planned {
+            upload,
+            present,
+            skipped,
+            nar_bytes,
+        } => {
+            tracing::info!(upload, present, skipped, nar_bytes, "pushing")
+        }
+        Event::AlreadyPresent { .. } | Event::Skipped { .. } => {}
+    }
+}

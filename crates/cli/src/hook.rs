@@ -1,0 +1,253 @@
+//! `nixpush-hook`: what `post-build-hook` runs.
+//!
+//! It must never hurt the build: it always exits 0, returns in milliseconds, and before it returns
+//! the paths are durably recorded, either acknowledged by the daemon (after its commit) or written
+//! to the queue database by the hook itself. Nix runs it with no arguments and passes `OUT_PATHS`
+//! (space-separated; empty in Nix 2.8, unset in 2.30–2.31 rebuilds) and `DRV_PATH`. Whatever it
+//! prints becomes one `post-build-hook:` line in the build log.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use nixpush_format::StorePath;
+
+use crate::config::Config;
+use crate::ipc::{Reply, Request, WireItem, WireKind};
+
+/// How long to wait for the daemon before writing the queue directly.
+const DAEMON_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the environment asks to record.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HookInput {
+    pub items: Vec<(String, WireKind)>,
+    /// (what was given, why it was refused)
+    pub invalid: Vec<(String, String)>,
+}
+
+/// Reads `OUT_PATHS` and `DRV_PATH` strictly. `OUT_PATHS` is split on whitespace and never globbed
+/// (store path names may contain `?` and `=`). With no valid output path, the derivation is recorded
+/// instead, for the daemon to resolve its outputs.
+pub fn parse_input(out_paths: Option<&OsStr>, drv_path: Option<&OsStr>) -> HookInput {
+    let mut input = HookInput::default();
+    for raw in out_paths
+        .map(OsStr::as_bytes)
+        .unwrap_or_default()
+        .split(|b| b.is_ascii_whitespace())
+    {
+        if raw.is_empty() {
+            continue;
+        }
+        let shown = String::from_utf8_lossy(raw).into_owned();
+        match std::str::from_utf8(raw) {
+            Err(_) => input.invalid.push((shown, "not UTF-8".into())),
+            Ok(s) => match s.parse::<StorePath>() {
+                Ok(p) => {
+                    let p = p.to_string();
+                    if !input.items.iter().any(|(q, _)| *q == p) {
+                        input.items.push((p, WireKind::Path));
+                    }
+                }
+                Err(e) => input.invalid.push((shown, e.to_string())),
+            },
+        }
+    }
+    if input.items.is_empty() {
+        if let Some(drv) = drv_path.filter(|d| !d.is_empty()) {
+            let shown = String::from_utf8_lossy(drv.as_bytes()).into_owned();
+            match std::str::from_utf8(drv.as_bytes())
+                .ok()
+                .map(str::parse::<StorePath>)
+            {
+                Some(Ok(p)) if p.is_derivation() => {
+                    input.items.push((p.to_string(), WireKind::Drv))
+                }
+                Some(Ok(_)) => input.invalid.push((shown, "DRV_PATH is not a .drv".into())),
+                Some(Err(e)) => input.invalid.push((shown, e.to_string())),
+                None => input.invalid.push((shown, "not UTF-8".into())),
+            }
+        }
+    }
+    input
+}
+
+pub fn main() -> ExitCode {
+    // Whatever happens, the build goes on: report, and exit 0.
+    let line = std::panic::catch_unwind(|| {
+        run(std::env::var_os("OUT_PATHS"), std::env::var_os("DRV_PATH"))
+    })
+    .unwrap_or_else(|_| "nixpush-hook: ERROR: internal error; nothing recorded".to_owned());
+    println!("{line}");
+    ExitCode::SUCCESS
+}
+
+fn run(out_paths: Option<OsString>, drv_path: Option<OsString>) -> String {
+    let input = parse_input(out_paths.as_deref(), drv_path.as_deref());
+    let mut problems = String::new();
+    if !input.invalid.is_empty() {
+        let shown: Vec<String> = input
+            .invalid
+            .iter()
+            .take(3)
+            .map(|(p, why)| format!("{p:?} ({why})"))
+            .collect();
+        let more = input.invalid.len().saturating_sub(3);
+        problems = format!(
+            "; ignored {} invalid: {}{}",
+            input.invalid.len(),
+            shown.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
+    if input.items.is_empty() {
+        return format!("nixpush-hook: nothing to queue (no OUT_PATHS or DRV_PATH){problems}");
+    }
+    let what = describe(&input.items);
+    let config = match Config::load() {
+        Ok(c) => c,
+        Err(e) => {
+            // A broken config must not lose the build: record with the default locations.
+            problems.push_str(&format!("; config ignored: {e:#}"));
+            Config::default()
+        }
+    };
+    let items: Vec<WireItem> = input
+        .items
+        .iter()
+        .map(|(name, kind)| WireItem {
+            name: name.clone(),
+            kind: *kind,
+        })
+        .collect();
+    let daemon_error = match send_to_daemon(&config, &items) {
+        Ok(_) => return format!("nixpush-hook: queued {what} (daemon){problems}"),
+        Err(e) => e,
+    };
+    let queue_items: Vec<_> = items.iter().map(WireItem::to_item).collect();
+    let direct =
+        nixpush_queue::Queue::open(&config.state_dir()).and_then(|mut q| q.enqueue(&queue_items));
+    match direct {
+        Ok(_) => format!(
+            "nixpush-hook: queued {what} (daemon not reachable: {daemon_error}; wrote the queue directly){problems}"
+        ),
+        Err(e) => format!(
+            "nixpush-hook: ERROR: could not record {what}: daemon not reachable ({daemon_error}) and {e}; \
+             they will not be uploaded unless pushed by hand (nixpush push){problems}"
+        ),
+    }
+}
+
+fn describe(items: &[(String, WireKind)]) -> String {
+    match items {
+        [(drv, WireKind::Drv)] => format!("the outputs of {drv} (no OUT_PATHS from Nix)"),
+        [(p, _)] => p.clone(),
+        _ => format!("{} paths", items.len()),
+    }
+}
+
+fn send_to_daemon(config: &Config, items: &[WireItem]) -> Result<usize, String> {
+    let socket = config.socket();
+    let stream = UnixStream::connect(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    stream
+        .set_read_timeout(Some(DAEMON_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(DAEMON_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut line = serde_json::to_vec(&Request {
+        items: items
+            .iter()
+            .map(|i| WireItem {
+                name: i.name.clone(),
+                kind: i.kind,
+            })
+            .collect(),
+    })
+    .map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    (&stream)
+        .write_all(&line)
+        .map_err(|e| format!("sending: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(|e| format!("waiting for the daemon: {e}"))?;
+    match serde_json::from_str::<Reply>(&reply) {
+        Ok(Reply::Queued { queued }) => Ok(queued),
+        Ok(Reply::Error { error }) => Err(format!("daemon refused: {error}")),
+        Err(_) if reply.is_empty() => Err("the daemon closed the connection".into()),
+        Err(e) => Err(format!("bad reply from the daemon: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const P1: &str = "/nix/store/hcz0rpyq8sljlg33vz0pl29n35k4d2w3-a?b=c";
+    const P2: &str = "/nix/store/kwj9jj9i45ga5fz99lvqz4bz4jvasjqg-out";
+    const DRV: &str = "/nix/store/kwj9jj9i45ga5fz99lvqz4bz4jvasjqg-x.drv";
+
+    fn os(s: &str) -> OsString {
+        OsString::from(s)
+    }
+
+    #[test]
+    fn output_paths_are_split_validated_and_never_globbed() {
+        let i = parse_input(
+            Some(&os(&format!("{P1}  {P2} /tmp/x {P1} /nix/store/*"))),
+            Some(&os(DRV)),
+        );
+        assert_eq!(
+            i.items,
+            vec![
+                (P1.to_owned(), WireKind::Path),
+                (P2.to_owned(), WireKind::Path)
+            ]
+        );
+        assert_eq!(i.invalid.len(), 2);
+        assert!(i.invalid[1].0 == "/nix/store/*");
+    }
+
+    #[test]
+    fn empty_or_missing_out_paths_fall_back_to_the_derivation() {
+        for out in [None, Some(os("")), Some(os("   ")), Some(os("garbage"))] {
+            let i = parse_input(out.as_deref(), Some(&os(DRV)));
+            assert_eq!(i.items, vec![(DRV.to_owned(), WireKind::Drv)], "{out:?}");
+        }
+        let i = parse_input(None, Some(&os(P2)));
+        assert!(i.items.is_empty() && i.invalid[0].1.contains(".drv"));
+        assert_eq!(parse_input(None, None), HookInput::default());
+    }
+
+    #[test]
+    fn non_utf8_bytes_are_reported_not_fatal() {
+        use std::os::unix::ffi::OsStringExt;
+        let mut bytes = format!("{P2} ").into_bytes();
+        bytes.extend_from_slice(b"/nix/store/\xff\xfe");
+        let i = parse_input(Some(&OsString::from_vec(bytes)), None);
+        assert_eq!(i.items.len(), 1);
+        assert_eq!(i.invalid[0].1, "not UTF-8");
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_are_handled(out in proptest::collection::vec(any::<u8>(), 0..300), drv in proptest::collection::vec(any::<u8>(), 0..80)) {
+            use std::os::unix::ffi::OsStringExt;
+            let i = parse_input(Some(&OsString::from_vec(out)), Some(&OsString::from_vec(drv)));
+            for (p, kind) in &i.items {
+                let sp: StorePath = p.parse().unwrap();
+                prop_assert!(*kind == WireKind::Path || sp.is_derivation());
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! `nixpush status` and `nixpush retry`: the queue, read and mended without the daemon.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nixpush_queue::{Queue, State};
+use serde_json::json;
+
+use crate::config::Config;
+
+/// Show what is queued, in flight, failed (and why) and done
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// Queue directory (overrides `state-dir`)
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Print JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+/// Queue failed items again
+#[derive(clap::Args)]
+pub struct RetryArgs {
+    /// Queue directory (overrides `state-dir`)
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Every failed item
+    #[arg(long, conflicts_with = "paths")]
+    all: bool,
+    /// The failed items to retry (store paths or .drv paths, as `status` shows them)
+    #[arg(value_name = "PATH", required_unless_present = "all")]
+    paths: Vec<String>,
+}
+
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+fn open(state_dir: Option<PathBuf>) -> Result<Queue> {
+    let dir = match state_dir {
+        Some(d) => d,
+        None => Config::load()?.state_dir(),
+    };
+    if !dir.join("queue.sqlite").exists() {
+        bail!(
+            "no queue in {} (has nixpush-hook or the daemon run with this state directory?)",
+            dir.display()
+        );
+    }
+    Queue::open(&dir).with_context(|| format!("cannot open the queue in {}", dir.display()))
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    let q = open(args.state_dir)?;
+    let s = q.status(10)?;
+    let now = nixpush_queue::now_ms();
+    let age = s
+        .oldest_pending
+        .map(|t| Duration::from_millis((now - t).max(0) as u64));
+    if args.json {
+        let counts: serde_json::Map<String, serde_json::Value> = s
+            .counts
+            .iter()
+            .map(|(st, n)| (st.as_str().to_owned(), json!(n)))
+            .collect();
+        let errors: Vec<_> = s
+            .recent_errors
+            .iter()
+            .map(|(item, st, attempts, err, at)| {
+                json!({"item": item, "state": st.as_str(), "attempts": attempts, "error": err, "at_ms": at})
+            })
+            .collect();
+        let report = json!({
+            "queue": q.path(),
+            "counts": counts,
+            "oldest_pending_seconds": age.map(|a| a.as_secs()),
+            "recent_errors": errors,
+        });
+        println!("{report}");
+        return Ok(());
+    }
+    println!("queue: {}", q.path().display());
+    let counts: Vec<String> = s
+        .counts
+        .iter()
+        .map(|(st, n)| format!("{} {n}", st.as_str().replace('_', " ")))
+        .collect();
+    println!("  {}", counts.join(", "));
+    match age {
+        Some(a) => println!("  oldest pending: {} ago", human_duration(a)),
+        None => println!("  nothing pending"),
+    }
+    if !s.recent_errors.is_empty() {
+        println!("recent errors:");
+        for (item, st, attempts, err, _) in &s.recent_errors {
+            let what = match st {
+                State::Failed => format!("failed after {attempts} attempts"),
+                State::Gone => "gone".to_owned(),
+                _ => format!("retrying ({attempts} attempts so far)"),
+            };
+            println!("  {item}: {what}: {err}");
+        }
+    }
+    Ok(())
+}
+
+pub fn retry(args: RetryArgs) -> Result<()> {
+    let mut q = open(args.state_dir)?;
+    let names = (!args.all).then_some(args.paths.as_slice());
+    let n = q.retry_failed(names)?;
+    println!("{n} failed items queued again");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_read_well() {
+        use std::time::Duration;
+        assert_eq!(super::human_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(super::human_duration(Duration::from_secs(312)), "5m 12s");
+        assert_eq!(super::human_duration(Duration::from_secs(90061)), "1d 1h");
+    }
+}
