@@ -34,6 +34,7 @@ pub struct HookInput {
 /// instead, for the daemon to resolve its outputs.
 pub fn parse_input(out_paths: Option<&OsStr>, drv_path: Option<&OsStr>) -> HookInput {
     let mut input = HookInput::default();
+    let mut seen = std::collections::HashSet::new();
     for raw in out_paths
         .map(OsStr::as_bytes)
         .unwrap_or_default()
@@ -48,7 +49,7 @@ pub fn parse_input(out_paths: Option<&OsStr>, drv_path: Option<&OsStr>) -> HookI
             Ok(s) => match s.parse::<StorePath>() {
                 Ok(p) => {
                     let p = p.to_string();
-                    if !input.items.iter().any(|(q, _)| *q == p) {
+                    if seen.insert(p.clone()) {
                         input.items.push((p, WireKind::Path));
                     }
                 }
@@ -237,6 +238,16 @@ mod tests {
         let i = parse_input(Some(&OsString::from_vec(bytes)), None);
         assert_eq!(i.items.len(), 1);
         assert_eq!(i.invalid[0].1, "not UTF-8");
+    }
+
+    #[test]
+    fn ten_thousand_paths_parse() {
+        let paths: Vec<String> = (0..10_000)
+            .map(|i| format!("/nix/store/{:0>32}-p{i}", i % 10))
+            .collect();
+        let i = parse_input(Some(&os(&paths.join(" "))), None);
+        assert_eq!(i.items.len(), 10_000);
+        assert!(i.invalid.is_empty());
     }
 
     proptest! {

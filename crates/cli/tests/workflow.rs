@@ -1,0 +1,598 @@
+//! The post-build-hook workflow end to end: a real nix-daemon whose `post-build-hook` is
+//! nixpush-hook, a real `nixpush daemon` process, and s3s-fs checking SigV4.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nixpush_format::{NarInfo, StorePath};
+use nixpush_queue::{Queue, State};
+use nixpush_testbed::{DaemonOptions, NixDaemon, S3Server, derivation};
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+struct Flow {
+    s3: S3Server,
+    nix: NixDaemon,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    state: PathBuf,
+    socket: PathBuf,
+    public: String,
+    daemon: Option<Child>,
+    daemon_log: PathBuf,
+}
+
+fn hook_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_nixpush-hook"))
+}
+
+/// Polls `cond` until it holds (the daemon announces nothing we could wait on), or panics with `what`.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+impl Flow {
+    fn new(url_params: &str) -> Flow {
+        Self::with_hook(url_params, true)
+    }
+
+    fn with_hook(url_params: &str, hook: bool) -> Flow {
+        let dir = tempfile::tempdir().unwrap();
+        let s3 = S3Server::start();
+        let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
+        let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+            .args(["keygen", "flow-1"])
+            .args([&sk, &pk])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let state = dir.path().join("state");
+        let socket = dir.path().join("hook.sock");
+        let config = dir.path().join("nixpush.toml");
+        fs::write(
+            &config,
+            format!(
+                "to = \"{}\"\nsecret-key-files = [\"{}\"]\nstate-dir = \"{}\"\nsocket = \"{}\"\n\
+                 retry-base-delay = 0.05\nretry-max-delay = 0.5\n",
+                s3.store_url(url_params),
+                sk.display(),
+                state.display(),
+                socket.display()
+            ),
+        )
+        .unwrap();
+        let nix = NixDaemon::start_with(DaemonOptions {
+            post_build_hook: hook.then(hook_bin),
+            env: vec![("NIXPUSH_CONFIG".into(), config.display().to_string())],
+            ..Default::default()
+        });
+        Flow {
+            public: fs::read_to_string(&pk).unwrap(),
+            daemon_log: dir.path().join("daemon.log"),
+            s3,
+            nix,
+            dir,
+            config,
+            state,
+            socket,
+            daemon: None,
+        }
+    }
+
+    fn nixpush(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_nixpush"));
+        c.env("NIXPUSH_CONFIG", &self.config)
+            .envs(self.s3.credentials_env());
+        c
+    }
+
+    fn start_daemon(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.daemon_log)
+            .unwrap();
+        let mut child = self
+            .nixpush()
+            .args(["daemon", "--store", &self.nix.store_url()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let socket = self.socket.clone();
+        wait_for("the daemon's socket", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("daemon exited ({status}): {}", self.log());
+            }
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        self.daemon = Some(child);
+    }
+
+    fn signal_daemon(&mut self, sig: i32) -> std::process::ExitStatus {
+        let mut child = self.daemon.take().expect("daemon running");
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        child.wait().unwrap()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.daemon_log).unwrap_or_default()
+    }
+
+    /// Builds `expr` through the daemon (so the hook runs); returns outputs and nix-build's stderr.
+    fn build(&self, expr: &str) -> (Vec<String>, String) {
+        let o = self
+            .nix
+            .cmd("nix-build")
+            .args(["--no-out-link", "-E", expr])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "build failed: {err}");
+        (
+            String::from_utf8(o.stdout)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect(),
+            err,
+        )
+    }
+
+    fn closure(&self, roots: &[String]) -> Vec<String> {
+        let mut args = vec!["--query", "--requisites"];
+        args.extend(roots.iter().map(String::as_str));
+        self.nix
+            .run("nix-store", &args)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn published(&self, path: &str) -> bool {
+        let h = path.parse::<StorePath>().unwrap().hash_part().to_owned();
+        self.s3.object(&format!("{h}.narinfo")).is_file()
+    }
+
+    fn wait_published(&self, paths: &[String]) {
+        let start = Instant::now();
+        while !paths.iter().all(|p| self.published(p)) {
+            if start.elapsed() > DEADLINE {
+                let status = self.nixpush().args(["status"]).output().unwrap();
+                panic!(
+                    "not all published: {:?}\nstatus: {}\ndaemon log:\n{}",
+                    paths
+                        .iter()
+                        .filter(|p| !self.published(p))
+                        .collect::<Vec<_>>(),
+                    String::from_utf8_lossy(&status.stdout),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn substitute_back(&self, roots: &[String], closure: &[String]) {
+        let mut del = vec!["--delete"];
+        del.extend(closure.iter().map(String::as_str));
+        self.nix.run("nix-store", &del);
+        let o = self
+            .nix
+            .cmd("nix-store")
+            .arg("--realise")
+            .args(roots)
+            .args(["--option", "substituters", &self.s3.http_url])
+            .args(["--option", "trusted-public-keys", &self.public])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "substitution failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        for p in closure {
+            assert!(self.nix.is_valid(p), "{p} not substituted");
+        }
+    }
+
+    fn queue_items(&self) -> Vec<(String, State)> {
+        Queue::open(&self.state).unwrap().items().unwrap()
+    }
+
+    fn hook(&self, out_paths: Option<&std::ffi::OsStr>, drv: Option<&str>) -> Output {
+        let mut c = Command::new(hook_bin());
+        c.env("NIXPUSH_CONFIG", &self.config)
+            .env_remove("OUT_PATHS")
+            .env_remove("DRV_PATH");
+        if let Some(o) = out_paths {
+            c.env("OUT_PATHS", o);
+        }
+        if let Some(d) = drv {
+            c.env("DRV_PATH", d);
+        }
+        c.output().unwrap()
+    }
+}
+
+fn many(n: usize, tag: &str) -> String {
+    let drvs: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "({})",
+                derivation(&format!("{tag}-{i}"), "echo $name > $out")
+            )
+        })
+        .collect();
+    format!("[ {} ]", drvs.join(" "))
+}
+
+#[test]
+fn twenty_builds_with_the_daemon_running_are_published_and_substitutable() {
+    let mut f = Flow::new("");
+    f.start_daemon();
+    let (outs, log) = f.build(&many(20, "twenty"));
+    assert_eq!(outs.len(), 20);
+    // Nix 2.8 gives the hook an empty OUT_PATHS: every output comes from resolving DRV_PATH.
+    assert_eq!(
+        log.matches("nixpush-hook: queued the outputs of").count(),
+        20,
+        "{log}"
+    );
+    assert!(log.contains("(daemon)"), "{log}");
+    f.wait_published(&outs);
+    let closure = f.closure(&outs);
+    f.substitute_back(&outs, &closure);
+    // SIGTERM: a clean stop.
+    assert!(f.signal_daemon(libc::SIGTERM).success(), "{}", f.log());
+    assert!(!f.socket.exists());
+    assert!(f.queue_items().iter().all(|(_, s)| *s == State::Done));
+}
+
+#[test]
+fn builds_succeed_with_the_daemon_down_and_are_published_once_it_starts() {
+    let mut f = Flow::new("");
+    let (outs, log) = f.build(&many(5, "down"));
+    assert_eq!(log.matches("wrote the queue directly").count(), 5, "{log}");
+    assert_eq!(f.queue_items().len(), 5);
+    assert!(outs.iter().all(|p| !f.published(p)));
+    f.start_daemon();
+    f.wait_published(&outs);
+    assert!(f.signal_daemon(libc::SIGTERM).success());
+}
+
+#[test]
+fn an_endpoint_outage_delays_uploads_and_loses_nothing() {
+    let mut f = Flow::new("");
+    f.start_daemon();
+    f.s3.pause();
+    let (outs, _) = f.build(&many(4, "outage"));
+    // The daemon has tried and failed at least twice while the endpoint was down.
+    let q = f.state.clone();
+    wait_for("failed attempts to be recorded", || {
+        Queue::open(&q)
+            .unwrap()
+            .status(10)
+            .unwrap()
+            .recent_errors
+            .iter()
+            .any(|e| e.2 >= 2 && e.3.contains("cannot reach"))
+    });
+    assert!(outs.iter().all(|p| !f.published(p)));
+    f.s3.resume();
+    f.wait_published(&outs);
+    assert!(
+        f.queue_items().iter().all(|(_, s)| *s == State::Done),
+        "{:?}",
+        f.queue_items()
+    );
+}
+
+/// Every narinfo a reader can see has its NAR and its references' narinfos.
+fn check_bucket(root: &Path, violations: &mut BTreeSet<String>) {
+    for entry in fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".narinfo") {
+            continue;
+        }
+        // A file s3s-fs is still writing may not parse yet; it is judged once it does.
+        let Ok(info) = fs::read_to_string(entry.path())
+            .unwrap_or_default()
+            .parse::<NarInfo>()
+        else {
+            continue;
+        };
+        if !root.join(&info.url).is_file() {
+            violations.insert(format!("{name}: NAR {} missing", info.url));
+        }
+        for r in info.references.iter().filter(|r| **r != info.store_path) {
+            if !root.join(format!("{}.narinfo", r.hash_part())).is_file() {
+                violations.insert(format!("{name}: reference {r} missing"));
+            }
+        }
+    }
+}
+
+#[test]
+fn sigkill_during_a_large_upload_loses_nothing_and_never_publishes_early() {
+    let mut f = Flow::new(
+        "compression=none&multipart-upload=true&multipart-threshold=5242880&multipart-chunk-size=5242880",
+    );
+    f.start_daemon();
+    let expr = format!(
+        "let big = {}; in {}",
+        derivation(
+            "kill-big",
+            "mkdir $out && head -c 157286400 /dev/urandom > $out/blob"
+        ),
+        derivation("kill-top", "echo ${big} > $out").replace("\\${big}", "${big}")
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (root, stop) = (f.s3.root.join(&f.s3.bucket), stop.clone());
+        std::thread::spawn(move || {
+            let mut violations = BTreeSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                check_bucket(&root, &mut violations);
+            }
+            check_bucket(&root, &mut violations);
+            violations
+        })
+    };
+    let (outs, _) = f.build(&expr);
+    let journal = f.state.join("multipart");
+    wait_for("a multipart upload to be in progress", || {
+        fs::read_dir(&journal).is_ok_and(|mut d| d.next().is_some())
+    });
+    assert!(!f.signal_daemon(libc::SIGKILL).success());
+    assert!(
+        outs.iter().all(|p| !f.published(p)),
+        "published before the kill"
+    );
+    f.start_daemon();
+    f.wait_published(&f.closure(&outs));
+    stop.store(true, Ordering::Relaxed);
+    let violations = reader.join().unwrap();
+    assert!(
+        violations.is_empty(),
+        "a reader saw incomplete entries: {violations:?}"
+    );
+    assert!(
+        f.log()
+            .contains("aborted multipart uploads left by an earlier run"),
+        "{}",
+        f.log()
+    );
+    assert_eq!(
+        fs::read_dir(&journal).unwrap().count(),
+        0,
+        "journal not cleared"
+    );
+}
+
+#[test]
+fn unset_out_paths_are_resolved_from_drv_path() {
+    let mut f = Flow::with_hook("", false);
+    let (outs, _) = f.build(&derivation("unset-outs", "echo u > $out"));
+    let drv = f.nix.run("nix-store", &["--query", "--deriver", &outs[0]]);
+    let o = f.hook(None, Some(drv.trim()));
+    assert!(o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("queued the outputs of"),
+        "{o:?}"
+    );
+    assert_eq!(
+        f.queue_items(),
+        vec![(drv.trim().to_owned(), State::Queued)]
+    );
+    f.start_daemon();
+    f.wait_published(&outs);
+}
+
+#[test]
+fn bad_input_to_the_hook_never_fails_and_keeps_the_valid_paths() {
+    use std::os::unix::ffi::OsStringExt;
+    let f = Flow::with_hook("", false);
+    // Linux limits one environment string to 128 KiB (MAX_ARG_STRLEN), about 2,800 store paths, so
+    // 10,000 paths arrive as four hook runs of 2,500 (the parser alone takes 10,000 in a unit test).
+    let mut took = Vec::new();
+    for batch in 0..4 {
+        let valid: Vec<String> = (0..2500)
+            .map(|i| format!("/nix/store/{:0>32}-b{batch}-{i}", i % 10))
+            .collect();
+        let mut out =
+            b"garbage /tmp/outside /nix/store/hcz0rpyq8sljlg33vz0pl29n35k4d2w3-odd?name=ok \
+                        /nix/store/hcz0rpyq8sljlg33vz0pl29n35k4d2w3-star* name with spaces "
+                .to_vec();
+        out.extend_from_slice(b"/nix/store/hcz0rpyq8sljlg33vz0pl29n35k4d2w3-\xff\xfe ");
+        out.extend_from_slice(valid.join(" ").as_bytes());
+        let start = Instant::now();
+        let o = f.hook(Some(&std::ffi::OsString::from_vec(out)), Some("not a drv"));
+        took.push(start.elapsed());
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success());
+        assert_eq!(stdout.lines().count(), 1, "one line: {stdout}");
+        assert!(
+            stdout.contains("queued 2501 paths") && stdout.contains("ignored 7 invalid"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("\"garbage\" (") && stdout.contains("and 4 more"),
+            "{stdout}"
+        );
+    }
+    let items = f.queue_items();
+    assert_eq!(
+        items.len(),
+        10_001,
+        "10,000 distinct paths and the one with `?` and `=`"
+    );
+    assert!(items.iter().any(|(p, _)| p.ends_with("-odd?name=ok")));
+    eprintln!("4 hook runs of 2,501 paths took {took:?}");
+
+    // Garbage only, and nothing at all: exit 0, say so, record nothing.
+    for (out, drv) in [(Some("complete garbage"), None), (None, None)] {
+        let o = f.hook(out.map(std::ffi::OsStr::new), drv);
+        assert!(o.status.success());
+        assert!(String::from_utf8_lossy(&o.stdout).contains("nothing to queue"));
+    }
+    assert_eq!(f.queue_items().len(), 10_001);
+}
+
+#[test]
+fn a_hook_that_cannot_record_anything_still_exits_zero_and_says_why() {
+    let f = Flow::with_hook("", false);
+    // The state directory's place is a file: the queue cannot be created.
+    fs::write(&f.state, "not a directory").unwrap();
+    let o = f.hook(
+        Some(std::ffi::OsStr::new(
+            "/nix/store/hcz0rpyq8sljlg33vz0pl29n35k4d2w3-x",
+        )),
+        None,
+    );
+    assert!(o.status.success());
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("ERROR: could not record")
+            && stdout.contains(&f.state.display().to_string()),
+        "{stdout}"
+    );
+}
+
+fn sixty_four_hooks(f: &Flow) {
+    let children: Vec<(String, Child)> = (0..64)
+        .map(|i| {
+            let p = format!("/nix/store/{:0>32}-hook-{i}", i % 10);
+            let c = Command::new(hook_bin())
+                .env("NIXPUSH_CONFIG", &f.config)
+                .env("OUT_PATHS", &p)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            (p, c)
+        })
+        .collect();
+    for (p, c) in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{p}");
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("queued"),
+            "{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+}
+
+#[test]
+fn sixty_four_hooks_at_once_lose_nothing() {
+    let mut f = Flow::with_hook("", false);
+    // Daemon down: 64 processes write the queue database at once.
+    sixty_four_hooks(&f);
+    let names: BTreeSet<String> = f.queue_items().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names.len(), 64);
+    // Daemon up: 64 at once through the socket. The paths do not exist, so they end as gone.
+    f.start_daemon();
+    let q = f.state.clone();
+    wait_for("the first 64 to be settled", || {
+        Queue::open(&q)
+            .unwrap()
+            .items()
+            .unwrap()
+            .iter()
+            .all(|(_, s)| *s == State::Gone)
+    });
+    sixty_four_hooks(&f);
+    wait_for("all 128 to be settled", || {
+        let items = Queue::open(&q).unwrap().items().unwrap();
+        items.len() == 128 && items.iter().all(|(_, s)| *s == State::Gone)
+    });
+    assert!(f.log().contains("gone from the store"));
+}
+
+#[test]
+fn a_corrupt_path_fails_with_its_reason_and_can_be_retried() {
+    let mut f = Flow::new("");
+    f.start_daemon();
+    let (outs, _) = f.build(&derivation(
+        "flow-corrupt",
+        "mkdir $out && echo ok > $out/f",
+    ));
+    f.wait_published(&outs);
+    // Corrupt it, then ask for it again: this time it must fail permanently, not retry forever.
+    fs::write(Path::new(&outs[0]).join("f"), "bad\n").unwrap();
+    let h = outs[0].parse::<StorePath>().unwrap().hash_part().to_owned();
+    fs::remove_file(f.s3.object(&format!("{h}.narinfo"))).unwrap();
+    let o = f.hook(Some(std::ffi::OsStr::new(&outs[0])), None);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("(daemon)"));
+    let q = f.state.clone();
+    wait_for("the item to fail", || {
+        Queue::open(&q)
+            .unwrap()
+            .items()
+            .unwrap()
+            .iter()
+            .any(|(_, s)| *s == State::Failed)
+    });
+    let status = f.nixpush().args(["status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("failed 1")
+            && text.contains("refusing to upload")
+            && text.contains("corrupt"),
+        "{text}"
+    );
+    assert!(!f.published(&outs[0]));
+    let json = f.nixpush().args(["status", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["counts"]["failed"], 1);
+
+    // Repaired (here: the original contents back), `retry` publishes it.
+    fs::write(Path::new(&outs[0]).join("f"), "ok\n").unwrap();
+    let o = f.nixpush().args(["retry", "--all"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("1 failed items queued again"));
+    f.wait_published(&outs);
+}
+
+#[test]
+fn one_daemon_per_state_directory_and_bad_config_is_named() {
+    let mut f = Flow::with_hook("", false);
+    f.start_daemon();
+    let o = f
+        .nixpush()
+        .args(["daemon", "--socket"])
+        .arg(f.dir.path().join("other.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("another nixpush daemon is running"),
+        "{o:?}"
+    );
+
+    let bad = f.dir.path().join("bad.toml");
+    fs::write(&bad, "to = \"s3://x\"\njobz = 3\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .arg("daemon")
+        .env("NIXPUSH_CONFIG", &bad)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("jobz") && err.contains("bad.toml"), "{err}");
+    // The socket is not open to other users.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&f.socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
