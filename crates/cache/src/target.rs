@@ -8,14 +8,16 @@ mod file;
 mod s3;
 
 pub(crate) enum Target {
-    S3(s3::S3Target),
+    S3(Box<s3::S3Target>),
     File(file::FileTarget),
 }
 
 impl Target {
     pub async fn open(url: &StoreUrl, journal: Option<&Path>) -> Result<Self, CacheError> {
         Ok(match &url.location {
-            Location::S3 { bucket } => Target::S3(s3::S3Target::open(url, bucket, journal).await?),
+            Location::S3 { bucket } => {
+                Target::S3(Box::new(s3::S3Target::open(url, bucket, journal).await?))
+            }
             Location::File { dir } => Target::File(file::FileTarget::open(dir).await?),
         })
     }

@@ -57,20 +57,16 @@ pub fn parse_input(out_paths: Option<&OsStr>, drv_path: Option<&OsStr>) -> HookI
             },
         }
     }
-    if input.items.is_empty() {
-        if let Some(drv) = drv_path.filter(|d| !d.is_empty()) {
-            let shown = String::from_utf8_lossy(drv.as_bytes()).into_owned();
-            match std::str::from_utf8(drv.as_bytes())
-                .ok()
-                .map(str::parse::<StorePath>)
-            {
-                Some(Ok(p)) if p.is_derivation() => {
-                    input.items.push((p.to_string(), WireKind::Drv))
-                }
-                Some(Ok(_)) => input.invalid.push((shown, "DRV_PATH is not a .drv".into())),
-                Some(Err(e)) => input.invalid.push((shown, e.to_string())),
-                None => input.invalid.push((shown, "not UTF-8".into())),
-            }
+    if let Some(drv) = drv_path.filter(|d| !d.is_empty() && input.items.is_empty()) {
+        let shown = String::from_utf8_lossy(drv.as_bytes()).into_owned();
+        match std::str::from_utf8(drv.as_bytes())
+            .ok()
+            .map(str::parse::<StorePath>)
+        {
+            Some(Ok(p)) if p.is_derivation() => input.items.push((p.to_string(), WireKind::Drv)),
+            Some(Ok(_)) => input.invalid.push((shown, "DRV_PATH is not a .drv".into())),
+            Some(Err(e)) => input.invalid.push((shown, e.to_string())),
+            None => input.invalid.push((shown, "not UTF-8".into())),
         }
     }
     input

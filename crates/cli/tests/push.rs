@@ -386,10 +386,10 @@ fn bad_credentials_bucket_endpoint_and_parameters_are_distinct_errors() {
         "bucket `no-such-bucket` does not exist",
     );
 
-    let dead = format!("s3://cache?endpoint=http://127.0.0.1:1&region=us-east-1");
+    let dead = "s3://cache?endpoint=http://127.0.0.1:1&region=us-east-1";
     assert_fails_cleanly(
         &bed,
-        bed.push(&dead, &[path]),
+        bed.push(dead, &[path]),
         "cannot reach the S3 endpoint http://127.0.0.1:1",
     );
 

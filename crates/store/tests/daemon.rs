@@ -89,7 +89,7 @@ fn derivation_outputs_and_invalid_paths() {
     assert!(matches!(err, StoreError::OutputNotBuilt { .. }), "{err}");
     assert!(
         store
-            .with_connection(|c| c.query_valid_paths(&[drv.clone()]))
+            .with_connection(|c| c.query_valid_paths(std::slice::from_ref(&drv)))
             .unwrap()
             == vec![drv.clone()]
     );

@@ -37,7 +37,7 @@ type HttpResponse = aws_sdk_s3::config::http::HttpResponse;
 /// target, which knows the bucket and endpoint.
 enum PartError {
     Local(CacheError),
-    Sdk(SdkError<aws_sdk_s3::operation::upload_part::UploadPartError, HttpResponse>),
+    Sdk(Box<SdkError<aws_sdk_s3::operation::upload_part::UploadPartError, HttpResponse>>),
 }
 
 impl S3Target {
@@ -370,7 +370,11 @@ impl S3Target {
                     let body = file_body(&path, offset, size, &key)
                         .await
                         .map_err(PartError::Local)?;
-                    let out = request.body(body).send().await.map_err(PartError::Sdk)?;
+                    let out = request
+                        .body(body)
+                        .send()
+                        .await
+                        .map_err(|e| PartError::Sdk(Box::new(e)))?;
                     Ok::<_, PartError>((number, out.e_tag().map(str::to_owned)))
                 });
                 next += 1;
@@ -381,7 +385,7 @@ impl S3Target {
                         .expect("part upload task panicked")
                         .map_err(|e| match e {
                             PartError::Local(e) => e,
-                            PartError::Sdk(e) => self.classify(e, "UploadPart", key),
+                            PartError::Sdk(e) => self.classify(*e, "UploadPart", key),
                         })?;
                 done.push(
                     CompletedPart::builder()
