@@ -11,7 +11,6 @@
 
 use std::fs;
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -53,12 +52,33 @@ fn wait_until(child: &mut Child, what: &str, log: &Path, mut ready: impl FnMut()
     panic!("{what} did not become ready in {STARTUP_TIMEOUT:?}");
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Ports of this process's S3 servers, paused ones included, so that no other test's server is
+/// started on a port a paused server will resume on.
+static RESERVED_PORTS: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// The TCP port process `pid` listens on, from its socket inodes and /proc/net/tcp.
+fn listening_port(pid: u32) -> Option<u16> {
+    let inodes: std::collections::HashSet<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .map(str::to_owned)
+        })
+        .collect();
+    let table = fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 is the inode.
+        let listening = f.get(3) == Some(&"0A") && f.get(9).is_some_and(|i| inodes.contains(*i));
+        listening
+            .then(|| u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok())
+            .flatten()
+    })
 }
 
 /// A string no other test (or earlier run) has used: derivations built with it are new to the store.
@@ -316,6 +336,8 @@ impl S3Server {
         }
     }
 
+    /// Starts s3s-fs on `port`, or on a port the kernel picks. Readiness and ownership are read from
+    /// /proc: a connect alone could reach another test's server that took the port first.
     fn spawn(
         root: &Path,
         dir: &Path,
@@ -323,12 +345,15 @@ impl S3Server {
         port: Option<u16>,
     ) -> (Guard, u16) {
         let s3s = find_program("s3s-fs");
-        // A free port can be taken between our probe and the server's bind; try again if so.
-        for _ in 0..5 {
-            let port = port.unwrap_or_else(free_port);
-            let log = dir.join(format!("s3s-{port}.log"));
+        for attempt in 0..10 {
+            let log = dir.join(format!("s3s-{}-{attempt}.log", port.unwrap_or(0)));
             let mut cmd = Command::new(&s3s);
-            cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()]);
+            cmd.args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.unwrap_or(0).to_string(),
+            ]);
             if let Some((ak, sk)) = keys {
                 cmd.args(["--access-key", ak, "--secret-key", sk]);
             }
@@ -341,11 +366,25 @@ impl S3Server {
                 ))
                 .spawn()
                 .expect("cannot start s3s-fs");
-            if wait_until(&mut child, "s3s-fs", &log, || {
-                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            let pid = child.id();
+            let mut bound = None;
+            if !wait_until(&mut child, "s3s-fs", &log, || {
+                bound = listening_port(pid);
+                bound.is_some()
             }) {
-                return (Guard(child), port);
+                continue;
             }
+            let bound = bound.expect("set by the readiness check");
+            let mut reserved = RESERVED_PORTS.lock().unwrap();
+            if port.is_none() && reserved.contains(&bound) {
+                // A paused server of another test owns this port until it resumes.
+                drop(reserved);
+                let _ = child.kill();
+                let _ = child.wait();
+                continue;
+            }
+            reserved.insert(bound);
+            return (Guard(child), bound);
         }
         panic!("s3s-fs would not start");
     }
