@@ -347,10 +347,8 @@ impl Worker {
             let outcomes = self.attempt(&claimed).await;
             let done = self
                 .with_queue(move |q| {
-                    for (c, o) in claimed.iter().zip(&outcomes) {
-                        q.complete(c, o)?;
-                    }
-                    Ok(())
+                    let done: Vec<_> = claimed.iter().zip(&outcomes).collect();
+                    q.complete_all(&done)
                 })
                 .await;
             if let Err(e) = done {
