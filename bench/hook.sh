@@ -9,8 +9,7 @@ RUNS="${1:-1000}"
 BUILDS="${2:-100}"
 ensure_test_deps
 build_nixpush
-(cd "$REPO" && cargo build --release --locked --quiet --bin nixpush-hook)
-HOOK="$REPO/target/release/nixpush-hook"
+HOOK="$NIXPUSH_HOOK"
 WORK=$(mktemp -d /tmp/nixpush-hookbench.XXXXXX)
 trap 'bed_stop; [ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT
 bed_start "$WORK"

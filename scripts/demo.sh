@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job, end to end, on a fresh Debian machine (as root): make a signing key, build a small
-# closure with a private nix-daemon, push it to an S3 server (SigV4), delete it from the store, and
-# substitute it back with stock Nix trusting only our key.
+# The main job, end to end, on a fresh Debian machine (as root): a private nix-daemon whose
+# post-build-hook is nixpush-hook, `nixpush daemon` uploading to an S3 server (SigV4 checked), a
+# build, the daemon publishing it, the closure deleted from the store and substituted back by stock
+# Nix trusting only our key.
 source "$(dirname "$0")/lib.sh"
 ensure_test_deps
 build_nixpush
@@ -9,14 +10,30 @@ WORK=$(mktemp -d /tmp/nixpush-demo.XXXXXX)
 trap 'bed_stop; rm -rf "$WORK"' EXIT
 NONCE="demo-$(date +%s%N)"
 
-say "starting a private nix-daemon and an S3 server (s3s-fs, SigV4 checked)"
-bed_start "$WORK"
-echo "S3 endpoint: http://127.0.0.1:$S3_PORT (bucket 'cache'); anonymous HTTP view: $HTTP_URL"
-
 say "nixpush keygen demo-cache-1"
 "$NIXPUSH" keygen demo-cache-1 "$WORK/secret.key" "$WORK/public.key"
 
-say "building a small closure (a library, a tool that uses it)"
+say "starting an S3 server (s3s-fs, SigV4 checked) and a private nix-daemon with post-build-hook = nixpush-hook"
+# The hook runs inside nix-daemon and finds the configuration through the daemon's environment.
+export NIXPUSH_CONFIG="$WORK/nixpush.toml"
+BED_EXTRA_CONF="post-build-hook = $NIXPUSH_HOOK"
+bed_start "$WORK"
+cat > "$NIXPUSH_CONFIG" <<TOML
+to = "$S3_URL&compression=zstd"
+secret-key-files = ["$WORK/secret.key"]
+state-dir = "$WORK/state"
+socket = "$WORK/hook.sock"
+TOML
+echo "nix.conf:"; sed 's/^/  /' "$WORK/conf/nix.conf"
+echo "$NIXPUSH_CONFIG:"; sed 's/^/  /' "$NIXPUSH_CONFIG"
+
+say "starting nixpush daemon"
+"$NIXPUSH" daemon > "$WORK/daemon.log" 2>&1 &
+DAEMON=$!
+PIDS+=("$DAEMON")
+wait_for "nixpush daemon" test -S "$WORK/hook.sock"
+
+say "building a small closure (a library, a tool that uses it); watch the post-build-hook lines"
 cat > "$WORK/demo.nix" <<'NIX'
 { nonce }:
 let
@@ -38,9 +55,15 @@ OUT=$(nix-build --no-out-link "$WORK/demo.nix" --argstr nonce "$NONCE")
 CLOSURE=$(nix-store --query --requisites "$OUT")
 echo "$OUT"; "$OUT/bin/greet"
 
-say "nixpush push --to '$S3_URL&compression=zstd' $OUT"
-"$NIXPUSH" push --to "$S3_URL&compression=zstd" --secret-key-file "$WORK/secret.key" "$OUT"
+say "waiting for the daemon to publish (nixpush status)"
+published() { for p in $CLOSURE; do [ -f "$WORK/s3/cache/$(basename "$p" | cut -c1-32).narinfo" ] || return 1; done; }
+wait_for "the closure to be published" published
+"$NIXPUSH" status
+echo "daemon log:"; grep -E "uploaded|pushing" "$WORK/daemon.log" | sed 's/^/  /'
 echo "bucket now holds:"; (cd "$WORK/s3/cache" && find . -type f | sort | sed 's/^/  /')
+
+say "nixpush push of the same closure: nothing left to upload"
+"$NIXPUSH" push --to "$S3_URL" --secret-key-file "$WORK/secret.key" "$OUT"
 
 say "deleting the closure from the store"
 nix-store --delete $CLOSURE
@@ -51,4 +74,7 @@ say "substituting it back from $HTTP_URL, trusting only $(cut -d: -f1 "$WORK/pub
 nix-store --realise "$OUT" --option substituters "$HTTP_URL" \
     --option trusted-public-keys "$(cat "$WORK/public.key")"
 "$OUT/bin/greet"
-say "done: built, pushed, deleted, substituted back, verified by Nix against our key"
+
+say "stopping the daemon (SIGTERM)"
+kill -TERM "$DAEMON"; wait "$DAEMON"
+say "done: built, queued by the hook, published by the daemon, deleted, substituted back and verified by Nix"

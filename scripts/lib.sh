@@ -87,7 +87,7 @@ CONF
     wait_for nix-daemon test -S "$BED/daemon.sock"
     S3_PORT=$(free_port); ANON_PORT=$(free_port)
     export AWS_ACCESS_KEY_ID=nixpush-demo AWS_SECRET_ACCESS_KEY="demo-$RANDOM$RANDOM"
-    export AWS_EC2_METADATA_DISABLED=true AWS_CONFIG_FILE=/nonexistent AWS_SHARED_CREDENTIALS_FILE=/nonexistent
+    export AWS_EC2_METADATA_DISABLED=true
     s3s-fs --host 127.0.0.1 --port "$S3_PORT" --access-key "$AWS_ACCESS_KEY_ID" \
         --secret-key "$AWS_SECRET_ACCESS_KEY" "$BED/s3" > "$BED/s3s-fs.log" 2>&1 &
     PIDS+=($!)
@@ -105,7 +105,8 @@ bed_stop() {
 }
 
 build_nixpush() {
-    say "building nixpush (release)"
-    (cd "$REPO" && cargo build --release --locked --quiet --bin nixpush)
+    say "building nixpush and nixpush-hook (release)"
+    (cd "$REPO" && cargo build --release --locked --quiet --bin nixpush --bin nixpush-hook)
     NIXPUSH="$REPO/target/release/nixpush"
+    NIXPUSH_HOOK="$REPO/target/release/nixpush-hook"
 }
