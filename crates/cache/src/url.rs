@@ -226,7 +226,13 @@ impl FromStr for StoreUrl {
                 "secret-keys" => u
                     .secret_key_files
                     .extend(v.split(',').filter(|s| !s.is_empty()).map(PathBuf::from)),
-                "write-nar-listing" => u.write_nar_listing = boolean(name, v)?,
+                "write-nar-listing" => {
+                    u.write_nar_listing = boolean(name, v)?;
+                    if u.write_nar_listing {
+                        // Better refused than silently not written: clients would miss the listings.
+                        return Err(bad(name, v, "`.ls` listings are not supported yet"));
+                    }
+                }
                 "want-mass-query" => u.want_mass_query = Some(boolean(name, v)?),
                 "priority" => u.priority = Some(number(name, v)?),
                 _ => return Err(UrlError::UnknownParameter(name.to_owned())),
@@ -318,6 +324,13 @@ mod tests {
             "s3://b?parallel-compression=yes".parse::<StoreUrl>(),
             Err(UrlError::BadValue { .. })
         ));
+    }
+
+    #[test]
+    fn nar_listings_are_refused_not_ignored() {
+        let e = "s3://b?write-nar-listing=true".parse::<StoreUrl>().unwrap_err();
+        assert!(e.to_string().contains("write-nar-listing=true"), "{e}");
+        assert!("s3://b?write-nar-listing=false".parse::<StoreUrl>().is_ok());
     }
 
     #[test]
