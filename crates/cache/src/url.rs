@@ -328,7 +328,9 @@ mod tests {
 
     #[test]
     fn nar_listings_are_refused_not_ignored() {
-        let e = "s3://b?write-nar-listing=true".parse::<StoreUrl>().unwrap_err();
+        let e = "s3://b?write-nar-listing=true"
+            .parse::<StoreUrl>()
+            .unwrap_err();
         assert!(e.to_string().contains("write-nar-listing=true"), "{e}");
         assert!("s3://b?write-nar-listing=false".parse::<StoreUrl>().is_ok());
     }

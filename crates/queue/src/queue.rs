@@ -178,56 +178,50 @@ impl Queue {
         }
     }
 
+    /// Runs `f` in an immediate (write-locking) transaction and commits it: the one way this queue
+    /// writes several rows, so each operation is all or nothing and costs one durable commit.
+    fn write<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, QueueError> {
+        let conn = &mut self.conn;
+        let result = (|| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let value = f(&tx)?;
+            tx.commit()?;
+            Ok(value)
+        })();
+        result.map_err(|source| QueueError::Db {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
     /// Records items durably; returns how many were new (not already pending).
     pub fn enqueue(&mut self, items: &[Item]) -> Result<usize, QueueError> {
         let now = now_ms();
-        let path = self.path.clone();
-        let err = move |source| QueueError::Db {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&err)?;
-        let mut added = 0;
-        {
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO items (item, kind, state, enqueued_at, next_attempt_at, updated_at)
-                     VALUES (?1, ?2, 'queued', ?3, ?3, ?3)",
-                )
-                .map_err(&err)?;
+        self.write(|tx| {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO items (item, kind, state, enqueued_at, next_attempt_at, updated_at)
+                 VALUES (?1, ?2, 'queued', ?3, ?3, ?3)",
+            )?;
+            let mut added = 0;
             for it in items {
-                added += insert
-                    .execute(params![it.name, it.kind.as_str(), now])
-                    .map_err(&err)?;
+                added += insert.execute(params![it.name, it.kind.as_str(), now])?;
             }
-        }
-        tx.commit().map_err(&err)?;
-        Ok(added)
+            Ok(added)
+        })
     }
 
     /// Hands out up to `limit` queued items due by `now` (Unix ms), marking them in flight.
     pub fn claim(&mut self, now: i64, limit: usize) -> Result<Vec<Claimed>, QueueError> {
-        let path = self.path.clone();
-        let err = move |source| QueueError::Db {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&err)?;
-        let claimed: Vec<Claimed> = {
-            let mut select = tx
+        self.write(|tx| {
+            let claimed: Vec<Claimed> = tx
                 .prepare_cached(
                     "SELECT id, item, kind, attempts, enqueued_at, first_failure_at FROM items
                      WHERE state = 'queued' AND next_attempt_at <= ?1
                      ORDER BY next_attempt_at, id LIMIT ?2",
-                )
-                .map_err(&err)?;
-            select
+                )?
                 .query_map(params![now, limit as i64], |r| {
                     Ok(Claimed {
                         id: r.get(0)?,
@@ -239,24 +233,17 @@ impl Queue {
                         enqueued_at: r.get(4)?,
                         first_failure_at: r.get(5)?,
                     })
-                })
-                .map_err(&err)?
-                .collect::<Result<_, _>>()
-                .map_err(&err)?
-        };
-        {
-            let mut update = tx
-                .prepare_cached(
-                    "UPDATE items SET state = 'in_flight', updated_at = ?2 WHERE id = ?1",
-                )
-                .map_err(&err)?;
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut update = tx.prepare_cached(
+                "UPDATE items SET state = 'in_flight', updated_at = ?2 WHERE id = ?1",
+            )?;
             let updated = now_ms();
             for c in &claimed {
-                update.execute(params![c.id, updated]).map_err(&err)?;
+                update.execute(params![c.id, updated])?;
             }
-        }
-        tx.commit().map_err(&err)?;
-        Ok(claimed)
+            Ok(claimed)
+        })
     }
 
     /// Records how the attempt on a claimed item ended.
@@ -268,45 +255,34 @@ impl Queue {
     /// batch does not hold up the hooks' enqueues with a write per item.
     pub fn complete_all(&mut self, done: &[(&Claimed, &Outcome)]) -> Result<(), QueueError> {
         let now = now_ms();
-        let path = self.path.clone();
-        let err = move |source| QueueError::Db {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&err)?;
-        for (claimed, outcome) in done {
-            let (sql, args): (&str, Vec<rusqlite::types::Value>) = match outcome {
-                Outcome::Done => (
-                    "UPDATE items SET state = 'done', last_error = NULL, updated_at = ?2 WHERE id = ?1",
-                    vec![],
-                ),
-                Outcome::Gone(why) => (
-                    "UPDATE items SET state = 'gone', last_error = ?3, updated_at = ?2 WHERE id = ?1",
-                    vec![why.clone().into()],
-                ),
-                Outcome::Failed(error) => (
-                    "UPDATE items SET state = 'failed', attempts = attempts + 1, last_error = ?3,
-                     first_failure_at = COALESCE(first_failure_at, ?2), updated_at = ?2 WHERE id = ?1",
-                    vec![error.clone().into()],
-                ),
-                Outcome::RetryAt { at, error } => (
-                    "UPDATE items SET state = 'queued', attempts = attempts + 1, last_error = ?3,
-                     first_failure_at = COALESCE(first_failure_at, ?2), next_attempt_at = ?4, updated_at = ?2
-                     WHERE id = ?1",
-                    vec![error.clone().into(), (*at).into()],
-                ),
-            };
-            let mut all: Vec<rusqlite::types::Value> = vec![claimed.id.into(), now.into()];
-            all.extend(args);
-            tx.prepare_cached(sql)
-                .map_err(&err)?
-                .execute(rusqlite::params_from_iter(all))
-                .map_err(&err)?;
-        }
-        tx.commit().map_err(&err)
+        self.write(|tx| {
+            for (claimed, outcome) in done {
+                let (sql, args): (&str, Vec<rusqlite::types::Value>) = match outcome {
+                    Outcome::Done => {
+                        ("UPDATE items SET state = 'done', last_error = NULL, updated_at = ?2 WHERE id = ?1", vec![])
+                    }
+                    Outcome::Gone(why) => (
+                        "UPDATE items SET state = 'gone', last_error = ?3, updated_at = ?2 WHERE id = ?1",
+                        vec![why.clone().into()],
+                    ),
+                    Outcome::Failed(error) => (
+                        "UPDATE items SET state = 'failed', attempts = attempts + 1, last_error = ?3,
+                         first_failure_at = COALESCE(first_failure_at, ?2), updated_at = ?2 WHERE id = ?1",
+                        vec![error.clone().into()],
+                    ),
+                    Outcome::RetryAt { at, error } => (
+                        "UPDATE items SET state = 'queued', attempts = attempts + 1, last_error = ?3,
+                         first_failure_at = COALESCE(first_failure_at, ?2), next_attempt_at = ?4,
+                         updated_at = ?2 WHERE id = ?1",
+                        vec![error.clone().into(), (*at).into()],
+                    ),
+                };
+                let mut all: Vec<rusqlite::types::Value> = vec![claimed.id.into(), now.into()];
+                all.extend(args);
+                tx.prepare_cached(sql)?.execute(rusqlite::params_from_iter(all))?;
+            }
+            Ok(())
+        })
     }
 
     /// Puts in-flight items back in the queue: after a crash (nothing is in flight when no daemon
@@ -324,34 +300,17 @@ impl Queue {
     /// An item that is already pending again is left alone: its pending row will do the work.
     pub fn retry_failed(&mut self, names: Option<&[String]>) -> Result<usize, QueueError> {
         let now = now_ms();
-        let path = self.path.clone();
-        let err = move |source| QueueError::Db {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&err)?;
-        let n = {
-            let sql = "UPDATE OR IGNORE items SET state = 'queued', attempts = 0, first_failure_at = NULL,
-                       next_attempt_at = ?1, updated_at = ?1
-                       WHERE state = 'failed' AND (?2 IS NULL OR item = ?2)";
+        self.write(|tx| {
+            let mut update = tx.prepare_cached(
+                "UPDATE OR IGNORE items SET state = 'queued', attempts = 0, first_failure_at = NULL,
+                 next_attempt_at = ?1, updated_at = ?1
+                 WHERE state = 'failed' AND (?2 IS NULL OR item = ?2)",
+            )?;
             match names {
-                None => tx
-                    .execute(sql, params![now, Option::<String>::None])
-                    .map_err(&err)?,
-                Some(names) => {
-                    let mut n = 0;
-                    for name in names {
-                        n += tx.execute(sql, params![now, name]).map_err(&err)?;
-                    }
-                    n
-                }
+                None => update.execute(params![now, Option::<String>::None]),
+                Some(names) => names.iter().map(|n| update.execute(params![now, n])).sum(),
             }
-        };
-        tx.commit().map_err(&err)?;
-        Ok(n)
+        })
     }
 
     /// When the next queued item becomes due (Unix ms), if any is queued.
