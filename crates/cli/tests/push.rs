@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use nixpush_format::{NarInfo, StorePath};
-use nixpush_testbed::{NixDaemon, S3Server, chain_and_diamond, derivation};
+use nixpush_testbed::{NixDaemon, S3Server, chain_and_diamond, derivation, with_dependency};
 
 struct Bed {
     nix: NixDaemon,
@@ -314,12 +314,12 @@ fn a_tampered_narinfo_is_refused_by_nix() {
 #[test]
 fn a_corrupt_store_path_is_refused_and_nothing_of_it_is_published() {
     let bed = Bed::new();
-    let expr = format!(
-        "let a = {}; in {}",
-        derivation("corrupt-dep", "mkdir $out && echo original > $out/data"),
-        derivation("corrupt-top", "echo ${a} > $out").replace("\\${a}", "${a}")
-    );
-    let top = bed.nix.build(&expr)[0].clone();
+    let top = bed.nix.build(&with_dependency(
+        "corrupt-dep",
+        "mkdir $out && echo original > $out/data",
+        "corrupt-top",
+    ))[0]
+        .clone();
     let closure = bed.closure(std::slice::from_ref(&top));
     let dep = closure
         .iter()
@@ -464,12 +464,12 @@ fn a_large_path_goes_up_in_parts_and_substitutes_back() {
 #[test]
 fn paths_signed_by_an_upstream_key_are_skipped() {
     let bed = Bed::new();
-    let expr = format!(
-        "let a = {}; in {}",
-        derivation("upstream-dep", "echo dep > $out"),
-        derivation("upstream-top", "echo ${a} > $out").replace("\\${a}", "${a}")
-    );
-    let top = bed.nix.build(&expr)[0].clone();
+    let top = bed.nix.build(&with_dependency(
+        "upstream-dep",
+        "echo dep > $out",
+        "upstream-top",
+    ))[0]
+        .clone();
     let closure = bed.closure(std::slice::from_ref(&top));
     let dep = closure
         .iter()

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nixpush_format::{NarInfo, StorePath};
 use nixpush_queue::{Queue, State};
-use nixpush_testbed::{DaemonOptions, NixDaemon, S3Server, derivation};
+use nixpush_testbed::{DaemonOptions, NixDaemon, S3Server, derivation, with_dependency};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
@@ -329,13 +329,10 @@ fn sigkill_during_a_large_upload_loses_nothing_and_never_publishes_early() {
         "compression=none&multipart-upload=true&multipart-threshold=5242880&multipart-chunk-size=5242880",
     );
     f.start_daemon();
-    let expr = format!(
-        "let big = {}; in {}",
-        derivation(
-            "kill-big",
-            "mkdir $out && head -c 157286400 /dev/urandom > $out/blob"
-        ),
-        derivation("kill-top", "echo ${big} > $out").replace("\\${big}", "${big}")
+    let expr = with_dependency(
+        "kill-big",
+        "mkdir $out && head -c 157286400 /dev/urandom > $out/blob",
+        "kill-top",
     );
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {

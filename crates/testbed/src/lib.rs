@@ -251,6 +251,16 @@ pub fn derivation(name: &str, script: &str) -> String {
     )
 }
 
+/// An expression for a derivation `top` whose output references the output of `dep_name` (built by
+/// `dep_script`): the smallest closure with an edge in it.
+pub fn with_dependency(dep_name: &str, dep_script: &str, top: &str) -> String {
+    format!(
+        "let dep = {}; in {}",
+        derivation(dep_name, dep_script),
+        derivation(top, "echo ${dep} > $out").replace("\\${dep}", "${dep}")
+    )
+}
+
 /// A Nix string literal (`''…''` would also interpret `${`; a quoted string escapes it).
 pub fn nix_string(s: &str) -> String {
     let mut out = String::from("\"");
