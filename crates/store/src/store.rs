@@ -148,6 +148,11 @@ impl Store {
     }
 
     fn path_infos(&self, paths: &[StorePath], jobs: usize) -> Result<Vec<PathInfo>, StoreError> {
+        // Deep, narrow closures have many layers of one or two paths: threads would cost more than
+        // the round trips they overlap.
+        if paths.len() <= 2 {
+            return paths.iter().map(|p| self.path_info(p)).collect();
+        }
         let jobs = jobs.clamp(1, paths.len().max(1));
         let chunk = paths.len().div_ceil(jobs).max(1);
         std::thread::scope(|s| {
