@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use nixpush_format::{NarInfo, StorePath};
-use nixpush_testbed::{NixDaemon, S3Server, chain_and_diamond, derivation, with_dependency};
+use nixpush_testbed::{NixDaemon, S3Server, chain_and_diamond, derivation};
 
 struct Bed {
     nix: NixDaemon,
@@ -60,16 +60,6 @@ impl Bed {
         err
     }
 
-    fn closure(&self, roots: &[String]) -> Vec<String> {
-        let mut args = vec!["--query", "--requisites"];
-        args.extend(roots.iter().map(String::as_str));
-        self.nix
-            .run("nix-store", &args)
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-
     /// Deletes the paths locally, then realises `roots` with `substituter` as the only source and
     /// our key as the only trusted one. Returns whether Nix succeeded, and its stderr.
     fn substitute(
@@ -117,7 +107,7 @@ fn hash_part(p: &str) -> String {
 fn round_trip_through_s3(compression: &str) {
     let bed = Bed::new();
     let roots = bed.nix.build(&chain_and_diamond());
-    let closure = bed.closure(&roots);
+    let closure = bed.nix.requisites(&roots);
     assert_eq!(closure.len(), 7);
     let url = bed.s3.store_url(&format!("compression={compression}"));
     let mut args: Vec<&str> = roots.iter().map(String::as_str).collect();
@@ -188,7 +178,7 @@ fn chain_and_diamond_through_s3_uncompressed() {
 fn chain_and_diamond_through_a_file_cache() {
     let bed = Bed::new();
     let roots = bed.nix.build(&chain_and_diamond());
-    let closure = bed.closure(&roots);
+    let closure = bed.nix.requisites(&roots);
     let dir = bed.dir.path().join("file-cache");
     let url = format!("file://{}?compression=xz", dir.display());
     let args: Vec<&str> = roots.iter().map(String::as_str).collect();
@@ -314,18 +304,11 @@ fn a_tampered_narinfo_is_refused_by_nix() {
 #[test]
 fn a_corrupt_store_path_is_refused_and_nothing_of_it_is_published() {
     let bed = Bed::new();
-    let top = bed.nix.build(&with_dependency(
+    let (top, dep) = bed.nix.build_pair(
         "corrupt-dep",
         "mkdir $out && echo original > $out/data",
         "corrupt-top",
-    ))[0]
-        .clone();
-    let closure = bed.closure(std::slice::from_ref(&top));
-    let dep = closure
-        .iter()
-        .find(|p| p.ends_with("corrupt-dep"))
-        .unwrap()
-        .clone();
+    );
     // Change the contents behind the store's back (root can write to the read-only store).
     fs::write(Path::new(&dep).join("data"), "tampered\n").unwrap();
 
@@ -464,18 +447,9 @@ fn a_large_path_goes_up_in_parts_and_substitutes_back() {
 #[test]
 fn paths_signed_by_an_upstream_key_are_skipped() {
     let bed = Bed::new();
-    let top = bed.nix.build(&with_dependency(
-        "upstream-dep",
-        "echo dep > $out",
-        "upstream-top",
-    ))[0]
-        .clone();
-    let closure = bed.closure(std::slice::from_ref(&top));
-    let dep = closure
-        .iter()
-        .find(|p| p.ends_with("upstream-dep"))
-        .unwrap()
-        .clone();
+    let (top, dep) = bed
+        .nix
+        .build_pair("upstream-dep", "echo dep > $out", "upstream-top");
     let upstream = bed.dir.path().join("upstream.sk");
     nixpush_testbed::check(
         "keygen",

@@ -149,16 +149,6 @@ impl Flow {
         )
     }
 
-    fn closure(&self, roots: &[String]) -> Vec<String> {
-        let mut args = vec!["--query", "--requisites"];
-        args.extend(roots.iter().map(String::as_str));
-        self.nix
-            .run("nix-store", &args)
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-
     fn published(&self, path: &str) -> bool {
         let h = path.parse::<StorePath>().unwrap().hash_part().to_owned();
         self.s3.object(&format!("{h}.narinfo")).is_file()
@@ -251,7 +241,7 @@ fn twenty_builds_with_the_daemon_running_are_published_and_substitutable() {
     );
     assert!(log.contains("(daemon)"), "{log}");
     f.wait_published(&outs);
-    let closure = f.closure(&outs);
+    let closure = f.nix.requisites(&outs);
     f.substitute_back(&outs, &closure);
     // SIGTERM: a clean stop.
     assert!(f.signal_daemon(libc::SIGTERM).success(), "{}", f.log());
@@ -357,7 +347,7 @@ fn sigkill_during_a_large_upload_loses_nothing_and_never_publishes_early() {
         "published before the kill"
     );
     f.start_daemon();
-    f.wait_published(&f.closure(&outs));
+    f.wait_published(&f.nix.requisites(&outs));
     stop.store(true, Ordering::Relaxed);
     let violations = reader.join().unwrap();
     assert!(

@@ -215,6 +215,27 @@ impl NixDaemon {
             .to_owned()
     }
 
+    /// The closure of `roots` as `nix-store --query --requisites` reports it.
+    pub fn requisites(&self, roots: &[String]) -> Vec<String> {
+        let mut args = vec!["--query", "--requisites"];
+        args.extend(roots.iter().map(String::as_str));
+        self.run("nix-store", &args)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Builds [`with_dependency`]'s pair and returns (dependent, dependency) output paths.
+    pub fn build_pair(&self, dep_name: &str, dep_script: &str, top: &str) -> (String, String) {
+        let top = self.build(&with_dependency(dep_name, dep_script, top))[0].clone();
+        let dep = self
+            .requisites(std::slice::from_ref(&top))
+            .into_iter()
+            .find(|p| p.ends_with(dep_name));
+        let dep = dep.expect("the dependency is in the closure");
+        (top, dep)
+    }
+
     pub fn delete(&self, store_path: &str) {
         self.run("nix-store", &["--delete", store_path]);
     }
