@@ -70,20 +70,3 @@ pub enum CacheError {
     )]
     StoreDirMismatch { found: String, expected: String },
 }
-
-impl CacheError {
-    /// Whether trying again later may succeed: the network, the server or the local disk may
-    /// recover; a bad URL, a corrupt store path or missing access will not fix itself.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            CacheError::Unreachable { .. }
-            | CacheError::Throttled { .. }
-            | CacheError::Spool { .. } => true,
-            CacheError::S3 { status, .. } => {
-                status.is_none_or(|s| s >= 500 || s == 408 || s == 429)
-            }
-            CacheError::File { .. } | CacheError::ReferenceFailed { .. } => true,
-            _ => false,
-        }
-    }
-}

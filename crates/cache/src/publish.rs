@@ -100,10 +100,6 @@ impl Cache {
         self.target.abort_journaled().await
     }
 
-    pub fn url(&self) -> &StoreUrl {
-        &self.url
-    }
-
     async fn ensure_cache_info(&self) -> Result<(), CacheError> {
         if let Some(existing) = self.target.get(NIX_CACHE_INFO).await? {
             let text = String::from_utf8_lossy(&existing);
@@ -124,14 +120,6 @@ impl Cache {
         self.target
             .put_bytes(NIX_CACHE_INFO, info.into_bytes(), CONTENT_TYPE_CACHE_INFO)
             .await
-    }
-
-    pub async fn has_narinfo(&self, path: &StorePath) -> Result<bool, CacheError> {
-        self.target.exists(&narinfo_key(path)).await
-    }
-
-    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        self.target.get(key).await
     }
 
     fn compress_options(&self) -> CompressOptions {

@@ -62,7 +62,6 @@ pub struct StoreUrl {
     pub multipart_threshold: u64,
     pub storage_class: Option<String>,
     pub secret_key_files: Vec<PathBuf>,
-    pub write_nar_listing: bool,
     pub want_mass_query: Option<bool>,
     pub priority: Option<u32>,
 }
@@ -183,7 +182,6 @@ impl FromStr for StoreUrl {
             multipart_threshold: 100 * MIB,
             storage_class: None,
             secret_key_files: Vec::new(),
-            write_nar_listing: false,
             want_mass_query: None,
             priority: None,
         };
@@ -227,8 +225,7 @@ impl FromStr for StoreUrl {
                     .secret_key_files
                     .extend(v.split(',').filter(|s| !s.is_empty()).map(PathBuf::from)),
                 "write-nar-listing" => {
-                    u.write_nar_listing = boolean(name, v)?;
-                    if u.write_nar_listing {
+                    if boolean(name, v)? {
                         // Better refused than silently not written: clients would miss the listings.
                         return Err(bad(name, v, "`.ls` listings are not supported yet"));
                     }

@@ -1,7 +1,7 @@
 //! SHA-256 digests in the forms Nix prints and parses.
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::str::FromStr;
 
 use base64::Engine;
@@ -149,14 +149,6 @@ impl<W: Write> HashingWriter<W> {
         }
     }
 
-    pub fn bytes_written(&self) -> u64 {
-        self.hash.len
-    }
-
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.inner
-    }
-
     pub fn finish(self) -> (W, Sha256, u64) {
         let (h, n) = self.hash.finish();
         (self.inner, h, n)
@@ -172,34 +164,6 @@ impl<W: Write> Write for HashingWriter<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
-    }
-}
-
-/// A reader that hashes and counts what is read through it.
-pub struct HashingReader<R> {
-    inner: R,
-    hash: HashCounter,
-}
-
-impl<R: Read> HashingReader<R> {
-    pub fn new(inner: R) -> Self {
-        Self {
-            inner,
-            hash: HashCounter::default(),
-        }
-    }
-
-    pub fn finish(self) -> (R, Sha256, u64) {
-        let (h, n) = self.hash.finish();
-        (self.inner, h, n)
-    }
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
     }
 }
 

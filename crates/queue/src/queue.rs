@@ -378,7 +378,7 @@ impl Queue {
         Ok(status)
     }
 
-    /// Every row's item and state, oldest first (for tests and `status --json`).
+    /// Every row's item and state, oldest first.
     pub fn items(&self) -> Result<Vec<(String, State)>, QueueError> {
         let mut stmt = self
             .conn

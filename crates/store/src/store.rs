@@ -67,10 +67,6 @@ impl Store {
         })
     }
 
-    pub fn address(&self) -> &StoreAddress {
-        &self.address
-    }
-
     /// Runs `f` on an idle connection (or a new one), returning it to the pool unless it failed in a
     /// way that may leave it mid-conversation.
     pub fn with_connection<T>(

@@ -10,8 +10,6 @@
 //! Both are killed when dropped, so a failing test (which unwinds) still cleans up.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -151,12 +149,11 @@ impl NixDaemon {
             child: None,
             options_env: opts.env,
         };
-        d.restart();
+        d.spawn();
         d
     }
 
-    /// Starts the daemon (again, after [`NixDaemon::stop`]).
-    pub fn restart(&mut self) {
+    fn spawn(&mut self) {
         let log = self.dir.path().join("daemon.log");
         let mut child = Command::new(find_program("nix-daemon"))
             .env("NIX_CONF_DIR", &self.conf_dir)
@@ -172,11 +169,6 @@ impl NixDaemon {
             UnixStream::connect(&sock).is_ok()
         }));
         self.child = Some(Guard(child));
-    }
-
-    pub fn stop(&mut self) {
-        self.child = None;
-        let _ = fs::remove_file(&self.socket);
     }
 
     /// `unix://SOCKET`, the store URL clients use.
@@ -481,11 +473,4 @@ impl S3Server {
         out.sort();
         out
     }
-}
-
-/// Writes an executable shell script (for hooks and fake editors in tests).
-pub fn write_script(path: &Path, body: &str) {
-    let mut f = fs::File::create(path).unwrap();
-    writeln!(f, "#!/bin/sh\n{body}").unwrap();
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
 }
