@@ -583,3 +583,52 @@ fn one_daemon_per_state_directory_and_bad_config_is_named() {
         0o600
     );
 }
+
+#[test]
+fn socket_group_opens_the_socket_to_that_group_only() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut f = Flow::with_hook("", false);
+    let mut config = fs::read_to_string(&f.config).unwrap();
+    config.push_str("socket-group = \"nixbld\"\n");
+    fs::write(&f.config, config).unwrap();
+    f.start_daemon();
+    let meta = fs::metadata(&f.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let out = Command::new("getent")
+        .args(["group", "nixbld"])
+        .output()
+        .unwrap();
+    let gid: u32 = String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(meta.gid(), gid);
+    // A group that does not exist is refused by name.
+    let bad = f.dir.path().join("bad-group.toml");
+    let text = fs::read_to_string(&f.config)
+        .unwrap()
+        .replace("nixbld", "no-such-group-here");
+    fs::write(
+        &bad,
+        text.replace(
+            &f.state.display().to_string(),
+            &f.dir.path().join("s2").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .args(["daemon", "--socket"])
+        .arg(f.dir.path().join("other.sock"))
+        .env("NIXPUSH_CONFIG", &bad)
+        .envs(f.s3.credentials_env())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("socket-group `no-such-group-here` does not exist"),
+        "{o:?}"
+    );
+}
