@@ -53,9 +53,20 @@ ensure_s3s_fs() {
 # Everything the integration tests use: Debian's Nix 2.8 and the S3 server.
 ensure_test_deps() {
     need_root
+    ensure_dev_null
     ensure_apt nix-bin curl
     ensure_rust
     ensure_s3s_fs
+}
+
+# A test of nixpush up to 0.1.0 ran `keygen ... /dev/null --force` as root, which renamed a regular
+# file over the device. With /dev/null a file, cargo's rustc probes read garbage from it and fail.
+ensure_dev_null() {
+    if [ ! -c /dev/null ]; then
+        echo "warning: /dev/null is not a character device; recreating it" >&2
+        rm -f /dev/null
+        mknod -m 666 /dev/null c 1 3
+    fi
 }
 
 # --- A private test bed for the demo and the benchmarks (the Rust tests have their own, in

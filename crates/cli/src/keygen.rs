@@ -24,11 +24,21 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let key = SecretKey::generate(&args.name)?;
-    if !args.force {
-        for f in [&args.secret_file, &args.public_file] {
-            if f.symlink_metadata().is_ok() {
-                bail!("{} already exists; pass --force to replace it", f.display());
-            }
+    for f in [&args.secret_file, &args.public_file] {
+        let Ok(meta) = f.symlink_metadata() else {
+            continue;
+        };
+        if !args.force {
+            bail!("{} already exists; pass --force to replace it", f.display());
+        }
+        // --force renames over the old entry; done to a device such as /dev/null (as root) it
+        // would replace the device node with a regular file.
+        let kind = meta.file_type();
+        if !kind.is_file() && !kind.is_symlink() {
+            bail!(
+                "{} exists and is not a regular file; refusing to replace it",
+                f.display()
+            );
         }
     }
     write_atomically(

@@ -1,7 +1,7 @@
 //! `nixpush keygen`, run as a real binary.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::process::{Command, Output};
 
 use nixpush_format::{PublicKey, SecretKey};
@@ -100,5 +100,26 @@ fn bad_names_and_unwritable_places_are_clear_errors() {
         "{}",
         stderr(&o)
     );
+    assert!(!sk.exists());
+}
+
+#[test]
+fn force_never_replaces_something_that_is_not_a_regular_file() {
+    // A FIFO stands in for a device node such as /dev/null, which a rename would replace with a
+    // regular file when run as root.
+    let d = tempfile::tempdir().unwrap();
+    let (sk, fifo) = (d.path().join("sk"), d.path().join("fifo"));
+    nixpush_testbed::check(
+        "mkfifo",
+        Command::new("mkfifo").arg(&fifo).output().unwrap(),
+    );
+    let o = keygen(&["k", sk.to_str().unwrap(), fifo.to_str().unwrap(), "--force"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("fifo") && stderr(&o).contains("not a regular file"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
     assert!(!sk.exists());
 }

@@ -458,8 +458,7 @@ fn paths_signed_by_an_upstream_key_are_skipped() {
                 "keygen",
                 "upstream-1",
                 upstream.to_str().unwrap(),
-                "/dev/null",
-                "--force",
+                bed.dir.path().join("upstream.pk").to_str().unwrap(),
             ])
             .output()
             .unwrap(),
