@@ -65,6 +65,12 @@ pub enum CacheError {
         path: StorePath,
         reference: StorePath,
     },
+    #[error("HTTP request for {url} failed: {message}")]
+    Http { url: String, message: String },
+    #[error("{url} is read-only for nixpush: it writes to s3:// and file:// caches")]
+    ReadOnly { url: String },
+    #[error("{url} cannot be listed: --all needs an s3:// or file:// cache")]
+    NotListable { url: String },
     #[error(
         "the cache's nix-cache-info says StoreDir {found:?}, but nixpush writes for {expected:?}"
     )]

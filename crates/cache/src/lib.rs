@@ -1,4 +1,4 @@
-//! Writing (and reading back) Nix binary caches in S3 buckets and directories.
+//! Writing Nix binary caches to S3 buckets and directories, and auditing them (also over HTTP).
 //!
 //! Invariants this crate keeps, whoever calls it:
 //! - **Published means complete**: a path's `.narinfo` is written only after its NAR object exists
@@ -16,6 +16,7 @@ mod publish;
 mod spool;
 mod target;
 mod url;
+mod verify;
 
 pub use error::CacheError;
 pub use publish::{Cache, Event, PushOptions, PushSummary};
@@ -24,3 +25,4 @@ pub use spool::{
     spool_nar,
 };
 pub use url::{AddressingStyle, Location, StoreUrl, UrlError};
+pub use verify::{Finding, Problem, Scope, Subject, Verifier, VerifyEvent, VerifySummary};

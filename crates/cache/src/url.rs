@@ -12,7 +12,9 @@ use thiserror::Error;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum UrlError {
-    #[error("store URL {0:?} is not supported (expected s3://BUCKET?… or file:///DIR?…)")]
+    #[error(
+        "store URL {0:?} is not supported (expected s3://BUCKET?…, file:///DIR?… or, to read, http(s)://…)"
+    )]
     Scheme(String),
     #[error("store URL {url:?}: {why}")]
     Malformed { url: String, why: String },
@@ -28,8 +30,16 @@ pub enum UrlError {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
-    S3 { bucket: String },
-    File { dir: PathBuf },
+    S3 {
+        bucket: String,
+    },
+    File {
+        dir: PathBuf,
+    },
+    /// A cache served over HTTP(S), read anonymously (`nixpush verify`); nixpush does not write to it.
+    Http {
+        base: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +168,14 @@ impl FromStr for StoreUrl {
             Location::File {
                 dir: PathBuf::from(percent_decode(dir).ok_or_else(|| malformed("bad %-escape"))?),
             }
+        } else if base.starts_with("http://") || base.starts_with("https://") {
+            let base = base.trim_end_matches('/');
+            if base.ends_with(':') || base.ends_with("//") {
+                return Err(malformed("no host"));
+            }
+            Location::Http {
+                base: base.to_owned(),
+            }
         } else {
             return Err(UrlError::Scheme(url.to_owned()));
         };
@@ -235,7 +253,8 @@ impl FromStr for StoreUrl {
                 _ => return Err(UrlError::UnknownParameter(name.to_owned())),
             }
         }
-        if let (Location::File { .. }, Some(_)) = (&u.location, &u.endpoint) {
+        if let (Location::File { .. } | Location::Http { .. }, Some(_)) = (&u.location, &u.endpoint)
+        {
             return Err(bad(
                 "endpoint",
                 u.endpoint.as_deref().unwrap_or_default(),
@@ -288,6 +307,14 @@ mod tests {
             }
         );
         assert_eq!(f.compression, Compression::None);
+
+        let h: StoreUrl = "https://cache.example.org/?priority=30".parse().unwrap();
+        assert_eq!(
+            h.location,
+            Location::Http {
+                base: "https://cache.example.org".into()
+            }
+        );
     }
 
     #[test]
@@ -302,8 +329,12 @@ mod tests {
             .to_string();
         assert!(e.contains("compression=lz4") && e.contains("xz"), "{e}");
         assert!(matches!(
-            "http://x".parse::<StoreUrl>(),
+            "ftp://x".parse::<StoreUrl>(),
             Err(UrlError::Scheme(_))
+        ));
+        assert!(matches!(
+            "https://".parse::<StoreUrl>(),
+            Err(UrlError::Malformed { .. })
         ));
         assert!(matches!(
             "s3://".parse::<StoreUrl>(),

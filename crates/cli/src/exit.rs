@@ -7,7 +7,8 @@ use thiserror::Error;
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  success
-  1  the work was done but some of it failed (for example, a path could not be published)
+  1  the work was done but some of it failed (a path could not be published), or verify found
+     problems in the cache
   2  nothing was done: bad arguments, configuration, keys or store URL, or no access";
 
 /// An error that says which exit code it deserves. Anything else is a usage/configuration error.

@@ -11,6 +11,7 @@ mod paths;
 mod push;
 mod report;
 mod status;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,7 @@ enum Command {
     Daemon(daemon::Args),
     Status(status::StatusArgs),
     Retry(status::RetryArgs),
+    Verify(verify::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -60,6 +62,7 @@ pub fn main() -> ExitCode {
         Command::Daemon(args) => daemon::run(args),
         Command::Status(args) => status::status(args),
         Command::Retry(args) => status::retry(args),
+        Command::Verify(args) => verify::run(args),
     };
     exit::report(result)
 }

@@ -10,6 +10,17 @@ use nixpush_store::Store;
 /// Resolves an argument to the store paths to push: a store path (or a path inside one), a symlink
 /// into the store such as `./result`, or a `.drv`, which stands for its built outputs.
 pub fn resolve(arg: &str, store: &Store) -> Result<Vec<StorePath>> {
+    let path = store_path_of(arg)?;
+    if path.is_derivation() {
+        return store
+            .derivation_outputs(&path)
+            .with_context(|| format!("cannot push the outputs of {path}"));
+    }
+    Ok(vec![path])
+}
+
+/// The store path an argument names: a store path, a path inside one, or a symlink into the store.
+pub fn store_path_of(arg: &str) -> Result<StorePath> {
     let in_store = follow_into_store(Path::new(arg))?;
     let rest = in_store
         .strip_prefix(STORE_DIR)
@@ -18,14 +29,8 @@ pub fn resolve(arg: &str, store: &Store) -> Result<Vec<StorePath>> {
         .components()
         .next()
         .context("the store directory itself is not a store path")?;
-    let path = StorePath::from_base_name(&base.as_os_str().to_string_lossy())
-        .with_context(|| format!("{arg:?} does not name a store path"))?;
-    if path.is_derivation() {
-        return store
-            .derivation_outputs(&path)
-            .with_context(|| format!("cannot push the outputs of {path}"));
-    }
-    Ok(vec![path])
+    StorePath::from_base_name(&base.as_os_str().to_string_lossy())
+        .with_context(|| format!("{arg:?} does not name a store path"))
 }
 
 /// Follows symlinks until the path is inside the store (as `nix-store` does for `./result`).

@@ -4,7 +4,12 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use super::{IncompleteUpload, ObjectEntry, ObjectReader};
 use crate::CacheError;
+
+/// Prefix of the temporary files objects are written through; one left behind is an upload a crash
+/// interrupted.
+const TEMP_PREFIX: &str = ".nixpush-";
 
 pub(crate) struct FileTarget {
     dir: PathBuf,
@@ -20,13 +25,25 @@ fn err(operation: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CacheE
 }
 
 impl FileTarget {
-    pub async fn open(dir: &Path) -> Result<Self, CacheError> {
+    pub async fn create(dir: &Path) -> Result<Self, CacheError> {
         tokio::fs::create_dir_all(dir.join("nar"))
             .await
             .map_err(err("creating cache directory", dir))?;
         Ok(FileTarget {
             dir: dir.to_owned(),
         })
+    }
+
+    pub async fn existing(dir: &Path) -> Result<Self, CacheError> {
+        match tokio::fs::metadata(dir).await {
+            Ok(m) if m.is_dir() => Ok(FileTarget {
+                dir: dir.to_owned(),
+            }),
+            Ok(_) => Err(err("opening cache directory", dir)(io::Error::other(
+                "not a directory",
+            ))),
+            Err(e) => Err(err("opening cache directory", dir)(e)),
+        }
     }
 
     pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
@@ -45,6 +62,66 @@ impl FileTarget {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(err("reading", &p)(e)),
         }
+    }
+
+    pub async fn read(&self, key: &str) -> Result<Option<ObjectReader>, CacheError> {
+        let p = self.dir.join(key);
+        match std::fs::File::open(&p) {
+            Ok(f) => Ok(Some(ObjectReader::File(f))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(err("reading", &p)(e)),
+        }
+    }
+
+    /// The top level and `nar/`, where the layout puts narinfos and NARs.
+    pub async fn list(&self) -> Result<Vec<ObjectEntry>, CacheError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for sub in ["", "nar"] {
+                for (name, meta) in entries(&dir.join(sub))? {
+                    if meta.is_file() && !name.starts_with(TEMP_PREFIX) {
+                        let key = if sub.is_empty() {
+                            name
+                        } else {
+                            format!("{sub}/{name}")
+                        };
+                        out.push(ObjectEntry {
+                            key,
+                            size: meta.len(),
+                        });
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .expect("directory listing panicked")
+    }
+
+    pub async fn incomplete_uploads(&self) -> Result<Vec<IncompleteUpload>, CacheError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for sub in ["", "nar"] {
+                for (name, _) in entries(&dir.join(sub))? {
+                    if name.starts_with(TEMP_PREFIX) {
+                        let key = if sub.is_empty() {
+                            name
+                        } else {
+                            format!("{sub}/{name}")
+                        };
+                        out.push(IncompleteUpload {
+                            detail: format!("temporary file {}", dir.join(&key).display()),
+                            key,
+                        });
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .expect("directory listing panicked")
     }
 
     pub async fn put_bytes(&self, key: &str, body: &[u8]) -> Result<(), CacheError> {
@@ -73,7 +150,7 @@ fn write_atomically(
 ) -> Result<(), CacheError> {
     let dir = dest.parent().unwrap_or(Path::new("/"));
     let mut tmp = tempfile::Builder::new()
-        .prefix(".nixpush-")
+        .prefix(TEMP_PREFIX)
         .tempfile_in(dir)
         .map_err(err("creating a file in", dir))?;
     fill(tmp.as_file_mut())
@@ -82,6 +159,22 @@ fn write_atomically(
     tmp.persist(dest)
         .map_err(|e| err("renaming into place", dest)(e.error))?;
     Ok(())
+}
+
+/// The entries of `dir` with their metadata (not following symlinks); a missing `dir` has none.
+fn entries(dir: &Path) -> Result<Vec<(String, std::fs::Metadata)>, CacheError> {
+    let iter = match std::fs::read_dir(dir) {
+        Ok(i) => i,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(err("listing", dir)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in iter {
+        let entry = entry.map_err(err("listing", dir))?;
+        let meta = entry.metadata().map_err(err("listing", &entry.path()))?;
+        out.push((entry.file_name().to_string_lossy().into_owned(), meta));
+    }
+    Ok(out)
 }
 
 async fn run_blocking(

@@ -13,6 +13,7 @@ use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, StorageClass};
 use tokio::task::JoinSet;
 
+use super::{ChunkReader, IncompleteUpload, ObjectEntry, ObjectReader};
 use crate::url::AddressingStyle;
 use crate::{CacheError, StoreUrl};
 
@@ -210,6 +211,97 @@ impl S3Target {
             }
             Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
             Err(e) => Err(self.classify(e, "GET", key)),
+        }
+    }
+
+    /// Streams the object's body through a bounded channel, so a slow reader holds back the
+    /// download instead of buffering it.
+    pub async fn read(&self, key: &str) -> Result<Option<ObjectReader>, CacheError> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(self.classify(e, "GET", key)),
+        };
+        let (tx, reader) = ChunkReader::channel();
+        let mut body = out.body;
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| format!("GET {key}: {}", DisplayErrorContext(&e)));
+                let failed = chunk.is_err();
+                if tx.send(chunk).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Some(ObjectReader::Stream(reader)))
+    }
+
+    pub async fn list(&self) -> Result<Vec<ObjectEntry>, CacheError> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.classify(e, "ListObjectsV2", &self.bucket))?;
+            for o in page.contents() {
+                if let Some(key) = o.key() {
+                    out.push(ObjectEntry {
+                        key: key.to_owned(),
+                        size: o.size().unwrap_or_default().max(0) as u64,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn incomplete_uploads(&self) -> Result<Vec<IncompleteUpload>, CacheError> {
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(id_marker.take())
+                .send()
+                .await
+                .map_err(|e| self.classify(e, "ListMultipartUploads", &self.bucket))?;
+            for u in page.uploads() {
+                let started = u
+                    .initiated()
+                    .map(|t| format!(", started {t}"))
+                    .unwrap_or_default();
+                out.push(IncompleteUpload {
+                    key: u.key().unwrap_or_default().to_owned(),
+                    detail: format!(
+                        "multipart upload {}{started}",
+                        u.upload_id().unwrap_or_default()
+                    ),
+                });
+            }
+            if !page.is_truncated().unwrap_or(false) {
+                return Ok(out);
+            }
+            key_marker = page.next_key_marker().map(str::to_owned);
+            id_marker = page.next_upload_id_marker().map(str::to_owned);
+            if key_marker.is_none() && id_marker.is_none() {
+                return Ok(out);
+            }
         }
     }
 

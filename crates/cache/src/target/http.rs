@@ -1,0 +1,115 @@
+//! A cache served over HTTP(S), read anonymously the way Nix's substituter reads it.
+
+use std::time::Duration;
+
+use reqwest::{Client, Response, StatusCode};
+
+use super::{ChunkReader, ObjectReader};
+use crate::{CacheError, error_chain};
+
+pub(crate) struct HttpTarget {
+    client: Client,
+    base: String,
+}
+
+impl HttpTarget {
+    pub fn open(base: &str) -> Result<Self, CacheError> {
+        let client = Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            // Per read, not per request: a large NAR may take minutes, a stalled one should not.
+            .read_timeout(Duration::from_secs(60))
+            .user_agent(concat!("nixpush/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| CacheError::Http {
+                url: base.to_owned(),
+                message: error_chain(&e),
+            })?;
+        Ok(HttpTarget {
+            client,
+            base: base.to_owned(),
+        })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, key: &str) -> String {
+        format!("{}/{key}", self.base)
+    }
+
+    /// Sends a request; `None` for 404 (and 403, which S3-backed sites answer for missing keys when
+    /// listing is not allowed).
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        key: &str,
+    ) -> Result<Option<Response>, CacheError> {
+        let url = self.url(key);
+        let response = self
+            .client
+            .request(method, &url)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(&url, &e))?;
+        match response.status() {
+            s if s.is_success() => Ok(Some(response)),
+            StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => Ok(None),
+            s => Err(CacheError::Http {
+                url,
+                message: format!("HTTP {s}"),
+            }),
+        }
+    }
+
+    fn transport_error(&self, url: &str, e: &reqwest::Error) -> CacheError {
+        if e.is_connect() || e.is_timeout() {
+            CacheError::Unreachable {
+                endpoint: self.base.clone(),
+                message: error_chain(e),
+            }
+        } else {
+            CacheError::Http {
+                url: url.to_owned(),
+                message: error_chain(e),
+            }
+        }
+    }
+
+    pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
+        Ok(self.send(reqwest::Method::HEAD, key).await?.is_some())
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let Some(response) = self.send(reqwest::Method::GET, key).await? else {
+            return Ok(None);
+        };
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(&self.url(key), &e))?;
+        Ok(Some(body.to_vec()))
+    }
+
+    pub async fn read(&self, key: &str) -> Result<Option<ObjectReader>, CacheError> {
+        let Some(mut response) = self.send(reqwest::Method::GET, key).await? else {
+            return Ok(None);
+        };
+        let (tx, reader) = ChunkReader::channel();
+        let url = self.url(key);
+        tokio::spawn(async move {
+            loop {
+                let chunk = match response.chunk().await {
+                    Ok(Some(c)) => Ok(c),
+                    Ok(None) => break,
+                    Err(e) => Err(format!("GET {url}: {}", error_chain(&e))),
+                };
+                let failed = chunk.is_err();
+                if tx.send(chunk).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Some(ObjectReader::Stream(reader)))
+    }
+}

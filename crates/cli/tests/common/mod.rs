@@ -1,0 +1,100 @@
+//! The test bed shared by the command-line tests: a private nix-daemon, an S3 server and a key.
+// Each test binary uses part of it.
+#![allow(dead_code)]
+
+use std::fs;
+use std::process::{Command, Output};
+
+use nixpush_testbed::{NixDaemon, S3Server};
+
+pub struct Bed {
+    pub nix: NixDaemon,
+    pub s3: S3Server,
+    pub dir: tempfile::TempDir,
+    pub secret: String,
+    pub public: String,
+}
+
+impl Bed {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (secret, public) = (dir.path().join("sk"), dir.path().join("pk"));
+        let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+            .args(["keygen", "nixpush-test-1"])
+            .args([&secret, &public])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        Bed {
+            nix: NixDaemon::start(),
+            s3: S3Server::start(),
+            public: fs::read_to_string(&public).unwrap(),
+            secret: secret.to_str().unwrap().to_owned(),
+            dir,
+        }
+    }
+
+    pub fn push(&self, to: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_nixpush"))
+            .arg("push")
+            .args([
+                "--store",
+                &self.nix.store_url(),
+                "--to",
+                to,
+                "--secret-key-file",
+                &self.secret,
+            ])
+            .args(args)
+            .envs(self.s3.credentials_env())
+            .env_remove("CI")
+            .output()
+            .unwrap()
+    }
+
+    pub fn push_ok(&self, to: &str, args: &[&str]) -> String {
+        let o = self.push(to, args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "push failed ({}):\n{err}", o.status);
+        err
+    }
+
+    /// Deletes the paths locally, then realises `roots` with `substituter` as the only source and
+    /// our key as the only trusted one. Returns whether Nix succeeded, and its stderr.
+    pub fn substitute(
+        &self,
+        substituter: &str,
+        roots: &[String],
+        closure: &[String],
+    ) -> (bool, String) {
+        let mut del = vec!["--delete"];
+        del.extend(closure.iter().map(String::as_str));
+        self.nix.run("nix-store", &del);
+        for p in closure {
+            assert!(!self.nix.is_valid(p), "{p} still valid after delete");
+        }
+        let o = self
+            .nix
+            .cmd("nix-store")
+            .arg("--realise")
+            .args(roots)
+            .args(["--option", "substituters", substituter])
+            .args(["--option", "trusted-public-keys", &self.public])
+            .args(["--option", "narinfo-cache-negative-ttl", "0"])
+            .args(["--option", "narinfo-cache-positive-ttl", "0"])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    pub fn narinfos(&self) -> Vec<String> {
+        self.s3
+            .keys()
+            .into_iter()
+            .filter(|k| k.ends_with(".narinfo"))
+            .collect()
+    }
+}

@@ -1,0 +1,393 @@
+//! `nixpush verify` against caches written by nixpush and by Nix 2.8's own `nix copy`, served by a
+//! real S3 server (SigV4 and anonymous HTTP) and from directories; then with faults injected.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::process::{Command, Output};
+
+use nixpush_format::{NarInfo, SecretKey, StorePath};
+use nixpush_testbed::{chain_and_diamond, derivation};
+use serde_json::Value;
+
+mod common;
+use common::Bed;
+
+fn verify(bed: &Bed, store: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .args([
+            "verify",
+            "--store",
+            store,
+            "--trusted-public-key",
+            &bed.public,
+        ])
+        .args(args)
+        .envs(bed.s3.credentials_env())
+        .env_remove("CI")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Runs verify with --json and returns the exit code and the report.
+fn verify_json(bed: &Bed, store: &str, args: &[&str]) -> (Option<i32>, Value) {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let o = verify(bed, store, &all);
+    let report = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("no JSON ({e}); stderr: {}", text(&o.stderr)));
+    (o.status.code(), report)
+}
+
+/// (subject, kind) of every problem in a report.
+fn problems(report: &Value) -> BTreeSet<(String, String)> {
+    report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["subject"].as_str().unwrap().to_owned(),
+                p["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn assert_clean(bed: &Bed, store: &str, args: &[&str], narinfos: u64, key: &str) {
+    let (code, report) = verify_json(bed, store, args);
+    assert_eq!(code, Some(0), "{store} {args:?}: {report:#}");
+    assert!(problems(&report).is_empty(), "{report:#}");
+    assert_eq!(report["narinfos"], narinfos, "{report:#}");
+    assert_eq!(report["signed_by"][key], narinfos, "{report:#}");
+    assert!(report["nar_bytes"].as_u64().unwrap() > 0);
+}
+
+fn hash_part(p: &str) -> String {
+    p.parse::<StorePath>().unwrap().hash_part().to_owned()
+}
+
+#[test]
+fn caches_written_by_nixpush_verify_clean_over_s3_http_and_file() {
+    let bed = Bed::new();
+    let roots = bed.nix.build(&chain_and_diamond());
+    let args: Vec<&str> = roots.iter().map(String::as_str).collect();
+    let s3 = bed.s3.store_url("compression=zstd");
+    bed.push_ok(&s3, &args);
+    let dir = bed.dir.path().join("file-cache");
+    let file = format!("file://{}", dir.display());
+    bed.push_ok(&format!("{file}?compression=xz"), &args);
+
+    for store in [s3.as_str(), bed.s3.http_url.as_str(), file.as_str()] {
+        assert_clean(&bed, store, &args, 7, "nixpush-test-1");
+    }
+    // The closure is followed from one root alone.
+    let closure = bed.nix.requisites(&roots[..1]).len() as u64;
+    assert!(closure > 1);
+    assert_clean(&bed, &s3, &args[..1], closure, "nixpush-test-1");
+    assert_clean(&bed, &file, &["--all"], 7, "nixpush-test-1");
+    let (code, report) = verify_json(&bed, &s3, &["--all"]);
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_eq!(report["narinfos"], 7);
+    // Paths with identical contents share a NAR object, which is read once.
+    let nar_objects = bed
+        .s3
+        .keys()
+        .iter()
+        .filter(|k| k.starts_with("nar/"))
+        .count();
+    assert_eq!(report["nars"], nar_objects as u64);
+
+    // Without --json: nothing on stdout, a summary naming the key on stderr.
+    let o = verify(&bed, &s3, &args);
+    assert!(o.status.success());
+    assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains(&format!("verified 7 narinfos and {nar_objects} NARs"))
+            && err.contains("no problems")
+            && err.contains("signed by nixpush-test-1 (7)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn caches_written_by_nix_copy_verify_clean() {
+    let bed = Bed::new();
+    let roots = bed.nix.build(&chain_and_diamond());
+    let dir = bed.dir.path().join("nix-copy-cache");
+    let file = format!("file://{}", dir.display());
+    // Nix 2.8's own uploads: xz to a directory, and HTTP PUTs to the server's anonymous side.
+    for to in [&file, &bed.s3.http_url] {
+        let mut copy = bed.nix.cmd("nix");
+        copy.args(["copy", "--to", &format!("{to}?secret-key={}", bed.secret)])
+            .args(&roots);
+        nixpush_testbed::check("nix copy", copy.output().unwrap());
+    }
+    let nix_narinfo: NarInfo =
+        fs::read_to_string(dir.join(format!("{}.narinfo", hash_part(&roots[0]))))
+            .unwrap()
+            .parse()
+            .unwrap();
+    assert_eq!(nix_narinfo.compression, "xz", "Nix 2.8 wrote this cache");
+    let args: Vec<&str> = roots.iter().map(String::as_str).collect();
+    assert_clean(&bed, &file, &args, 7, "nixpush-test-1");
+    assert_clean(&bed, &file, &["--all"], 7, "nixpush-test-1");
+    assert_clean(&bed, &bed.s3.http_url, &args, 7, "nixpush-test-1");
+    assert_clean(&bed, &bed.s3.store_url(""), &["--all"], 7, "nixpush-test-1");
+}
+
+/// Rewrites a narinfo in place through `change`, re-signing it with `key` when given.
+fn edit_narinfo(
+    path: &std::path::Path,
+    key: Option<&SecretKey>,
+    change: impl FnOnce(&mut NarInfo),
+) {
+    let mut info: NarInfo = fs::read_to_string(path).unwrap().parse().unwrap();
+    change(&mut info);
+    if let Some(key) = key {
+        info.sigs.clear();
+        info.sign(key).unwrap();
+    }
+    fs::write(path, info.to_string()).unwrap();
+}
+
+#[test]
+fn each_injected_fault_is_found_and_named() {
+    let bed = Bed::new();
+    let names = [
+        "flipped",
+        "truncated",
+        "no-nar",
+        "wrong-hash",
+        "bad-sig",
+        "untrusted",
+        "fine",
+    ];
+    let exprs: Vec<String> = names
+        .iter()
+        .map(|n| {
+            format!(
+                "({})",
+                derivation(&format!("fault-{n}"), &format!("echo {n} > $out"))
+            )
+        })
+        .collect();
+    let paths = bed.nix.build(&format!("[ {} ]", exprs.join(" ")));
+    let (top, dep) = bed
+        .nix
+        .build_pair("fault-dep", "echo dep > $out", "fault-top");
+    let mut all: Vec<&str> = paths.iter().map(String::as_str).collect();
+    all.push(&top);
+    // Uncompressed, so that a flipped byte survives to be caught by the hashes rather than the
+    // decompressor; truncation of a compressed NAR is checked in the unit tests.
+    let url = bed.s3.store_url("compression=none");
+    bed.push_ok(&url, &all);
+    assert_clean(&bed, &url, &all, 9, "nixpush-test-1");
+
+    let path = |n: &str| paths[names.iter().position(|x| *x == n).unwrap()].clone();
+    let narinfo_file = |p: &str| bed.s3.object(&format!("{}.narinfo", hash_part(p)));
+    let nar_of = |p: &str| {
+        let info: NarInfo = fs::read_to_string(narinfo_file(p))
+            .unwrap()
+            .parse()
+            .unwrap();
+        info.url
+    };
+    let ours: SecretKey = fs::read_to_string(&bed.secret).unwrap().parse().unwrap();
+    let stranger = SecretKey::generate("stranger-1").unwrap();
+
+    // A flipped byte in the middle of a NAR.
+    let f = bed.s3.object(&nar_of(&path("flipped")));
+    let mut bytes = fs::read(&f).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    fs::write(&f, bytes).unwrap();
+    // A NAR cut short.
+    let f = bed.s3.object(&nar_of(&path("truncated")));
+    let len = fs::metadata(&f).unwrap().len();
+    fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 16)
+        .unwrap();
+    // A NAR gone.
+    let missing_nar = nar_of(&path("no-nar"));
+    fs::remove_file(bed.s3.object(&missing_nar)).unwrap();
+    // A narinfo whose NarHash is wrong, though properly signed (a buggy uploader).
+    edit_narinfo(&narinfo_file(&path("wrong-hash")), Some(&ours), |i| {
+        i.nar_hash = nixpush_format::Sha256::digest(b"something else");
+    });
+    // A signature that does not verify.
+    let f = narinfo_file(&path("bad-sig"));
+    let t = fs::read_to_string(&f).unwrap();
+    let sig = t
+        .lines()
+        .find(|l| l.starts_with("Sig: "))
+        .unwrap()
+        .to_owned();
+    let i = sig.len() - 10;
+    let mut bad = sig.clone();
+    bad.replace_range(i..i + 1, if &sig[i..i + 1] == "A" { "B" } else { "A" });
+    fs::write(&f, t.replace(&sig, &bad)).unwrap();
+    // A valid signature, by a key nobody trusts.
+    edit_narinfo(&narinfo_file(&path("untrusted")), Some(&stranger), |_| {});
+    // A reference whose narinfo is gone (its NAR stays, and becomes an orphan).
+    let dep_nar = nar_of(&dep);
+    fs::remove_file(narinfo_file(&dep)).unwrap();
+    // A NAR no narinfo points to.
+    let orphan = "nar/0000000000000000000000000000000000000000000000000000.nar";
+    fs::write(bed.s3.object(orphan), b"orphan").unwrap();
+
+    let expected: BTreeSet<(String, String)> = [
+        (path("flipped"), "file_hash_mismatch"),
+        (path("truncated"), "file_size_mismatch"),
+        (path("no-nar"), "nar_missing"),
+        (path("wrong-hash"), "nar_hash_mismatch"),
+        (path("bad-sig"), "bad_signature"),
+        (path("untrusted"), "untrusted_signatures"),
+        (top.clone(), "reference_missing"),
+    ]
+    .into_iter()
+    .map(|(s, k)| (s, k.to_owned()))
+    .collect();
+
+    // Following closures from the paths.
+    let (code, report) = verify_json(&bed, &url, &all);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(problems(&report), expected, "{report:#}");
+
+    // The whole bucket: the same, plus the two NARs nothing points to.
+    let (code, report) = verify_json(&bed, &url, &["--all"]);
+    assert_eq!(code, Some(1), "{report:#}");
+    let mut with_orphans = expected.clone();
+    with_orphans.insert((orphan.to_owned(), "orphan_nar".to_owned()));
+    with_orphans.insert((dep_nar, "orphan_nar".to_owned()));
+    assert_eq!(problems(&report), with_orphans, "{report:#}");
+
+    // The human report: one line per problem on stdout, naming the path and the problem.
+    let o = verify(&bed, &url, &all);
+    assert_eq!(o.status.code(), Some(1));
+    let out = text(&o.stdout);
+    assert_eq!(out.lines().count(), expected.len(), "{out}");
+    for (needle_path, needle) in [
+        (path("flipped"), "is corrupt: its hash is"),
+        (path("truncated"), "is truncated"),
+        (
+            path("no-nar"),
+            &format!("NAR object {missing_nar} is missing") as &str,
+        ),
+        (path("wrong-hash"), "narinfo NarHash says"),
+        (
+            path("bad-sig"),
+            "signature by nixpush-test-1 does not verify",
+        ),
+        (path("untrusted"), "signed only by stranger-1"),
+        (top.clone(), &format!("reference {dep} has no narinfo")),
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("{needle_path}: ")) && l.contains(needle)),
+            "no line for {needle_path} with {needle:?} in:\n{out}"
+        );
+    }
+    assert!(
+        text(&o.stderr).contains("7 problems found"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn leftovers_in_a_directory_cache_are_reported_and_kept() {
+    let bed = Bed::new();
+    let out = bed
+        .nix
+        .build(&derivation("leftover", "echo leftover > $out"));
+    let dir = bed.dir.path().join("cache");
+    let file = format!("file://{}", dir.display());
+    bed.push_ok(&file, &[&out[0]]);
+    // What a crash in the middle of writing a NAR leaves behind.
+    let temp = dir.join("nar/.nixpush-interrupted");
+    fs::write(&temp, b"partial").unwrap();
+    let (code, report) = verify_json(&bed, &file, &["--all"]);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(
+        problems(&report),
+        [(
+            "nar/.nixpush-interrupted".to_owned(),
+            "incomplete_upload".to_owned()
+        )]
+        .into()
+    );
+    assert!(temp.exists(), "verify deletes nothing");
+    // Paths alone do not look for leftovers.
+    assert_clean(&bed, &file, &[&out[0]], 1, "nixpush-test-1");
+}
+
+#[test]
+fn what_stops_an_audit_is_a_clear_error_with_exit_2() {
+    let bed = Bed::new();
+    let out = bed.nix.build(&derivation("audit-errors", "echo e > $out"));
+    let url = bed.s3.store_url("");
+    bed.push_ok(&url, &[&out[0]]);
+    let path = out[0].as_str();
+
+    let fails = |o: Output, expect: &str| {
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{expect}: {err}");
+        assert!(err.contains(expect), "expected {expect:?} in: {err}");
+    };
+    let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .args([
+            "verify",
+            "--store",
+            &url,
+            "--trusted-public-key",
+            &bed.public,
+            path,
+        ])
+        .envs(bed.s3.credentials_env())
+        .env("AWS_SECRET_ACCESS_KEY", "wrong")
+        .output()
+        .unwrap();
+    fails(o, "access denied to bucket `cache`");
+    fails(
+        verify(
+            &bed,
+            "s3://cache?endpoint=http://127.0.0.1:1&region=us-east-1",
+            &[path],
+        ),
+        "cannot reach the S3 endpoint",
+    );
+    fails(verify(&bed, "ftp://x", &[path]), "is not supported");
+    fails(
+        verify(&bed, &bed.s3.http_url, &["--all"]),
+        "cannot be listed: --all needs an s3:// or file:// cache",
+    );
+    fails(
+        verify(&bed, "file:///nonexistent/cache", &[path]),
+        "/nonexistent/cache",
+    );
+    fails(
+        verify(&bed, &url, &["--trusted-public-key", "nokey", path]),
+        "\"nokey\" is neither a public key nor a file",
+    );
+    fails(
+        verify(&bed, &url, &["/tmp"]),
+        "/tmp is not in the Nix store",
+    );
+
+    // A path that is not in the cache is a finding, not an error.
+    let absent = bed.nix.build(&derivation("audit-absent", "echo a > $out"));
+    let o = verify(&bed, &url, &[&absent[0]]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stdout).trim(),
+        format!("{}: not in the cache (no narinfo)", absent[0])
+    );
+}
