@@ -17,36 +17,11 @@ BED_EXTRA_CONF="max-jobs = 4"
 bed_start "$WORK"
 "$NIXPUSH" keygen bench-1 "$WORK/sk" "$WORK/pk" > /dev/null
 NONCE="bench-$(date +%s%N)"
+BENCH_NIX="$REPO/bench/bench.nix"
 
-cat > "$WORK/bench.nix" <<'NIX'
-{ nonce, sizeMb, paths }:
-let
-  sh = name: script: extra: derivation ({
-    inherit name nonce;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    PATH = "/usr/bin:/bin";
-    args = [ "-c" script ];
-  } // extra);
-  third = toString (sizeMb * 1000000 / 3);
-  # A third each: incompressible, text, and machine code (the system's binaries, repeated).
-  big = sh "bench-mixed" ''
-    mkdir $out
-    head -c ${third} /dev/urandom > $out/random
-    seq 1 1000000000 | head -c ${third} > $out/text
-    for i in $(seq 1 100); do cat /usr/bin/* 2>/dev/null; done | head -c ${third} > $out/binaries
-  '' {};
-  # Each member references its predecessor and its "parent" i/2, so the last one's closure is all.
-  many = builtins.genList (i: sh "bench-small-${toString i}" ''
-    mkdir $out
-    echo $deps > $out/refs
-    seq ${toString i} 1000 > $out/data
-  '' { deps = if i == 0 then [] else [ (builtins.elemAt many (i - 1)) (builtins.elemAt many (i / 2)) ]; }) paths;
-in { inherit big; small = builtins.elemAt many (paths - 1); }
-NIX
 say "building the $SIZE_MB MB mixed path and the $PATHS-path closure"
-BIG=$(nix-build --no-out-link "$WORK/bench.nix" -A big --argstr nonce "$NONCE" --arg sizeMb "$SIZE_MB" --arg paths "$PATHS")
-SMALL=$(nix-build --no-out-link "$WORK/bench.nix" -A small --argstr nonce "$NONCE" --arg sizeMb "$SIZE_MB" --arg paths "$PATHS" 2>/dev/null)
+BIG=$(nix-build --no-out-link "$BENCH_NIX" -A big --argstr nonce "$NONCE" --arg sizeMb "$SIZE_MB" --arg paths "$PATHS")
+SMALL=$(nix-build --no-out-link "$BENCH_NIX" -A small --argstr nonce "$NONCE" --arg sizeMb "$SIZE_MB" --arg paths "$PATHS" 2>/dev/null)
 echo "big:   $BIG ($(du -sh "$BIG" | cut -f1))"
 echo "small: $(nix-store -qR "$SMALL" | wc -l) paths"
 

@@ -1,0 +1,25 @@
+# Derivations for the benchmarks: a large path of mixed content, and a closure of many small paths.
+{ nonce, sizeMb, paths }:
+let
+  sh = name: script: extra: derivation ({
+    inherit name nonce;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    args = [ "-c" script ];
+  } // extra);
+  third = toString (sizeMb * 1000000 / 3);
+  # A third each: incompressible, text, and machine code (the system's binaries, repeated).
+  big = sh "bench-mixed" ''
+    mkdir $out
+    head -c ${third} /dev/urandom > $out/random
+    seq 1 1000000000 | head -c ${third} > $out/text
+    for i in $(seq 1 100); do cat /usr/bin/* 2>/dev/null; done | head -c ${third} > $out/binaries
+  '' {};
+  # Each member references its predecessor and its "parent" i/2, so the last one's closure is all.
+  many = builtins.genList (i: sh "bench-small-${toString i}" ''
+    mkdir $out
+    echo $deps > $out/refs
+    seq ${toString i} 1000 > $out/data
+  '' { deps = if i == 0 then [] else [ (builtins.elemAt many (i - 1)) (builtins.elemAt many (i / 2)) ]; }) paths;
+in { inherit big; small = builtins.elemAt many (paths - 1); }
