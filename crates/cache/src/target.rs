@@ -4,7 +4,7 @@
 use std::io::{self, Read};
 use std::path::Path;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::{CacheError, Location, StoreUrl};
@@ -167,9 +167,45 @@ impl Read for ObjectReader {
     }
 }
 
-/// Chunks in flight between the network task and the reader. Small: memory must not grow with the
+/// Chunks in flight between the network task and the reader. Few: memory must not grow with the
 /// object's size when the reader (decompression, hashing) is slower than the network.
 const CHUNKS_IN_FLIGHT: usize = 4;
+/// Network reads arrive in pieces of a few KiB; handing each to the reader costs a wake-up, so
+/// they are gathered into chunks of this size first.
+const CHUNK: usize = 256 * 1024;
+
+/// The async end of a download: gathers network reads into chunks for the [`ChunkReader`].
+pub(crate) struct ChunkSender {
+    tx: mpsc::Sender<Result<Bytes, String>>,
+    buf: BytesMut,
+}
+
+impl ChunkSender {
+    /// Adds downloaded bytes. False when the reader is gone and the download should stop.
+    pub async fn push(&mut self, data: &[u8]) -> bool {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() < CHUNK {
+            return true;
+        }
+        let chunk = self.buf.split().freeze();
+        self.tx.send(Ok(chunk)).await.is_ok()
+    }
+
+    /// Ends the object: what is gathered goes out, then end of file.
+    pub async fn finish(mut self) {
+        if !self.buf.is_empty() {
+            let _ = self.tx.send(Ok(self.buf.split().freeze())).await;
+        }
+    }
+
+    /// Ends the object with an error the reader will return after the bytes before it.
+    pub async fn fail(mut self, message: String) {
+        if !self.buf.is_empty() {
+            let _ = self.tx.send(Ok(self.buf.split().freeze())).await;
+        }
+        let _ = self.tx.send(Err(message)).await;
+    }
+}
 
 /// The blocking end of a download: chunks sent by an async task, read by a blocking thread.
 pub struct ChunkReader {
@@ -178,10 +214,13 @@ pub struct ChunkReader {
 }
 
 impl ChunkReader {
-    fn channel() -> (mpsc::Sender<Result<Bytes, String>>, ChunkReader) {
+    pub(crate) fn channel() -> (ChunkSender, ChunkReader) {
         let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
         (
-            tx,
+            ChunkSender {
+                tx,
+                buf: BytesMut::with_capacity(CHUNK),
+            },
             ChunkReader {
                 rx,
                 current: Bytes::new(),

@@ -95,18 +95,18 @@ impl HttpTarget {
         let Some(mut response) = self.send(reqwest::Method::GET, key).await? else {
             return Ok(None);
         };
-        let (tx, reader) = ChunkReader::channel();
+        let (mut tx, reader) = ChunkReader::channel();
         let url = self.url(key);
         tokio::spawn(async move {
             loop {
-                let chunk = match response.chunk().await {
-                    Ok(Some(c)) => Ok(c),
-                    Ok(None) => break,
-                    Err(e) => Err(format!("GET {url}: {}", error_chain(&e))),
-                };
-                let failed = chunk.is_err();
-                if tx.send(chunk).await.is_err() || failed {
-                    break;
+                match response.chunk().await {
+                    Ok(Some(c)) => {
+                        if !tx.push(&c).await {
+                            return;
+                        }
+                    }
+                    Ok(None) => return tx.finish().await,
+                    Err(e) => return tx.fail(format!("GET {url}: {}", error_chain(&e))).await,
                 }
             }
         });

@@ -231,17 +231,25 @@ impl S3Target {
             }
             Err(e) => return Err(self.classify(e, "GET", key)),
         };
-        let (tx, reader) = ChunkReader::channel();
+        let (mut tx, reader) = ChunkReader::channel();
         let mut body = out.body;
         let key = key.to_owned();
         tokio::spawn(async move {
             while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| format!("GET {key}: {}", DisplayErrorContext(&e)));
-                let failed = chunk.is_err();
-                if tx.send(chunk).await.is_err() || failed {
-                    break;
+                match chunk {
+                    Ok(c) => {
+                        if !tx.push(&c).await {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        return tx
+                            .fail(format!("GET {key}: {}", DisplayErrorContext(&e)))
+                            .await;
+                    }
                 }
             }
+            tx.finish().await
         });
         Ok(Some(ObjectReader::Stream(reader)))
     }
