@@ -502,17 +502,7 @@ impl Verifier {
             }
         }
         run.event(VerifyEvent::Queued(queue.len() as u64));
-        let mut running = JoinSet::new();
-        loop {
-            while running.len() < jobs
-                && let Some(item) = queue.pop_front()
-            {
-                running.spawn(check(self.shared.clone(), item));
-            }
-            let Some(joined) = running.join_next().await else {
-                break;
-            };
-            let report = joined.expect("narinfo check panicked");
+        self.drive(queue, jobs, |report| {
             if report.missing {
                 let Subject::Path(path) = &report.subject else {
                     unreachable!("closure items always name their path")
@@ -530,9 +520,9 @@ impl Verifier {
                     );
                 }
                 missing.insert(path.clone());
-                continue;
+                return Vec::new();
             }
-            let mut added = 0;
+            let mut more = Vec::new();
             if let Some(info) = &report.info {
                 for r in &info.references {
                     if *r == info.store_path {
@@ -549,18 +539,41 @@ impl Verifier {
                         referrers.push(info.store_path.clone());
                     } else {
                         seen.insert(r.clone(), vec![info.store_path.clone()]);
-                        queue.push_back(Item {
+                        more.push(Item {
                             key: narinfo_key(r),
                             expected: Some(r.clone()),
                         });
-                        added += 1;
                     }
                 }
             }
-            if added > 0 {
-                run.event(VerifyEvent::Queued(added));
+            if !more.is_empty() {
+                run.event(VerifyEvent::Queued(more.len() as u64));
             }
             run.checked(report);
+            more
+        })
+        .await;
+    }
+
+    /// Checks the queued narinfos, `jobs` at once. `handle` sees each report as it comes and
+    /// returns more narinfos to check.
+    async fn drive(
+        &self,
+        mut queue: VecDeque<Item>,
+        jobs: usize,
+        mut handle: impl FnMut(Report) -> Vec<Item>,
+    ) {
+        let mut running = JoinSet::new();
+        loop {
+            while running.len() < jobs
+                && let Some(item) = queue.pop_front()
+            {
+                running.spawn(check(self.shared.clone(), item));
+            }
+            let Some(joined) = running.join_next().await else {
+                return;
+            };
+            queue.extend(handle(joined.expect("narinfo check panicked")));
         }
     }
 
@@ -581,31 +594,21 @@ impl Verifier {
         narinfos.sort();
         run.event(VerifyEvent::Queued(narinfos.len() as u64));
         let mut pointed_to = HashSet::new();
-        let mut queue: VecDeque<Item> = narinfos
+        let queue = narinfos
             .into_iter()
             .map(|key| Item {
                 key,
                 expected: None,
             })
             .collect();
-        let mut running = JoinSet::new();
-        loop {
-            while running.len() < jobs
-                && let Some(item) = queue.pop_front()
-            {
-                running.spawn(check(self.shared.clone(), item));
-            }
-            let Some(joined) = running.join_next().await else {
-                break;
-            };
-            let report = joined.expect("narinfo check panicked");
+        self.drive(queue, jobs, |report| {
             if report.missing {
                 // Listed a moment ago, gone now: someone is deleting from the cache meanwhile.
                 run.event(VerifyEvent::Note(format!(
                     "{} disappeared while the cache was being verified",
                     report.item_key
                 )));
-                continue;
+                return Vec::new();
             }
             if let Some(info) = &report.info {
                 pointed_to.insert(info.url.clone());
@@ -621,7 +624,9 @@ impl Verifier {
                 }
             }
             run.checked(report);
-        }
+            Vec::new()
+        })
+        .await;
         for (key, size) in nars {
             if !pointed_to.contains(&key) {
                 run.problem(Subject::Object(key), Problem::OrphanNar { size });

@@ -543,9 +543,13 @@ fn a_corrupt_path_fails_with_its_reason_and_can_be_retried() {
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["counts"]["failed"], 1);
 
-    // Repaired (here: the original contents back), `retry` publishes it.
+    // Repaired (here: the original contents back), `retry PATH` publishes it; naming another path
+    // requeues nothing.
     fs::write(Path::new(&outs[0]).join("f"), "ok\n").unwrap();
-    let o = f.nixpush().args(["retry", "--all"]).output().unwrap();
+    let other = "/nix/store/00000000000000000000000000000000-other";
+    let o = f.nixpush().args(["retry", other]).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("0 failed items queued again"));
+    let o = f.nixpush().args(["retry", &outs[0]]).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stdout).contains("1 failed items queued again"));
     f.wait_published(&outs);
 }

@@ -191,7 +191,11 @@ impl S3Target {
         }
     }
 
-    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+    /// GET, with `None` for a missing object.
+    async fn get_object(
+        &self,
+        key: &str,
+    ) -> Result<Option<aws_sdk_s3::operation::get_object::GetObjectOutput>, CacheError> {
         match self
             .client
             .get_object()
@@ -200,36 +204,30 @@ impl S3Target {
             .send()
             .await
         {
-            Ok(out) => {
-                let body = out.body.collect().await.map_err(|e| CacheError::S3 {
-                    operation: "GET",
-                    key: key.to_owned(),
-                    message: e.to_string(),
-                    status: None,
-                })?;
-                Ok(Some(body.to_vec()))
-            }
+            Ok(out) => Ok(Some(out)),
             Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
             Err(e) => Err(self.classify(e, "GET", key)),
         }
     }
 
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let Some(out) = self.get_object(key).await? else {
+            return Ok(None);
+        };
+        let body = out.body.collect().await.map_err(|e| CacheError::S3 {
+            operation: "GET",
+            key: key.to_owned(),
+            message: e.to_string(),
+            status: None,
+        })?;
+        Ok(Some(body.to_vec()))
+    }
+
     /// Streams the object's body through a bounded channel, so a slow reader holds back the
     /// download instead of buffering it.
     pub async fn read(&self, key: &str) -> Result<Option<ObjectReader>, CacheError> {
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(out) => out,
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => {
-                return Ok(None);
-            }
-            Err(e) => return Err(self.classify(e, "GET", key)),
+        let Some(out) = self.get_object(key).await? else {
+            return Ok(None);
         };
         let (mut tx, reader) = ChunkReader::channel();
         let mut body = out.body;
