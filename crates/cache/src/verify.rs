@@ -59,7 +59,7 @@ pub enum Problem {
     NarInfoInvalid {
         message: String,
     },
-    /// The narinfo stored under this path's hash describes another path.
+    /// The narinfo stored under a path's hash describes another path.
     NarInfoWrongPath {
         found: StorePath,
     },
@@ -172,7 +172,10 @@ impl fmt::Display for Problem {
             Problem::NotInCache => f.write_str("not in the cache (no narinfo)"),
             Problem::NarInfoInvalid { message } => write!(f, "narinfo does not parse: {message}"),
             Problem::NarInfoWrongPath { found } => {
-                write!(f, "narinfo under this hash describes another path, {found}")
+                write!(
+                    f,
+                    "narinfo describes {found}, not the path its name stands for"
+                )
             }
             Problem::Unsigned => f.write_str("narinfo has no signatures"),
             Problem::UntrustedSignatures { keys } => write!(
@@ -764,9 +767,11 @@ async fn check(shared: Arc<Shared>, item: Item) -> Report {
         report.problems.push(Problem::NarInfoWrongPath {
             found: info.store_path.clone(),
         });
-        if let Some(expected) = &item.expected {
-            report.subject = Subject::Path(expected.clone());
-        }
+        // Named by what was asked for (the path, or the object), not by what the file claims.
+        report.subject = match &item.expected {
+            Some(expected) => Subject::Path(expected.clone()),
+            None => Subject::Object(item.key.clone()),
+        };
     }
     let (signed_by, sig_problems) = signatures(&info, &shared.trusted);
     report.signed_by = signed_by;

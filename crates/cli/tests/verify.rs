@@ -303,7 +303,7 @@ fn each_injected_fault_is_found_and_named() {
 }
 
 #[test]
-fn leftovers_in_a_directory_cache_are_reported_and_kept() {
+fn leftovers_misplaced_narinfos_and_cache_info_are_reported() {
     let bed = Bed::new();
     let out = bed
         .nix
@@ -327,6 +327,41 @@ fn leftovers_in_a_directory_cache_are_reported_and_kept() {
     assert!(temp.exists(), "verify deletes nothing");
     // Paths alone do not look for leftovers.
     assert_clean(&bed, &file, &[&out[0]], 1, "nixpush-test-1");
+    fs::remove_file(&temp).unwrap();
+
+    // A narinfo stored under another path's hash.
+    let other = "0000000000000000000000000000000a";
+    let copied = dir.join(format!("{other}.narinfo"));
+    fs::copy(dir.join(format!("{}.narinfo", hash_part(&out[0]))), &copied).unwrap();
+    let (code, report) = verify_json(&bed, &file, &["--all"]);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(
+        problems(&report),
+        [(format!("{other}.narinfo"), "narinfo_wrong_path".to_owned())].into()
+    );
+    fs::remove_file(&copied).unwrap();
+
+    // nix-cache-info for another store directory, then none at all.
+    let info = dir.join("nix-cache-info");
+    let text = fs::read_to_string(&info).unwrap();
+    fs::write(
+        &info,
+        text.replace("StoreDir: /nix/store", "StoreDir: /gnu/store"),
+    )
+    .unwrap();
+    let (code, report) = verify_json(&bed, &file, &[&out[0]]);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(
+        problems(&report),
+        [("nix-cache-info".to_owned(), "store_dir_mismatch".to_owned())].into()
+    );
+    fs::remove_file(&info).unwrap();
+    let (code, report) = verify_json(&bed, &file, &[&out[0]]);
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(
+        problems(&report),
+        [("nix-cache-info".to_owned(), "cache_info_missing".to_owned())].into()
+    );
 }
 
 #[test]
