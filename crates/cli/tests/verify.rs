@@ -426,3 +426,23 @@ fn what_stops_an_audit_is_a_clear_error_with_exit_2() {
         format!("{}: not in the cache (no narinfo)", absent[0])
     );
 }
+
+#[test]
+fn all_lists_beyond_one_page_of_the_bucket() {
+    let bed = Bed::new();
+    let out = bed
+        .nix
+        .build(&derivation("many-objects", "echo many > $out"));
+    let url = bed.s3.store_url("");
+    bed.push_ok(&url, &[&out[0]]);
+    // S3 lists 1,000 keys per page.
+    for i in 0..1500 {
+        fs::write(bed.s3.object(&format!("nar/orphan-{i}.nar")), b"x").unwrap();
+    }
+    let (code, report) = verify_json(&bed, &url, &["--all"]);
+    assert_eq!(code, Some(1));
+    let found = problems(&report);
+    assert_eq!(found.len(), 1500, "{report:#}");
+    assert!(found.iter().all(|(_, kind)| kind == "orphan_nar"));
+    assert_eq!(report["narinfos"], 1);
+}
