@@ -387,6 +387,28 @@ fn unset_out_paths_are_resolved_from_drv_path() {
 }
 
 #[test]
+fn a_derivation_whose_outputs_were_never_built_ends_as_gone() {
+    let mut f = Flow::with_hook("", false);
+    // Instantiated, not built: a hook can name such a .drv when its build failed.
+    let drv = f.nix.run(
+        "nix-instantiate",
+        &["-E", &derivation("never-built", "echo n > $out")],
+    );
+    let drv = drv.trim().to_owned();
+    assert!(f.hook(None, Some(&drv)).status.success());
+    f.start_daemon();
+    wait_for("the item to be settled", || {
+        f.queue_items() == vec![(drv.clone(), State::Gone)]
+    });
+    assert!(f.log().contains("gone from the store"), "{}", f.log());
+    assert!(
+        !f.s3.keys().iter().any(|k| k.ends_with(".narinfo")),
+        "{:?}",
+        f.s3.keys()
+    );
+}
+
+#[test]
 fn bad_input_to_the_hook_never_fails_and_keeps_the_valid_paths() {
     use std::os::unix::ffi::OsStringExt;
     let f = Flow::with_hook("", false);
