@@ -424,6 +424,14 @@ fn decode<R: Read>(raw: &mut R, compression: Compression) -> Decoded {
     }
 }
 
+/// What closure-following knows about a path's narinfo.
+enum Known {
+    /// Being checked; the paths that reference it, to be told if it turns out missing.
+    Pending(Vec<StorePath>),
+    Present,
+    Missing,
+}
+
 /// One narinfo to check: its key, and the path it should describe when known in advance.
 struct Item {
     key: String,
@@ -492,12 +500,13 @@ impl Verifier {
     }
 
     async fn closures(&self, run: &mut Run<'_>, roots: Vec<StorePath>, jobs: usize) {
-        // Paths whose narinfo was requested, with the paths that referenced them (none for roots).
-        let mut seen: HashMap<StorePath, Vec<StorePath>> = HashMap::new();
-        let mut missing: HashSet<StorePath> = HashSet::new();
+        let mut known: HashMap<StorePath, Known> = HashMap::new();
         let mut queue = VecDeque::new();
         for root in roots {
-            if seen.insert(root.clone(), Vec::new()).is_none() {
+            if known
+                .insert(root.clone(), Known::Pending(Vec::new()))
+                .is_none()
+            {
                 queue.push_back(Item {
                     key: narinfo_key(&root),
                     expected: Some(root),
@@ -506,11 +515,20 @@ impl Verifier {
         }
         run.event(VerifyEvent::Queued(queue.len() as u64));
         self.drive(queue, jobs, |report| {
+            let Subject::Path(path) = &report.subject else {
+                unreachable!("closure items always name their path")
+            };
+            let state = if report.missing {
+                Known::Missing
+            } else {
+                Known::Present
+            };
+            let referrers = match known.insert(path.clone(), state) {
+                Some(Known::Pending(r)) => r,
+                _ => Vec::new(),
+            };
             if report.missing {
-                let Subject::Path(path) = &report.subject else {
-                    unreachable!("closure items always name their path")
-                };
-                let referrers = seen.get(path).cloned().unwrap_or_default();
+                // Only roots have no referrers.
                 if referrers.is_empty() {
                     run.problem(report.subject.clone(), Problem::NotInCache);
                 }
@@ -522,30 +540,27 @@ impl Verifier {
                         },
                     );
                 }
-                missing.insert(path.clone());
                 return Vec::new();
             }
             let mut more = Vec::new();
             if let Some(info) = &report.info {
-                for r in &info.references {
-                    if *r == info.store_path {
-                        continue;
-                    }
-                    if missing.contains(r) {
-                        run.problem(
+                for r in info.references.iter().filter(|r| **r != info.store_path) {
+                    match known.get_mut(r) {
+                        Some(Known::Present) => {}
+                        Some(Known::Pending(referrers)) => referrers.push(info.store_path.clone()),
+                        Some(Known::Missing) => run.problem(
                             Subject::Path(info.store_path.clone()),
                             Problem::ReferenceMissing {
                                 reference: r.clone(),
                             },
-                        );
-                    } else if let Some(referrers) = seen.get_mut(r) {
-                        referrers.push(info.store_path.clone());
-                    } else {
-                        seen.insert(r.clone(), vec![info.store_path.clone()]);
-                        more.push(Item {
-                            key: narinfo_key(r),
-                            expected: Some(r.clone()),
-                        });
+                        ),
+                        None => {
+                            known.insert(r.clone(), Known::Pending(vec![info.store_path.clone()]));
+                            more.push(Item {
+                                key: narinfo_key(r),
+                                expected: Some(r.clone()),
+                            });
+                        }
                     }
                 }
             }
