@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end, on a fresh Debian machine (as root): a private nix-daemon whose
 # post-build-hook is nixpush-hook, `nixpush daemon` uploading to an S3 server (SigV4 checked), a
-# build, the daemon publishing it, the closure deleted from the store and substituted back by stock
-# Nix trusting only our key.
+# build, the daemon publishing it, `nixpush verify` auditing the bucket, the closure deleted from the
+# store and substituted back by stock Nix trusting only our key.
 source "$(dirname "$0")/lib.sh"
 ensure_test_deps
 build_nixpush
@@ -64,6 +64,9 @@ echo "bucket now holds:"; (cd "$WORK/s3/cache" && find . -type f | sort | sed 's
 
 say "nixpush push of the same closure: nothing left to upload"
 "$NIXPUSH" push --to "$S3_URL" --secret-key-file "$WORK/secret.key" "$OUT"
+
+say "nixpush verify: signatures, NAR hashes and closure completeness of the whole bucket"
+"$NIXPUSH" verify --store "$S3_URL" --trusted-public-key "$WORK/public.key" --all
 
 say "deleting the closure from the store"
 nix-store --delete $CLOSURE
