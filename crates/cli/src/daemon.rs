@@ -447,7 +447,7 @@ impl Worker {
                     &resolved,
                     &HashSet::new(),
                     &HashMap::new(),
-                    Some(e.to_string()),
+                    Some(Failure::transient(e.to_string())),
                 );
             }
         };
@@ -459,12 +459,13 @@ impl Worker {
                 Err(e) => {
                     let f = failure_of(&e);
                     tracing::warn!(error = %f.message, "cannot open the cache; will retry");
+                    // Keeps the server's Retry-After when opening was throttled.
                     return self.finish(
                         claimed,
                         &resolved,
                         &HashSet::new(),
                         &HashMap::new(),
-                        Some(f.message),
+                        Some(f),
                     );
                 }
             };
@@ -498,7 +499,7 @@ impl Worker {
         resolved: &[Result<Vec<StorePath>, StoreError>],
         ok: &HashSet<StorePath>,
         failed: &HashMap<StorePath, CacheError>,
-        batch_error: Option<String>,
+        batch_error: Option<Failure>,
     ) -> Vec<Outcome> {
         claimed
             .iter()
@@ -510,8 +511,8 @@ impl Worker {
                 }
                 Err(e) => self.retry(c, Failure::transient(e.to_string())),
                 Ok(roots) => {
-                    if let Some(e) = &batch_error {
-                        return self.retry(c, Failure::transient(e.clone()));
+                    if let Some(f) = &batch_error {
+                        return self.retry(c, f.clone());
                     }
                     match roots.iter().find(|p| !ok.contains(p)) {
                         None => Outcome::Done,

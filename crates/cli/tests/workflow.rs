@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use nixpush_format::{NarInfo, StorePath};
 use nixpush_queue::{Queue, State};
-use nixpush_testbed::{DaemonOptions, NixDaemon, S3Server, derivation, with_dependency};
+use nixpush_testbed::{
+    DaemonOptions, NixDaemon, S3Server, ThrottlingProxy, derivation, with_dependency,
+};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
@@ -285,6 +287,47 @@ fn an_endpoint_outage_delays_uploads_and_loses_nothing() {
         f.queue_items().iter().all(|(_, s)| *s == State::Done),
         "{:?}",
         f.queue_items()
+    );
+}
+
+#[test]
+fn throttling_is_retried_after_the_servers_retry_after() {
+    let mut f = Flow::with_hook("", false);
+    // The first connections are answered 503 SlowDown, Retry-After: 3, more than the SDK's own
+    // attempts at one request (3), so the daemon sees the throttling itself.
+    let proxy = ThrottlingProxy::start(&f.s3.endpoint, 3, 3);
+    let config = fs::read_to_string(&f.config).unwrap();
+    let config = config
+        .replace(
+            "region=us-east-1",
+            &format!("region=us-east-1&endpoint={}", proxy.endpoint),
+        )
+        .replace("retry-max-delay = 0.5", "retry-max-delay = 10");
+    fs::write(&f.config, config).unwrap();
+
+    let (outs, _) = f.build(&derivation("throttled", "echo t > $out"));
+    assert!(
+        f.hook(Some(std::ffi::OsStr::new(&outs[0])), None)
+            .status
+            .success()
+    );
+    f.start_daemon();
+    f.wait_published(&outs);
+
+    let log = proxy.log.lock().unwrap().clone();
+    let last_throttled = log.iter().rposition(|(_, t)| *t).expect("throttled");
+    let (throttled_at, _) = log[last_throttled];
+    let (next_at, _) = log[last_throttled + 1];
+    // Without Retry-After the first retry would come after the base delay, 50 ms at most.
+    assert!(
+        next_at - throttled_at >= Duration::from_millis(2900),
+        "retried {:?} after being throttled",
+        next_at - throttled_at
+    );
+    let daemon_log = f.log();
+    assert!(
+        daemon_log.contains("S3 is throttling requests"),
+        "{daemon_log}"
     );
 }
 

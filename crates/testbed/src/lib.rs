@@ -474,3 +474,106 @@ impl S3Server {
         out
     }
 }
+
+/// A loopback TCP relay in front of a real S3 server that answers the first `throttle` connections
+/// itself, the way S3 throttles (503 `SlowDown` with `Retry-After`), and relays every later one
+/// untouched, so SigV4 is still checked by the server behind it. s3s-fs never throttles; this is
+/// how the daemon's handling of throttling meets a real client stack.
+pub struct ThrottlingProxy {
+    /// `http://127.0.0.1:PORT`, to use as the S3 endpoint.
+    pub endpoint: String,
+    /// When each connection arrived, and whether it was throttled.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<(Instant, bool)>>>,
+}
+
+impl ThrottlingProxy {
+    pub fn start(upstream: &str, throttle: usize, retry_after_secs: u32) -> Self {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::{Arc, Mutex};
+
+        let upstream = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let log: Arc<Mutex<Vec<(Instant, bool)>>> = Arc::default();
+        let record = log.clone();
+        // The thread lives as long as the test process; connections end when either side closes.
+        std::thread::spawn(move || {
+            for (n, client) in listener.incoming().enumerate() {
+                let Ok(mut client) = client else { continue };
+                let throttled = n < throttle;
+                record.lock().unwrap().push((Instant::now(), throttled));
+                if throttled {
+                    std::thread::spawn(move || {
+                        let _ = slow_down(&mut client, retry_after_secs);
+                    });
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                relay(client, server);
+            }
+        });
+        ThrottlingProxy {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            log,
+        }
+    }
+}
+
+/// Reads one request (head and `Content-Length` body, so the client is not cut off mid-send) and
+/// answers it as S3 does when throttling.
+fn slow_down(client: &mut std::net::TcpStream, retry_after_secs: u32) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        let n = client.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut left = (head_end + length).saturating_sub(buf.len());
+    while left > 0 {
+        let n = client.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        left = left.saturating_sub(n);
+    }
+    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+                <Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+    write!(
+        client,
+        "HTTP/1.1 503 Slow Down\r\nRetry-After: {retry_after_secs}\r\nContent-Type: application/xml\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    client.flush()
+}
+
+/// Copies bytes both ways until each side closes its half.
+fn relay(client: std::net::TcpStream, server: std::net::TcpStream) {
+    for (mut from, mut to) in [
+        (client.try_clone().unwrap(), server.try_clone().unwrap()),
+        (server, client),
+    ] {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+    }
+}
