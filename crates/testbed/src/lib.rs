@@ -6,6 +6,8 @@
 //! - [`S3Server`]: `s3s-fs` on a free loopback port with an access key and secret key, so SigV4 is
 //!   really checked, plus a second, anonymous `s3s-fs` over the same data directory that Nix 2.8
 //!   (which has no S3 support) substitutes from over plain HTTP.
+//! - [`ThrottlingProxy`]: a relay in front of the S3 server that throttles the first connections
+//!   the way S3 does, for what s3s-fs cannot do itself.
 //!
 //! Both are killed when dropped, so a failing test (which unwinds) still cleans up.
 
