@@ -176,9 +176,13 @@ fn bind(socket: &Path, group: Option<&str>) -> Result<UnixListener> {
     Ok(listener)
 }
 
-async fn serve(settings: Settings, worker_queue: Queue) -> Result<()> {
+async fn serve(settings: Settings, queue: Queue) -> Result<()> {
     let listener = bind(&settings.socket, settings.socket_group.as_deref())?;
-    let intake = Arc::new(Mutex::new(Queue::open(&settings.state_dir)?));
+    // Hook requests and the worker share one connection. With two, a hook's commit that met the
+    // worker's write lock waited in SQLite's busy handler, which sleeps in steps of milliseconds;
+    // the mutex hands over as soon as the worker's transaction ends.
+    let queue = Arc::new(Mutex::new(queue));
+    let intake = queue.clone();
     let work = Arc::new(Notify::new());
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
@@ -213,7 +217,7 @@ async fn serve(settings: Settings, worker_queue: Queue) -> Result<()> {
     };
     let mut worker = Worker {
         settings,
-        queue: Arc::new(Mutex::new(worker_queue)),
+        queue,
         store: None,
         cache: None,
     };

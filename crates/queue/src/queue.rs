@@ -163,14 +163,11 @@ impl Queue {
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(err)?;
-        // A hook is often the database's only connection; checkpointing the WAL as it closes would
-        // add fsyncs to every build. The WAL stays bounded all the same: any connection's commit
-        // checkpoints it once it passes 1000 pages (SQLite's wal_autocheckpoint).
-        conn.set_db_config(
-            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-            true,
-        )
-        .map_err(err)?;
+        // The last connection to close checkpoints the WAL and removes it (SQLite's default; keep
+        // it). Hooks with the daemon down each open, commit once and close: a WAL left behind is
+        // never reset, since the checkpoint progress lives in shared memory that the next opener
+        // rebuilds by reading the whole WAL. With the daemon up, its connection stays open and a
+        // hook's close costs nothing.
         conn.execute_batch(SCHEMA).map_err(err)?;
         Ok(Queue { conn, path })
     }
