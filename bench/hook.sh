@@ -3,10 +3,11 @@
 #   1. nixpush-hook latency, p50/p99 over N runs, with the daemon up and with it down;
 #   2. 100 trivial builds through a private nix-daemon with post-build-hook set to /bin/true (the
 #      floor), to nixpush-hook (daemon up), and to the documented recipe (`nix copy` in the hook).
-# Usage: bench/hook.sh [RUNS] [BUILDS]
+# Usage: bench/hook.sh [RUNS] [BUILDS] [ROUNDS]
 source "$(dirname "$0")/../scripts/lib.sh"
 RUNS="${1:-1000}"
 BUILDS="${2:-100}"
+ROUNDS="${3:-3}"
 ensure_test_deps
 build_nixpush
 HOOK="$NIXPUSH_HOOK"
@@ -104,23 +105,45 @@ exec nix copy --to "http://127.0.0.1:$ANON_PORT/recipe?compression=zstd&secret-k
 SH
 chmod +x "$WORK/recipe-hook.sh"
 
-say "$BUILDS trivial builds per hook"
-read -r _ noop_ms noop_n _ < <(builds noop /bin/true)
-# Daemon down: the hook commits to the queue itself and nothing uploads during the builds, which
-# isolates what the hook costs the build loop from what concurrent uploads cost a 2-core machine.
-read -r _ direct_ms direct_n _ < <(builds nixpush-direct "$HOOK")
-start_daemon
-read -r _ np_ms np_n np_lines < <(builds nixpush "$HOOK")
-# Proof the hook did its job: every build's outputs end up in the bucket.
-wait_for "the daemon to publish the builds" sh -c "[ \$(ls '$WORK/s3/cache' | grep -c 'narinfo\$') -ge $BUILDS ]"
-stop_daemon
-read -r _ recipe_ms recipe_n _ < <(builds recipe "$WORK/recipe-hook.sh")
-echo "nixpush-hook printed $np_lines lines into the build log; bucket 'cache' has $(ls "$WORK/s3/cache" | grep -c 'narinfo$') narinfos"
+narinfos() { ls "$WORK/s3/cache" | grep -c 'narinfo$' || true; }
+published_at_least() { [ "$(narinfos)" -ge "$1" ]; }
+
+# Rounds alternate the hooks, so that a slow moment of the shared machine does not land on one of
+# them alone; the medians are compared.
+say "$BUILDS trivial builds per hook, $ROUNDS rounds"
+noop=(); direct=(); up=(); expected=0; lines=0
+for round in $(seq 1 "$ROUNDS"); do
+    read -r _ ms _ _ < <(builds "noop-$round" /bin/true); noop+=("$ms")
+    # Daemon down: the hook commits to the queue itself and nothing uploads during the builds,
+    # which isolates what the hook costs the build loop from what concurrent uploads cost.
+    read -r _ ms _ _ < <(builds "down-$round" "$HOOK"); direct+=("$ms")
+    # Those builds are uploaded before the next measurement, so that it sees only its own uploads.
+    start_daemon
+    expected=$((expected + BUILDS))
+    wait_for "the daemon to publish the builds made while it was down" published_at_least "$expected"
+    read -r _ ms _ n < <(builds "up-$round" "$HOOK"); up+=("$ms"); lines=$((lines + n))
+    # Proof the hook did its job: every build's outputs end up in the bucket.
+    expected=$((expected + BUILDS))
+    wait_for "the daemon to publish the builds" published_at_least "$expected"
+    stop_daemon
+done
+read -r _ recipe_ms _ _ < <(builds recipe "$WORK/recipe-hook.sh")
+echo "nixpush-hook printed $lines 'queued' lines into the build logs with the daemon up; bucket 'cache' has $(narinfos) narinfos"
 echo "the recipe's nix copy put $(ls "$WORK/s3/recipe" | grep -c 'narinfo$') narinfos in bucket 'recipe'"
 echo
-printf '%-34s %8s %8s\n' "post-build-hook" "builds" "wall"
-printf '%-34s %8s %6s ms\n' "/bin/true (floor)" "$noop_n" "$noop_ms"
-printf '%-34s %8s %6s ms  (%s x floor)\n' "nixpush-hook (daemon down)" "$direct_n" "$direct_ms" "$(python3 -c "print(f'{$direct_ms/$noop_ms:.2f}')")"
-printf '%-34s %8s %6s ms  (%s x floor)\n' "nixpush-hook (daemon up, uploading)" "$np_n" "$np_ms" "$(python3 -c "print(f'{$np_ms/$noop_ms:.2f}')")"
-printf '%-34s %8s %6s ms  (%s x floor)\n' "recipe: nix copy in the hook" "$recipe_n" "$recipe_ms" "$(python3 -c "print(f'{$recipe_ms/$noop_ms:.2f}')")"
+python3 - "$BUILDS" "${noop[*]}" "${direct[*]}" "${up[*]}" "$recipe_ms" <<'PY'
+import statistics, sys
+builds = sys.argv[1]
+noop, direct, up = ([int(x) for x in a.split()] for a in sys.argv[2:5])
+recipe = int(sys.argv[5])
+floor = statistics.median(noop)
+print(f"{builds} builds per run; median wall time over {len(noop)} rounds (all rounds in brackets)")
+def row(label, runs):
+    m = statistics.median(runs)
+    print(f"{label:<38} {m:7.0f} ms  {m / floor:5.2f} x floor   {runs}")
+row("/bin/true (floor)", noop)
+row("nixpush-hook (daemon down)", direct)
+row("nixpush-hook (daemon up, uploading)", up)
+row("recipe: nix copy in the hook (1 run)", [recipe])
+PY
 cat "$WORK/lat-down" "$WORK/lat-up"

@@ -35,6 +35,12 @@ use crate::push::{DEFAULT_JOBS, StoreSource, load_keys};
 const BATCH: usize = 1000;
 /// Hooks that cannot reach the daemon write the queue directly; look for such work this often.
 const POLL: Duration = Duration::from_secs(1);
+/// After a hook's request, more builds usually follow: wait until hooks pause this long (or
+/// [`GATHER_MAX`] passes) and upload them as one batch. One batch shares its closure walk, cache
+/// probes and queue transactions, and does not compete with each build for the CPU, which on a
+/// small builder slows the build loop itself.
+const GATHER_QUIET: Duration = Duration::from_millis(100);
+const GATHER_MAX: Duration = Duration::from_secs(1);
 
 /// Upload queued builds in the background (what nixpush-hook feeds)
 #[derive(clap::Args)]
@@ -282,6 +288,19 @@ async fn handle_hook(conn: UnixStream, intake: Arc<Mutex<Queue>>, work: Arc<Noti
     let _ = write.write_all(&out).await;
 }
 
+/// Waits for hook requests to pause; see [`GATHER_QUIET`].
+async fn gather(work: &Notify, stop: &mut watch::Receiver<bool>) {
+    let deadline = tokio::time::Instant::now() + GATHER_MAX;
+    loop {
+        tokio::select! {
+            _ = work.notified() => {}
+            _ = tokio::time::sleep(GATHER_QUIET) => return,
+            _ = tokio::time::sleep_until(deadline) => return,
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 struct Worker {
     settings: Settings,
     queue: Arc<Mutex<Queue>>,
@@ -342,7 +361,7 @@ impl Worker {
                     Duration::from_millis((t - nixpush_queue::now_ms()).max(0) as u64).min(POLL)
                 });
                 tokio::select! {
-                    _ = work.notified() => {}
+                    _ = work.notified() => gather(&work, &mut stop).await,
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop.changed() => {}
                 }
