@@ -4,10 +4,11 @@
 # s3s-fs over the same data directory; nixpush goes through the SigV4 endpoint.
 #   1. a 1 GB path of mixed content: wall time and peak RSS;
 #   2. a cold 500-path closure: wall time.
-# Each tool writes to a fresh bucket. Usage: bench/push.sh [SIZE_MB] [PATHS]
+# Each tool writes to a fresh bucket. Usage: bench/push.sh [SIZE_MB] [PATHS] [ROUNDS]
 source "$(dirname "$0")/../scripts/lib.sh"
 SIZE_MB="${1:-1000}"
 PATHS="${2:-500}"
+ROUNDS="${3:-5}"
 ensure_test_deps
 ensure_apt time
 build_nixpush
@@ -45,11 +46,19 @@ run() { # run TOOL BUCKET PATH: push PATH's closure into a fresh bucket with TOO
 say "$SIZE_MB MB path (zstd): nix copy, then nixpush"
 read -r copy_s copy_kb < <(run nix-copy copy-big "$BIG")
 read -r push_s push_kb < <(run nixpush push-big "$BIG")
-say "$PATHS-path closure, cold cache (zstd): nix copy, then nixpush"
-read -r copy_many_s _ < <(run nix-copy copy-many "$SMALL")
-read -r push_many_s _ < <(run nixpush push-many "$SMALL")
+# Seconds-long runs on a shared 2-core machine move by tens of percent: alternate the tools over
+# several rounds, each into a fresh bucket, and compare medians.
+say "$PATHS-path closure, cold cache (zstd): nix copy and nixpush alternately, $ROUNDS rounds"
+copy_runs=(); push_runs=()
+for round in $(seq 1 "$ROUNDS"); do
+    read -r s _ < <(run nix-copy "copy-many-$round" "$SMALL"); copy_runs+=("$s")
+    read -r s _ < <(run nixpush "push-many-$round" "$SMALL"); push_runs+=("$s")
+done
+median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END{print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
+copy_many_s=$(median "${copy_runs[@]}")
+push_many_s=$(median "${push_runs[@]}")
 
-for b in copy-big push-big copy-many push-many; do
+for b in copy-big push-big copy-many-1 push-many-1; do
     echo "$b: $(ls "$WORK/s3/$b" | grep -c narinfo) narinfos, $(du -sh "$WORK/s3/$b" | cut -f1)"
 done
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
@@ -58,3 +67,4 @@ printf '%-28s %12s %12s %8s\n' "" "nix copy" "nixpush" "ratio"
 printf '%-28s %11ss %11ss %8s\n' "$SIZE_MB MB path: wall time" "$copy_s" "$push_s" "$(ratio "$push_s" "$copy_s")"
 printf '%-28s %9s MiB %9s MiB %8s\n' "$SIZE_MB MB path: peak RSS" "$((copy_kb / 1024))" "$((push_kb / 1024))" "$(ratio "$push_kb" "$copy_kb")"
 printf '%-28s %11ss %11ss %8s\n' "$PATHS-path closure: wall" "$copy_many_s" "$push_many_s" "$(ratio "$push_many_s" "$copy_many_s")"
+echo "($PATHS-path closure: medians of $ROUNDS rounds; nix copy ${copy_runs[*]} s, nixpush ${push_runs[*]} s)"
