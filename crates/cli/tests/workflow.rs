@@ -277,6 +277,27 @@ fn builds_succeed_with_the_daemon_down_and_are_published_once_it_starts() {
 }
 
 #[test]
+fn hooks_that_come_in_a_burst_are_uploaded_as_one_batch() {
+    let mut f = Flow::with_hook("", false);
+    let (outs, _) = f.build(&many(10, "burst"));
+    f.start_daemon();
+    // Builds finishing one after another, each hook answered before the next build ends. Without
+    // gathering, an idle daemon starts a push for each one.
+    for p in &outs {
+        assert!(f.hook(Some(std::ffi::OsStr::new(p)), None).status.success());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f.wait_published(&outs);
+    let log = f.log();
+    let pushes = log.lines().filter(|l| l.contains(" pushing ")).count();
+    // One, or a few if the machine stalled for 100 ms between two hooks.
+    assert!(
+        (1..=3).contains(&pushes),
+        "{pushes} pushes for 10 hooks:\n{log}"
+    );
+}
+
+#[test]
 fn an_endpoint_outage_delays_uploads_and_loses_nothing() {
     let mut f = Flow::new("");
     f.start_daemon();
