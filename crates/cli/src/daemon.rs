@@ -4,9 +4,10 @@
 //! - On start: in-flight items left by a crash are queued again, leftover spool files are removed,
 //!   and multipart uploads a crash left behind are aborted (from the journal in `multipart/`).
 //! - The hook's socket: each request is committed to the queue before it is acknowledged.
-//! - The worker claims due items in batches, resolves derivations to outputs, pushes the closures
-//!   (see `nixpush_cache::Cache::push`), and completes every claimed item: done, gone (no longer in
-//!   the store), queued again after a backoff, or failed (permanent error, or retrying too long).
+//! - The worker waits for a burst of hook requests to pause, claims due items in batches, resolves
+//!   derivations to outputs, pushes the closures (see `nixpush_cache::Cache::push`), and completes
+//!   every claimed item: done, gone (no longer in the store), queued again after a backoff, or
+//!   failed (permanent error, or retrying too long).
 //! - SIGTERM/SIGINT: stop accepting, finish the batch in hand, exit 0. The hook meanwhile writes the
 //!   queue directly, so nothing built while the daemon is down is missed.
 

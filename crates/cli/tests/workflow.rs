@@ -130,20 +130,7 @@ impl Flow {
     fn log(&self) -> String {
         fs::read_to_string(&self.daemon_log).unwrap_or_default()
     }
-}
 
-/// A test that ends (or fails) with the daemon running must not leave it behind: it would poll a
-/// deleted state directory for as long as the machine runs.
-impl Drop for Flow {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Flow {
     /// Builds `expr` through the daemon (so the hook runs); returns outputs and nix-build's stderr.
     fn build(&self, expr: &str) -> (Vec<String>, String) {
         let o = self
@@ -227,6 +214,17 @@ impl Flow {
             c.env("DRV_PATH", d);
         }
         c.output().unwrap()
+    }
+}
+
+/// A test that ends (or fails) with the daemon running must not leave it behind: it would poll a
+/// deleted state directory for as long as the machine runs.
+impl Drop for Flow {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
