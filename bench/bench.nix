@@ -1,5 +1,6 @@
-# Derivations for the benchmarks: a large path of mixed content, and a closure of many small paths.
-{ nonce, sizeMb, paths }:
+# Derivations for the benchmarks: a large path of mixed content, a chain-like closure of many small
+# paths, and a layered closure shaped like a real one.
+{ nonce, sizeMb ? 1, paths ? 1, depth ? 20, width ? 50 }:
 let
   sh = name: script: extra: derivation ({
     inherit name nonce;
@@ -22,4 +23,15 @@ let
     echo $deps > $out/refs
     seq ${toString i} 1000 > $out/data
   '' { deps = if i == 0 then [] else [ (builtins.elemAt many (i - 1)) (builtins.elemAt many (i / 2)) ]; }) paths;
-in { inherit big; small = builtins.elemAt many (paths - 1); }
+  # `depth` levels of `width` paths; each references two paths of the level below; one root
+  # references the top level. (depth * width + 1 paths, and depth + 1 narinfos deep.)
+  level = builtins.genList (d: builtins.genList (i: sh "bench-layer-${toString d}-${toString i}" ''
+    mkdir $out
+    echo $deps > $out/refs
+    seq ${toString (d * width + i)} 300 > $out/data
+  '' { deps = if d == 0 then [] else
+         let below = builtins.elemAt level (d - 1); in
+         [ (builtins.elemAt below i) (builtins.elemAt below (builtins.mod (i + 1) width)) ]; })
+    width) depth;
+  layered = sh "bench-layered-root" "echo $deps > $out" { deps = builtins.elemAt level (depth - 1); };
+in { inherit big layered; small = builtins.elemAt many (paths - 1); }

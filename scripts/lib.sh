@@ -7,6 +7,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Test tools built from crates.io live here, outside the checkout, so a fresh clone reuses them.
 TOOLS="${NIXPUSH_TOOLS:-/var/cache/nixpush-test-tools}"
 S3S_FS_VERSION=0.14.1
+GARAGE_VERSION=2.5.0
+MOTO_VERSION=5.2.5
 export PATH="$TOOLS/bin:$HOME/.cargo/bin:$PATH"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
@@ -50,13 +52,37 @@ ensure_s3s_fs() {
     fi
 }
 
-# Everything the integration tests use: Debian's Nix 2.8 and the S3 server.
+ensure_garage() {
+    if ! "$TOOLS/bin/garage" --version 2>/dev/null | grep -q "cargo:$GARAGE_VERSION "; then
+        say "building Garage $GARAGE_VERSION into $TOOLS (about 8 minutes, once)"
+        mkdir -p "$TOOLS"
+        cargo install --quiet --locked --root "$TOOLS" "garage@$GARAGE_VERSION"
+    fi
+}
+
+# moto in a virtualenv of its own; `moto_server` is linked into $TOOLS/bin, and the test bed finds
+# the virtualenv's Python (with boto3, a moto dependency) beside the link's target.
+ensure_moto() {
+    local venv="$TOOLS/moto"
+    if [ "$("$venv/bin/python" -c 'import moto; print(moto.__version__)' 2>/dev/null)" != "$MOTO_VERSION" ]; then
+        say "installing moto $MOTO_VERSION into $venv"
+        mkdir -p "$TOOLS"
+        python3 -m venv --clear "$venv" 2>/dev/null || { ensure_apt python3-venv; python3 -m venv --clear "$venv"; }
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+    fi
+    mkdir -p "$TOOLS/bin"
+    ln -sfn "$venv/bin/moto_server" "$TOOLS/bin/moto_server"
+}
+
+# Everything the integration tests use: Debian's Nix 2.8 and the three S3 servers.
 ensure_test_deps() {
     need_root
     ensure_dev_null
-    ensure_apt nix-bin curl
+    ensure_apt nix-bin curl python3
     ensure_rust
     ensure_s3s_fs
+    ensure_garage
+    ensure_moto
 }
 
 # A test of nixpush up to 0.1.0 ran `keygen ... /dev/null --force` as root, which renamed a regular

@@ -6,8 +6,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use nixpush_format::{NarInfo, StorePath};
-use nixpush_testbed::{chain_and_diamond, derivation};
+use nixpush_testbed::{S3Kind, chain_and_diamond, derivation};
 
+#[macro_use]
 mod common;
 use common::Bed;
 
@@ -15,8 +16,8 @@ fn hash_part(p: &str) -> String {
     p.parse::<StorePath>().unwrap().hash_part().to_owned()
 }
 
-fn round_trip_through_s3(compression: &str) {
-    let bed = Bed::new();
+fn round_trip_through_s3(kind: S3Kind, compression: &str) {
+    let bed = Bed::on(kind);
     let roots = bed.nix.build(&chain_and_diamond());
     let closure = bed.nix.requisites(&roots);
     assert_eq!(closure.len(), 7);
@@ -30,13 +31,13 @@ fn round_trip_through_s3(compression: &str) {
 
     // Every narinfo is signed, names the right compression, and points at an existing NAR.
     for p in &closure {
-        let text = fs::read_to_string(bed.s3.object(&format!("{}.narinfo", hash_part(p)))).unwrap();
-        let info: NarInfo = text.parse().unwrap();
+        let text = bed.s3.get(&format!("{}.narinfo", hash_part(p))).unwrap();
+        let info: NarInfo = String::from_utf8(text).unwrap().parse().unwrap();
         assert_eq!(info.compression, compression);
-        assert!(bed.s3.object(&info.url).is_file(), "{} missing", info.url);
+        assert!(bed.s3.exists(&info.url), "{} missing", info.url);
         assert_eq!(info.sigs.len(), 1);
     }
-    assert!(bed.s3.object("nix-cache-info").is_file());
+    assert!(bed.s3.exists("nix-cache-info"));
 
     let verify = bed
         .nix
@@ -70,20 +71,15 @@ fn round_trip_through_s3(compression: &str) {
     assert!(fs::metadata(&hello).unwrap().permissions().mode() & 0o100 != 0);
 }
 
-#[test]
-fn chain_and_diamond_through_s3_zstd() {
-    round_trip_through_s3("zstd");
-}
-
-#[test]
-fn chain_and_diamond_through_s3_xz() {
-    round_trip_through_s3("xz");
-}
-
-#[test]
-fn chain_and_diamond_through_s3_uncompressed() {
-    round_trip_through_s3("none");
-}
+on_every_server!(chain_and_diamond_through_s3_zstd, |kind| {
+    round_trip_through_s3(kind, "zstd")
+});
+on_every_server!(chain_and_diamond_through_s3_xz, |kind| {
+    round_trip_through_s3(kind, "xz")
+});
+on_every_server!(chain_and_diamond_through_s3_uncompressed, |kind| {
+    round_trip_through_s3(kind, "none")
+});
 
 #[test]
 fn chain_and_diamond_through_a_file_cache() {
@@ -258,9 +254,12 @@ fn assert_fails_cleanly(bed: &Bed, o: Output, expect: &str) {
     );
 }
 
-#[test]
-fn bad_credentials_bucket_endpoint_and_parameters_are_distinct_errors() {
-    let bed = Bed::new();
+on_every_server!(
+    bad_credentials_bucket_endpoint_and_parameters_are_distinct_errors,
+    distinct_errors
+);
+fn distinct_errors(kind: S3Kind) {
+    let bed = Bed::on(kind);
     let out = bed.nix.build(&derivation("errors", "echo e > $out"));
     let path = out[0].as_str();
     let url = bed.s3.store_url("");
@@ -280,10 +279,13 @@ fn bad_credentials_bucket_endpoint_and_parameters_are_distinct_errors() {
         "bucket `no-such-bucket` does not exist",
     );
 
-    let dead = "s3://cache?endpoint=http://127.0.0.1:1&region=us-east-1";
+    let dead = format!(
+        "s3://cache?endpoint=http://127.0.0.1:1&region={}",
+        bed.s3.region
+    );
     assert_fails_cleanly(
         &bed,
-        bed.push(dead, &[path]),
+        bed.push(&dead, &[path]),
         "cannot reach the S3 endpoint http://127.0.0.1:1",
     );
 
@@ -326,9 +328,12 @@ fn bad_credentials_bucket_endpoint_and_parameters_are_distinct_errors() {
     assert_eq!(bed.narinfos().len(), 1);
 }
 
-#[test]
-fn a_large_path_goes_up_in_parts_and_substitutes_back() {
-    let bed = Bed::new();
+on_every_server!(
+    a_large_path_goes_up_in_parts_and_substitutes_back,
+    large_path_round_trip
+);
+fn large_path_round_trip(kind: S3Kind) {
+    let bed = Bed::on(kind);
     // 24 MiB of incompressible data: five 5 MiB parts with the thresholds below.
     let out = bed.nix.build(&derivation(
         "large",

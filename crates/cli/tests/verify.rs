@@ -6,9 +6,10 @@ use std::fs;
 use std::process::{Command, Output};
 
 use nixpush_format::{NarInfo, SecretKey, StorePath};
-use nixpush_testbed::{chain_and_diamond, derivation};
+use nixpush_testbed::{S3Kind, chain_and_diamond, derivation};
 use serde_json::Value;
 
+#[macro_use]
 mod common;
 use common::Bed;
 
@@ -70,9 +71,12 @@ fn hash_part(p: &str) -> String {
     p.parse::<StorePath>().unwrap().hash_part().to_owned()
 }
 
-#[test]
-fn caches_written_by_nixpush_verify_clean_over_s3_http_and_file() {
-    let bed = Bed::new();
+on_every_server!(
+    caches_written_by_nixpush_verify_clean_over_s3_http_and_file,
+    nixpush_caches_verify_clean
+);
+fn nixpush_caches_verify_clean(kind: S3Kind) {
+    let bed = Bed::on(kind);
     let roots = bed.nix.build(&chain_and_diamond());
     let args: Vec<&str> = roots.iter().map(String::as_str).collect();
     let s3 = bed.s3.store_url("compression=zstd");
@@ -427,18 +431,23 @@ fn what_stops_an_audit_is_a_clear_error_with_exit_2() {
     );
 }
 
-#[test]
-fn all_lists_beyond_one_page_of_the_bucket() {
-    let bed = Bed::new();
+on_every_server!(
+    all_lists_beyond_one_page_of_the_bucket,
+    all_lists_beyond_one_page
+);
+fn all_lists_beyond_one_page(kind: S3Kind) {
+    let bed = Bed::on(kind);
     let out = bed
         .nix
         .build(&derivation("many-objects", "echo many > $out"));
     let url = bed.s3.store_url("");
     bed.push_ok(&url, &[&out[0]]);
     // S3 lists 1,000 keys per page.
-    for i in 0..1500 {
-        fs::write(bed.s3.object(&format!("nar/orphan-{i}.nar")), b"x").unwrap();
-    }
+    bed.s3.put_all(
+        (0..1500)
+            .map(|i| (format!("nar/orphan-{i}.nar"), b"x".to_vec()))
+            .collect(),
+    );
     let (code, report) = verify_json(&bed, &url, &["--all"]);
     assert_eq!(code, Some(1));
     let found = problems(&report);

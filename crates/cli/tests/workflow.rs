@@ -12,8 +12,12 @@ use std::time::{Duration, Instant};
 use nixpush_format::{NarInfo, StorePath};
 use nixpush_queue::{Queue, State};
 use nixpush_testbed::{
-    DaemonOptions, NixDaemon, S3Server, ThrottlingProxy, derivation, with_dependency,
+    DaemonOptions, Fault, Faults, NixDaemon, Relay, RelayConfig, S3Kind, S3Server, derivation,
+    with_dependency,
 };
+
+#[macro_use]
+mod common;
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
@@ -48,8 +52,12 @@ impl Flow {
     }
 
     fn with_hook(url_params: &str, hook: bool) -> Flow {
+        Self::on(S3Kind::S3sFs, url_params, hook)
+    }
+
+    fn on(kind: S3Kind, url_params: &str, hook: bool) -> Flow {
         let dir = tempfile::tempdir().unwrap();
-        let s3 = S3Server::start();
+        let s3 = S3Server::start_kind(kind);
         let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
         let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
             .args(["keygen", "flow-1"])
@@ -153,7 +161,7 @@ impl Flow {
 
     fn published(&self, path: &str) -> bool {
         let h = path.parse::<StorePath>().unwrap().hash_part().to_owned();
-        self.s3.object(&format!("{h}.narinfo")).is_file()
+        self.s3.served(&format!("{h}.narinfo"))
     }
 
     fn wait_published(&self, paths: &[String]) {
@@ -240,9 +248,12 @@ fn many(n: usize, tag: &str) -> String {
     format!("[ {} ]", drvs.join(" "))
 }
 
-#[test]
-fn twenty_builds_with_the_daemon_running_are_published_and_substitutable() {
-    let mut f = Flow::new("");
+on_every_server!(
+    twenty_builds_with_the_daemon_running_are_published_and_substitutable,
+    twenty_builds
+);
+fn twenty_builds(kind: S3Kind) {
+    let mut f = Flow::on(kind, "", true);
     f.start_daemon();
     let (outs, log) = f.build(&many(20, "twenty"));
     assert_eq!(outs.len(), 20);
@@ -262,9 +273,12 @@ fn twenty_builds_with_the_daemon_running_are_published_and_substitutable() {
     assert!(f.queue_items().iter().all(|(_, s)| *s == State::Done));
 }
 
-#[test]
-fn builds_succeed_with_the_daemon_down_and_are_published_once_it_starts() {
-    let mut f = Flow::new("");
+on_every_server!(
+    builds_succeed_with_the_daemon_down_and_are_published_once_it_starts,
+    daemon_down_then_up
+);
+fn daemon_down_then_up(kind: S3Kind) {
+    let mut f = Flow::on(kind, "", true);
     let (outs, log) = f.build(&many(5, "down"));
     assert_eq!(log.matches("wrote the queue directly").count(), 5, "{log}");
     assert_eq!(f.queue_items().len(), 5);
@@ -326,13 +340,20 @@ fn throttling_is_retried_after_the_servers_retry_after() {
     let mut f = Flow::with_hook("", false);
     // The first connections are answered 503 SlowDown, Retry-After: 3, more than the SDK's own
     // attempts at one request (3), so the daemon sees the throttling itself.
-    let proxy = ThrottlingProxy::start(&f.s3.endpoint, 3, 3);
-    let config = fs::read_to_string(&f.config).unwrap();
-    let config = config
-        .replace(
-            "region=us-east-1",
-            &format!("region=us-east-1&endpoint={}", proxy.endpoint),
-        )
+    let relay = Relay::start(
+        &f.s3.endpoint,
+        RelayConfig {
+            faults: Faults {
+                limit: Some(3),
+                retry_after_secs: 3,
+                ..Faults::always(Fault::SlowDown)
+            },
+            ..RelayConfig::default()
+        },
+    );
+    let config = fs::read_to_string(&f.config)
+        .unwrap()
+        .replace(&f.s3.store_url(""), &f.s3.store_url_at(&relay.endpoint, ""))
         .replace("retry-max-delay = 0.5", "retry-max-delay = 10");
     fs::write(&f.config, config).unwrap();
 
@@ -345,8 +366,11 @@ fn throttling_is_retried_after_the_servers_retry_after() {
     f.start_daemon();
     f.wait_published(&outs);
 
-    let log = proxy.log.lock().unwrap().clone();
-    let last_throttled = log.iter().rposition(|(_, t)| *t).expect("throttled");
+    let log = relay.connections();
+    let last_throttled = log
+        .iter()
+        .rposition(|(_, f)| f.is_some())
+        .expect("throttled");
     let (throttled_at, _) = log[last_throttled];
     let (next_at, _) = log[last_throttled + 1];
     // Without Retry-After the first retry would come after the base delay, 50 ms at most.
@@ -400,7 +424,7 @@ fn sigkill_during_a_large_upload_loses_nothing_and_never_publishes_early() {
     );
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
-        let (root, stop) = (f.s3.root.join(&f.s3.bucket), stop.clone());
+        let (root, stop) = (f.s3.bucket_dir(), stop.clone());
         std::thread::spawn(move || {
             let mut violations = BTreeSet::new();
             while !stop.load(Ordering::Relaxed) {

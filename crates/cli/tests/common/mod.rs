@@ -5,7 +5,34 @@
 use std::fs;
 use std::process::{Command, Output};
 
-use nixpush_testbed::{NixDaemon, S3Server};
+use nixpush_testbed::{NixDaemon, S3Kind, S3Server};
+
+/// Defines a test that runs once on each S3 server of the test bed, as `NAME::s3s_fs`,
+/// `NAME::garage` and `NAME::moto`; `BODY` is called with the kind.
+macro_rules! on_every_server {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            use nixpush_testbed::S3Kind;
+
+            #[test]
+            fn s3s_fs() {
+                ($body)(S3Kind::S3sFs)
+            }
+
+            #[test]
+            fn garage() {
+                ($body)(S3Kind::Garage)
+            }
+
+            #[test]
+            fn moto() {
+                ($body)(S3Kind::Moto)
+            }
+        }
+    };
+}
 
 pub struct Bed {
     pub nix: NixDaemon,
@@ -16,7 +43,12 @@ pub struct Bed {
 }
 
 impl Bed {
+    /// A bed with s3s-fs, for what does not depend on the server.
     pub fn new() -> Self {
+        Self::on(S3Kind::S3sFs)
+    }
+
+    pub fn on(kind: S3Kind) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (secret, public) = (dir.path().join("sk"), dir.path().join("pk"));
         let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
@@ -27,7 +59,7 @@ impl Bed {
         assert!(o.status.success());
         Bed {
             nix: NixDaemon::start(),
-            s3: S3Server::start(),
+            s3: S3Server::start_kind(kind),
             public: fs::read_to_string(&public).unwrap(),
             secret: secret.to_str().unwrap().to_owned(),
             dir,

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): a cold closure shaped like a real one (DEPTH levels of WIDTH small paths,
+# each referencing two of the level below, and a root on top), pushed through relays that add
+# DELAY_MS each way (a round trip of 2 x DELAY_MS), by nixpush push (SigV4 endpoint) and by
+# `nix copy` of Nix 2.8 (HTTP PUTs to the anonymous s3s-fs over the same data). The tools alternate
+# over ROUNDS rounds, each into a fresh bucket; medians are compared.
+# Usage: bench/latency.sh [DELAY_MS] [ROUNDS] [DEPTH] [WIDTH]
+source "$(dirname "$0")/../scripts/lib.sh"
+DELAY_MS="${1:-10}"
+ROUNDS="${2:-3}"
+DEPTH="${3:-20}"
+WIDTH="${4:-50}"
+ensure_test_deps
+build_nixpush
+say "building the relay (release)"
+(cd "$REPO" && cargo build --release --locked --quiet -p nixpush-testbed --bin nixpush-relay)
+WORK=$(mktemp -d /tmp/nixpush-latency.XXXXXX)
+trap 'bed_stop; rm -rf "$WORK"' EXIT
+BED_EXTRA_CONF="max-jobs = 4"
+bed_start "$WORK"
+"$NIXPUSH" keygen bench-1 "$WORK/sk" "$WORK/pk" > /dev/null
+
+relay() { # relay UPSTREAM_PORT: prints the relay's endpoint
+    local out="$WORK/relay.$1"
+    "$REPO/target/release/nixpush-relay" "127.0.0.1:$1" --delay-ms "$DELAY_MS" > "$out" &
+    PIDS+=($!)
+    wait_for "the relay" test -s "$out"
+    head -n 1 "$out"
+}
+S3_RELAY=$(relay "$S3_PORT")
+HTTP_RELAY=$(relay "$ANON_PORT")
+
+say "building the closure ($DEPTH levels of $WIDTH paths and a root)"
+ROOT=$(nix-build --no-out-link "$REPO/bench/bench.nix" -A layered --argstr nonce "latency-$(date +%s%N)" \
+    --arg depth "$DEPTH" --arg width "$WIDTH")
+COUNT=$(nix-store -qR "$ROOT" | wc -l)
+echo "$COUNT paths"
+
+run() { # run TOOL BUCKET: seconds to push the closure into a fresh bucket
+    mkdir -p "$WORK/s3/$2"
+    local start end
+    start=$(date +%s.%N)
+    case "$1" in
+        nixpush) "$NIXPUSH" push --secret-key-file "$WORK/sk" \
+                    --to "s3://$2?endpoint=$S3_RELAY&region=us-east-1&compression=zstd" "$ROOT" \
+                    > "$WORK/$2.log" 2>&1 ;;
+        nix-copy) nix copy --to "$HTTP_RELAY/$2?compression=zstd&secret-key=$WORK/sk" "$ROOT" \
+                    > "$WORK/$2.log" 2>&1 ;;
+    esac || { echo "FAILED: $1" >&2; tail -5 "$WORK/$2.log" >&2; exit 1; }
+    end=$(date +%s.%N)
+    [ "$(ls "$WORK/s3/$2" | grep -c '\.narinfo$')" = "$COUNT" ] \
+        || { echo "$1 published $(ls "$WORK/s3/$2" | grep -c '\.narinfo$') of $COUNT narinfos" >&2; exit 1; }
+    python3 -c "print(f'{$end - $start:.2f}')"
+}
+
+say "$ROUNDS rounds, $DELAY_MS ms each way: nix copy and nixpush alternately"
+copy_runs=(); push_runs=()
+for round in $(seq 1 "$ROUNDS"); do
+    copy_runs+=("$(run nix-copy "copy-$round")")
+    push_runs+=("$(run nixpush "push-$round")")
+    echo "round $round: nix copy ${copy_runs[-1]} s, nixpush ${push_runs[-1]} s"
+done
+median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END{print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
+copy_s=$(median "${copy_runs[@]}")
+push_s=$(median "${push_runs[@]}")
+# The publish order allows a narinfo only after its references' narinfos: one acknowledged PUT per
+# level and the root, after a few round trips to start (HeadBucket, nix-cache-info, the probes).
+floor=$(python3 -c "print(f'{($DEPTH + 1 + 3) * 2 * $DELAY_MS / 1000:.2f}')")
+echo
+echo "$COUNT paths, depth $((DEPTH + 1)), round trip $((2 * DELAY_MS)) ms; medians of $ROUNDS rounds"
+printf '%-26s %8ss\n' "nix copy" "$copy_s"
+printf '%-26s %8ss   (%s x nix copy)\n' "nixpush push" "$push_s" "$(python3 -c "print(f'{$push_s/$copy_s:.3f}')")"
+printf '%-26s %8ss   (nixpush is %s x the floor)\n' "latency floor" "$floor" "$(python3 -c "print(f'{$push_s/$floor:.1f}')")"

@@ -1,0 +1,513 @@
+//! A TCP relay between any client and any server, for the conditions loopback never has: latency,
+//! a slow uplink, and connections that misbehave.
+//!
+//! - **Latency**: every chunk is forwarded `delay` after it arrived, in order, in both directions, so
+//!   a round trip costs about `2 × delay` while throughput stays what the link can do (chunks are not
+//!   held back by the ones before them, only by time).
+//! - **Bandwidth**: client → server bytes are paced to `upstream_bytes_per_sec`.
+//! - **Faults**, decided once per connection from a seeded generator, with a probability, inside a
+//!   time window measured from the relay's start (see [`Faults`] and [`Fault`]). Each decision is
+//!   logged, so a test asserts that the faults it meant to inject really happened.
+//!
+//! The relay runs on its own small Tokio runtime; dropping it closes every connection.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// What the relay does to a connection it picked for a fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Fault {
+    /// Reads the first bytes of the request, then resets the connection (RST).
+    Reset,
+    /// Reads the request and never answers; the connection stays open until the client gives up.
+    Stall,
+    /// Relays the request, then closes the connection halfway through the response's body (halfway
+    /// through its head when it has no body).
+    Cut,
+    /// Answers `500 InternalError` itself, as S3 does now and then.
+    InternalError,
+    /// Answers `503 SlowDown` with `Retry-After`, as S3 does when throttling.
+    SlowDown,
+    /// Relays the connection with client → server bytes paced to 64 KiB/s.
+    Trickle,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 6] = [
+        Fault::Reset,
+        Fault::Stall,
+        Fault::Cut,
+        Fault::InternalError,
+        Fault::SlowDown,
+        Fault::Trickle,
+    ];
+}
+
+const TRICKLE_BYTES_PER_SEC: u64 = 64 * 1024;
+
+/// Which connections get a fault.
+#[derive(Clone, Debug)]
+pub struct Faults {
+    /// The generator's seed: the same seed and the same order of connections give the same faults.
+    pub seed: u64,
+    /// Chance that a connection accepted inside the window gets a fault.
+    pub probability: f64,
+    /// The fault is drawn uniformly from these.
+    pub kinds: Vec<Fault>,
+    /// When faults happen, measured from the relay's start.
+    pub window: Range<Duration>,
+    /// At most this many faults in all.
+    pub limit: Option<usize>,
+    /// The `Retry-After` seconds of [`Fault::SlowDown`].
+    pub retry_after_secs: u32,
+}
+
+impl Faults {
+    /// No faults at all.
+    pub fn none() -> Self {
+        Faults {
+            seed: 0,
+            probability: 0.0,
+            kinds: Vec::new(),
+            window: Duration::ZERO..Duration::MAX,
+            limit: None,
+            retry_after_secs: 1,
+        }
+    }
+
+    /// Every connection, from the start, gets `fault`.
+    pub fn always(fault: Fault) -> Self {
+        Faults {
+            probability: 1.0,
+            kinds: vec![fault],
+            ..Faults::none()
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// Added to every chunk in each direction.
+    pub delay: Duration,
+    /// Client → server pacing; `None` relays as fast as the link goes.
+    pub upstream_bytes_per_sec: Option<u64>,
+    pub faults: Faults,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            delay: Duration::ZERO,
+            upstream_bytes_per_sec: None,
+            faults: Faults::none(),
+        }
+    }
+}
+
+/// One accepted connection: when it arrived and the fault it was given.
+pub type ConnectionLog = Vec<(Instant, Option<Fault>)>;
+
+struct Shared {
+    upstream: String,
+    started: Instant,
+    config: Mutex<RelayConfig>,
+    rng: Mutex<u64>,
+    log: Mutex<ConnectionLog>,
+}
+
+pub struct Relay {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Relay {
+    /// Relays `127.0.0.1:PORT` (a free port) to `upstream` (`host:port`, or an `http://` URL).
+    pub fn start(upstream: &str, config: RelayConfig) -> Relay {
+        let upstream = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("relay")
+            .enable_all()
+            .build()
+            .expect("cannot start the relay's runtime");
+        let listener = runtime
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .expect("cannot bind the relay");
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            upstream,
+            started: Instant::now(),
+            rng: Mutex::new(config.faults.seed),
+            config: Mutex::new(config),
+            log: Mutex::default(),
+        });
+        let accept = shared.clone();
+        runtime.spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let fault = accept.decide();
+                tokio::spawn(serve(accept.clone(), client, fault));
+            }
+        });
+        Relay {
+            endpoint: format!("http://{addr}"),
+            addr,
+            shared,
+            runtime: Some(runtime),
+        }
+    }
+
+    /// Changes the configuration for connections accepted from now on.
+    pub fn set_config(&self, config: RelayConfig) {
+        *self.shared.rng.lock().unwrap() = config.faults.seed;
+        *self.shared.config.lock().unwrap() = config;
+    }
+
+    /// Every connection accepted so far, in order.
+    pub fn connections(&self) -> ConnectionLog {
+        self.shared.log.lock().unwrap().clone()
+    }
+
+    /// How many connections got each fault.
+    pub fn injected(&self) -> BTreeMap<Fault, usize> {
+        let mut counts = BTreeMap::new();
+        for (_, f) in self.shared.log.lock().unwrap().iter() {
+            if let Some(f) = f {
+                *counts.entry(*f).or_default() += 1;
+            }
+        }
+        counts
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Shared {
+    fn decide(&self) -> Option<Fault> {
+        let config = self.config.lock().unwrap();
+        let f = &config.faults;
+        let mut log = self.log.lock().unwrap();
+        let given = log.iter().filter(|(_, f)| f.is_some()).count();
+        let in_window = f.window.contains(&self.started.elapsed());
+        let fault = if in_window && !f.kinds.is_empty() && f.limit.is_none_or(|l| given < l) {
+            let mut state = self.rng.lock().unwrap();
+            let roll = next_random(&mut state);
+            let pick = next_random(&mut state);
+            // The top 53 bits as a uniform float in [0, 1).
+            let uniform = (roll >> 11) as f64 / (1u64 << 53) as f64;
+            (uniform < f.probability).then(|| f.kinds[(pick % f.kinds.len() as u64) as usize])
+        } else {
+            None
+        };
+        log.push((Instant::now(), fault));
+        fault
+    }
+
+    fn config(&self) -> RelayConfig {
+        self.config.lock().unwrap().clone()
+    }
+}
+
+/// splitmix64: a seeded, reproducible sequence is all a test needs from a generator.
+fn next_random(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>) {
+    let config = shared.config();
+    let _ = client.set_nodelay(true);
+    match fault {
+        Some(Fault::Reset) => {
+            let mut buf = [0u8; 1024];
+            if matches!(client.read(&mut buf).await, Ok(n) if n > 0) {
+                // Linger zero turns the close into a RST.
+                let _ = client.set_zero_linger();
+            }
+        }
+        Some(Fault::Stall) => {
+            let mut buf = vec![0u8; 64 * 1024];
+            while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {}
+        }
+        Some(Fault::InternalError) => {
+            let body = s3_error(
+                "InternalError",
+                "We encountered an internal error. Please try again.",
+            );
+            answer(&mut client, "500 Internal Server Error", "", &body).await;
+        }
+        Some(Fault::SlowDown) => {
+            let body = s3_error("SlowDown", "Please reduce your request rate.");
+            let retry = format!("Retry-After: {}\r\n", config.faults.retry_after_secs);
+            answer(&mut client, "503 Slow Down", &retry, &body).await;
+        }
+        Some(Fault::Cut | Fault::Trickle) | None => {
+            let Ok(server) = TcpStream::connect(&shared.upstream).await else {
+                return;
+            };
+            let _ = server.set_nodelay(true);
+            let rate = match fault {
+                Some(Fault::Trickle) => Some(TRICKLE_BYTES_PER_SEC),
+                _ => config.upstream_bytes_per_sec,
+            };
+            pipe(
+                client,
+                server,
+                config.delay,
+                rate,
+                fault == Some(Fault::Cut),
+            )
+            .await;
+        }
+    }
+}
+
+fn s3_error(code: &str, message: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+         <Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    )
+}
+
+/// Reads one request, answers it with `status`, and closes gracefully: unread request bytes at
+/// close would make the kernel send a RST that can destroy the answer before the client reads it.
+async fn answer(client: &mut TcpStream, status: &str, headers: &str, body: &str) {
+    if read_request(client).await.is_err() {
+        return;
+    }
+    let response = format!(
+        "HTTP/1.1 {status}\r\n{headers}Content-Type: application/xml\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if client.write_all(response.as_bytes()).await.is_err() {
+        return;
+    }
+    let _ = client.shutdown().await;
+    let mut buf = vec![0u8; 64 * 1024];
+    let drain = async { while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
+}
+
+/// Reads a request's head and body (by `Content-Length`, or chunked to its last chunk). A client that
+/// sent `Expect: 100-continue` sends no body before an answer, so none is read.
+async fn read_request(client: &mut TcpStream) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let head_len = loop {
+        if let Some(end) = head_end(&buf) {
+            break end;
+        }
+        let n = client.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_len]).to_ascii_lowercase();
+    if header(&head, "expect").is_some_and(|v| v.contains("100-continue")) {
+        return Ok(());
+    }
+    if header(&head, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        while !buf[head_len..].ends_with(b"0\r\n\r\n") {
+            let n = client.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        return Ok(());
+    }
+    let length: usize = header(&head, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut left = (head_len + length).saturating_sub(buf.len());
+    while left > 0 {
+        let n = client.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        left = left.saturating_sub(n);
+    }
+    Ok(())
+}
+
+/// The length of an HTTP head (through its blank line), once `buf` holds all of it.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// A header's trimmed value in a lowercased head.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        (n.trim() == name).then(|| v.trim())
+    })
+}
+
+/// A chunk on its way through a delay line, or the end of its direction.
+enum Segment {
+    Data(Instant, Vec<u8>),
+    End,
+}
+
+/// Chunks buffered per direction: enough for a delay of tens of milliseconds at loopback speed, so
+/// the delay line does not limit throughput, and a bound so a slow writer holds the reader back.
+const DELAY_LINE_CHUNKS: usize = 1024;
+
+/// Relays both directions until the server's side ends (or the response is cut).
+async fn pipe(client: TcpStream, server: TcpStream, delay: Duration, rate: Option<u64>, cut: bool) {
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    // The method of the first request tells whether its response has a body (HEAD has none).
+    let (method_tx, method_rx) = oneshot::channel();
+    let up = tokio::spawn(direction(
+        client_read,
+        server_write,
+        delay,
+        rate,
+        Watch::Method(Some(method_tx)),
+    ));
+    let watch = if cut {
+        Watch::Cut(Some(method_rx))
+    } else {
+        Watch::None
+    };
+    direction(server_read, client_write, delay, None, watch).await;
+    up.abort();
+}
+
+/// What a direction looks at in the bytes it relays.
+enum Watch {
+    None,
+    /// Client → server: report the first request's method.
+    Method(Option<oneshot::Sender<String>>),
+    /// Server → client: end the relay halfway through the first response.
+    Cut(Option<oneshot::Receiver<String>>),
+}
+
+/// Reads from `from` into a delay line; a writer releases each chunk `delay` after it arrived,
+/// paced to `rate`.
+async fn direction(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    delay: Duration,
+    rate: Option<u64>,
+    mut watch: Watch,
+) {
+    let (tx, mut rx) = mpsc::channel::<Segment>(DELAY_LINE_CHUNKS);
+    let writer = async move {
+        let mut next_free = tokio::time::Instant::now();
+        while let Some(segment) = rx.recv().await {
+            let Segment::Data(arrived, data) = segment else {
+                break;
+            };
+            tokio::time::sleep_until((arrived + delay).into()).await;
+            let Some(rate) = rate else {
+                if to.write_all(&data).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            // Small pieces keep the pace even within one chunk.
+            for piece in data.chunks(4096) {
+                next_free = next_free.max(tokio::time::Instant::now());
+                tokio::time::sleep_until(next_free).await;
+                if to.write_all(piece).await.is_err() {
+                    return;
+                }
+                next_free += Duration::from_secs_f64(piece.len() as f64 / rate as f64);
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut seen = Vec::new();
+        let mut cut_at: Option<usize> = None;
+        let mut forwarded = 0usize;
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let mut data = buf[..n].to_vec();
+            match &mut watch {
+                Watch::None => {}
+                Watch::Method(tx) => {
+                    if tx.is_some() {
+                        seen.extend_from_slice(&data);
+                        if let Some(line_end) = seen.windows(2).position(|w| w == b"\r\n") {
+                            let line = String::from_utf8_lossy(&seen[..line_end]);
+                            let method = line.split(' ').next().unwrap_or("").to_owned();
+                            let _ = tx.take().unwrap().send(method);
+                        }
+                    }
+                }
+                Watch::Cut(method) => {
+                    if cut_at.is_none() {
+                        seen.extend_from_slice(&data);
+                        if let Some(head_len) = head_end(&seen) {
+                            let is_head = match method.take() {
+                                Some(rx) => rx.await.is_ok_and(|m| m == "HEAD"),
+                                None => false,
+                            };
+                            let head =
+                                String::from_utf8_lossy(&seen[..head_len]).to_ascii_lowercase();
+                            let body: usize = header(&head, "content-length")
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(0);
+                            let chunked = header(&head, "transfer-encoding").is_some();
+                            cut_at = Some(match (is_head, body, chunked) {
+                                (false, b, _) if b > 0 => head_len + b / 2,
+                                (false, _, true) => head_len + 1,
+                                _ => head_len / 2,
+                            });
+                        }
+                    }
+                    if let Some(at) = cut_at {
+                        let room = at.saturating_sub(forwarded);
+                        if data.len() >= room {
+                            data.truncate(room);
+                            if !data.is_empty() {
+                                let _ = tx.send(Segment::Data(Instant::now(), data)).await;
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            forwarded += data.len();
+            if tx.send(Segment::Data(Instant::now(), data)).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Segment::End).await;
+    };
+    tokio::join!(reader, writer);
+}

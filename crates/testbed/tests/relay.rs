@@ -1,0 +1,242 @@
+//! The relay against a real server (s3s-fs's anonymous view) and a plain HTTP client: each fault
+//! is injected when asked, counted, and seen by the client as what it imitates.
+
+use std::time::{Duration, Instant};
+
+use nixpush_testbed::{Fault, Faults, Relay, RelayConfig, S3Server};
+
+const BLOB: usize = 256 * 1024;
+
+/// The status and headers of an answer, then its body or why reading it failed.
+type Answer = (
+    reqwest::StatusCode,
+    reqwest::header::HeaderMap,
+    Result<Vec<u8>, reqwest::Error>,
+);
+
+struct Bench {
+    s3: S3Server,
+    rt: tokio::runtime::Runtime,
+    client: reqwest::Client,
+}
+
+impl Bench {
+    fn new() -> Self {
+        let s3 = S3Server::start();
+        s3.put("blob", &vec![7u8; BLOB]);
+        Bench {
+            s3,
+            rt: tokio::runtime::Runtime::new().unwrap(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(3))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    fn relay(&self, config: RelayConfig) -> Relay {
+        let upstream = self.s3.http_url.rsplit_once('/').unwrap().0;
+        Relay::start(upstream, config)
+    }
+
+    /// GETs the blob through `relay`.
+    fn get(&self, relay: &Relay) -> Result<Answer, reqwest::Error> {
+        let url = format!("{}/{}/blob", relay.endpoint, self.s3.bucket);
+        self.rt.block_on(async {
+            let r = self.client.get(url).send().await?;
+            let (status, headers) = (r.status(), r.headers().clone());
+            Ok((status, headers, r.bytes().await.map(|b| b.to_vec())))
+        })
+    }
+
+    fn put(&self, relay: &Relay, key: &str, len: usize) -> reqwest::StatusCode {
+        let url = format!("{}/{}/{key}", relay.endpoint, self.s3.bucket);
+        self.rt.block_on(async {
+            let client = reqwest::Client::new();
+            client
+                .put(url)
+                .body(vec![1u8; len])
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    }
+}
+
+fn only(fault: Fault) -> RelayConfig {
+    RelayConfig {
+        faults: Faults::always(fault),
+        ..RelayConfig::default()
+    }
+}
+
+#[test]
+fn each_fault_is_injected_counted_and_seen_by_a_plain_client() {
+    let b = Bench::new();
+
+    let relay = b.relay(RelayConfig::default());
+    let (status, _, body) = b.get(&relay).unwrap();
+    assert_eq!((status.as_u16(), body.unwrap().len()), (200, BLOB));
+    assert!(relay.injected().is_empty());
+
+    let relay = b.relay(only(Fault::Reset));
+    let e = b.get(&relay).unwrap_err();
+    assert!(!e.is_timeout(), "a reset is not a timeout: {e:?}");
+    assert_eq!(relay.injected()[&Fault::Reset], 1);
+
+    let relay = b.relay(only(Fault::Stall));
+    let e = b.get(&relay).unwrap_err();
+    assert!(e.is_timeout(), "{e:?}");
+    assert_eq!(relay.injected()[&Fault::Stall], 1);
+
+    let relay = b.relay(only(Fault::Cut));
+    let (status, headers, body) = b.get(&relay).unwrap();
+    assert_eq!(status.as_u16(), 200);
+    assert_eq!(headers["content-length"], BLOB.to_string().as_str());
+    let e = body.unwrap_err();
+    assert!(e.is_body() || e.is_decode(), "{e:?}");
+    assert_eq!(relay.injected()[&Fault::Cut], 1);
+
+    let relay = b.relay(only(Fault::InternalError));
+    let (status, _, body) = b.get(&relay).unwrap();
+    assert_eq!(status.as_u16(), 500);
+    assert!(
+        String::from_utf8(body.unwrap())
+            .unwrap()
+            .contains("<Code>InternalError</Code>")
+    );
+
+    let relay = b.relay(RelayConfig {
+        faults: Faults {
+            retry_after_secs: 7,
+            ..Faults::always(Fault::SlowDown)
+        },
+        ..RelayConfig::default()
+    });
+    let (status, headers, body) = b.get(&relay).unwrap();
+    assert_eq!(status.as_u16(), 503);
+    assert_eq!(headers["retry-after"], "7");
+    assert!(
+        String::from_utf8(body.unwrap())
+            .unwrap()
+            .contains("<Code>SlowDown</Code>")
+    );
+
+    // A trickle cannot be faster than 64 KiB/s: 128 KiB take at least two seconds, less the first
+    // piece. (A lower bound, which no load on the machine can break.)
+    let relay = b.relay(only(Fault::Trickle));
+    let start = Instant::now();
+    assert!(b.put(&relay, "trickled", 128 * 1024).is_success());
+    assert!(
+        start.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(b.s3.get("trickled").unwrap().len(), 128 * 1024);
+    assert_eq!(relay.injected()[&Fault::Trickle], 1);
+}
+
+#[test]
+fn delay_and_bandwidth_are_lower_bounds_on_time() {
+    let b = Bench::new();
+    // A request and its answer each wait 100 ms.
+    let relay = b.relay(RelayConfig {
+        delay: Duration::from_millis(100),
+        ..RelayConfig::default()
+    });
+    for _ in 0..3 {
+        let start = Instant::now();
+        let (status, _, body) = b.get(&relay).unwrap();
+        assert_eq!((status.as_u16(), body.unwrap().len()), (200, BLOB));
+        assert!(
+            start.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    // 1 MiB up at 1 MiB/s.
+    let relay = b.relay(RelayConfig {
+        upstream_bytes_per_sec: Some(1 << 20),
+        ..RelayConfig::default()
+    });
+    let start = Instant::now();
+    assert!(b.put(&relay, "paced", 1 << 20).is_success());
+    assert!(
+        start.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// Connects `n` times and waits until the relay has accepted them all.
+fn connect(relay: &Relay, n: usize) {
+    let before = relay.connections().len();
+    for _ in 0..n {
+        drop(std::net::TcpStream::connect(relay.addr).unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while relay.connections().len() < before + n {
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not accept {n} connections"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn faults_follow_their_seed_probability_window_and_limit() {
+    let b = Bench::new();
+    let mixed = |seed| RelayConfig {
+        faults: Faults {
+            seed,
+            probability: 0.25,
+            kinds: Fault::ALL.to_vec(),
+            ..Faults::none()
+        },
+        ..RelayConfig::default()
+    };
+    let faults = |r: &Relay| r.connections().iter().map(|(_, f)| *f).collect::<Vec<_>>();
+    let (one, two, other) = (b.relay(mixed(11)), b.relay(mixed(11)), b.relay(mixed(12)));
+    for r in [&one, &two, &other] {
+        connect(r, 400);
+    }
+    assert_eq!(
+        faults(&one),
+        faults(&two),
+        "the same seed gives the same faults"
+    );
+    assert_ne!(faults(&one), faults(&other));
+    let given: usize = one.injected().values().sum();
+    assert!(
+        (60..=140).contains(&given),
+        "{given} faults in 400 connections at 25%"
+    );
+    assert_eq!(
+        one.injected().len(),
+        Fault::ALL.len(),
+        "{:?}",
+        one.injected()
+    );
+
+    // A window not yet open injects nothing; a limit stops injecting.
+    let later = b.relay(RelayConfig {
+        faults: Faults {
+            window: Duration::from_secs(3600)..Duration::MAX,
+            ..Faults::always(Fault::Reset)
+        },
+        ..RelayConfig::default()
+    });
+    connect(&later, 20);
+    assert!(later.injected().is_empty());
+    later.set_config(RelayConfig {
+        faults: Faults {
+            limit: Some(3),
+            ..Faults::always(Fault::Reset)
+        },
+        ..RelayConfig::default()
+    });
+    connect(&later, 20);
+    assert_eq!(later.injected()[&Fault::Reset], 3);
+}
