@@ -19,6 +19,14 @@ pub enum CacheError {
         "access denied to bucket `{bucket}` ({code}): check the credentials and the bucket policy"
     )]
     AccessDenied { bucket: String, code: String },
+    #[error(
+        "bucket `{bucket}` is in region `{actual}`, not `{configured}`: set region={actual} in the store URL"
+    )]
+    WrongRegion {
+        bucket: String,
+        configured: String,
+        actual: String,
+    },
     #[error("bucket `{bucket}` does not exist at {endpoint}")]
     NoSuchBucket { bucket: String, endpoint: String },
     #[error("S3 is throttling requests ({code}) on {key}")]

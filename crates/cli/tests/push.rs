@@ -328,6 +328,24 @@ fn distinct_errors(kind: S3Kind) {
     assert_eq!(bed.narinfos().len(), 1);
 }
 
+/// Regression: Garage answers a HeadBucket signed for another region with a bare 400 (a HEAD has no
+/// body), which nixpush reported as "S3 HeadBucket of cache failed: HTTP 400".
+#[test]
+fn a_wrong_region_is_named_with_the_buckets_own() {
+    // Garage checks the region of a signature; s3s-fs and moto accept any.
+    let bed = Bed::on(S3Kind::Garage);
+    let out = bed.nix.build(&derivation("region", "echo r > $out"));
+    let url = bed
+        .s3
+        .store_url("")
+        .replace("region=garage", "region=eu-west-1");
+    assert_fails_cleanly(
+        &bed,
+        bed.push(&url, &[&out[0]]),
+        "bucket `cache` is in region `garage`, not `eu-west-1`: set region=garage in the store URL",
+    );
+}
+
 on_every_server!(
     a_large_path_goes_up_in_parts_and_substitutes_back,
     large_path_round_trip

@@ -368,6 +368,34 @@ fn leftovers_misplaced_narinfos_and_cache_info_are_reported() {
     );
 }
 
+on_every_server!(
+    an_unfinished_multipart_upload_is_reported_where_the_server_lists_them,
+    unfinished_multipart_upload
+);
+fn unfinished_multipart_upload(kind: S3Kind) {
+    let bed = Bed::on(kind);
+    let out = bed.nix.build(&derivation("unfinished", "echo u > $out"));
+    let url = bed.s3.store_url("");
+    bed.push_ok(&url, &[&out[0]]);
+    bed.s3.start_multipart_upload("nar/unfinished.nar.zst");
+    let o = verify(&bed, &url, &["--all"]);
+    let (stdout, stderr) = (text(&o.stdout), text(&o.stderr));
+    if kind == S3Kind::S3sFs {
+        // s3s-fs does not implement ListMultipartUploads: the audit says so and stands.
+        assert_eq!(o.status.code(), Some(0), "{stderr}");
+        assert!(
+            stderr.contains("note: cannot list incomplete uploads"),
+            "{stderr}"
+        );
+    } else {
+        assert_eq!(o.status.code(), Some(1), "{stderr}");
+        assert!(
+            stdout.starts_with("nar/unfinished.nar.zst: ") && stdout.contains("multipart upload"),
+            "{stdout}"
+        );
+    }
+}
+
 #[test]
 fn what_stops_an_audit_is_a_clear_error_with_exit_2() {
     let bed = Bed::new();

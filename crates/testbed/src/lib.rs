@@ -17,7 +17,7 @@ pub use nix::{
     DaemonOptions, NixDaemon, chain_and_diamond, derivation, nix_string, with_dependency,
 };
 pub use relay::{ConnectionLog, Fault, Faults, Relay, RelayConfig};
-pub use s3::{S3Kind, S3Server};
+pub use s3::{BucketClient, S3Kind, S3Server};
 
 use std::collections::BTreeSet;
 use std::fs;

@@ -61,7 +61,7 @@ pub struct S3Server {
     signed_port: u16,
     /// Everything else that must live as long as the server: the anonymous reader.
     _others: Vec<Guard>,
-    client: Client,
+    objects: BucketClient,
     /// Runs the test's own S3 requests and moto's gateway.
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -95,7 +95,6 @@ impl S3Server {
             &parts.access_key,
             &parts.secret_key,
         );
-        let mut others = parts.others;
         let http_url = match parts.http_url {
             Some(url) => url,
             None => {
@@ -104,7 +103,11 @@ impl S3Server {
                 url
             }
         };
-        others.shrink_to_fit();
+        let objects = BucketClient {
+            client,
+            name: bucket.clone(),
+            runtime: runtime.handle().clone(),
+        };
         S3Server {
             kind,
             dir,
@@ -117,8 +120,8 @@ impl S3Server {
             secret_key: parts.secret_key,
             root: parts.root,
             signed: Some(parts.signed),
-            _others: others,
-            client,
+            _others: parts.others,
+            objects,
             runtime: Some(runtime),
         }
     }
@@ -176,68 +179,6 @@ impl S3Server {
         root.join(&self.bucket)
     }
 
-    fn block_on<F: Future>(&self, f: F) -> F::Output {
-        self.runtime.as_ref().unwrap().block_on(f)
-    }
-
-    /// Every object key in the bucket, sorted (listed by S3, page after page).
-    pub fn keys(&self) -> Vec<String> {
-        self.block_on(async {
-            let mut keys = Vec::new();
-            let mut pages = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .into_paginator()
-                .send();
-            while let Some(page) = pages.next().await {
-                let page = page.expect("ListObjectsV2");
-                keys.extend(
-                    page.contents()
-                        .iter()
-                        .filter_map(|o| o.key().map(str::to_owned)),
-                );
-            }
-            keys.sort();
-            keys
-        })
-    }
-
-    /// An object's bytes, or `None` when it does not exist.
-    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
-        self.block_on(async {
-            match self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-            {
-                Ok(o) => Some(o.body.collect().await.expect("GET body").to_vec()),
-                Err(e) if not_found(e.raw_response()) => None,
-                Err(e) => panic!("GET {key}: {}", aws_sdk_s3::error::DisplayErrorContext(e)),
-            }
-        })
-    }
-
-    pub fn exists(&self, key: &str) -> bool {
-        self.block_on(async {
-            match self
-                .client
-                .head_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .send()
-                .await
-            {
-                Ok(_) => true,
-                Err(e) if not_found(e.raw_response()) => false,
-                Err(e) => panic!("HEAD {key}: {}", aws_sdk_s3::error::DisplayErrorContext(e)),
-            }
-        })
-    }
-
     /// Whether the anonymous HTTP view serves `key` (HTTP 200 to a HEAD), as a substituter sees it.
     pub fn served(&self, key: &str) -> bool {
         use std::io::{Read, Write};
@@ -262,6 +203,89 @@ impl S3Server {
             .expect("no answer from the HTTP view");
         &status[9..12] == b"200"
     }
+}
+
+/// S3 requests to the server's bucket with its key, for a test to read and change the bucket the
+/// way any client would. Cheap to clone, so a second thread can watch the bucket while the test
+/// goes on; valid while its [`S3Server`] lives.
+#[derive(Clone)]
+pub struct BucketClient {
+    client: Client,
+    name: String,
+    runtime: tokio::runtime::Handle,
+}
+
+/// An [`S3Server`] is used as the client of its bucket: `s3.get(key)`, `s3.keys()`.
+impl std::ops::Deref for S3Server {
+    type Target = BucketClient;
+
+    fn deref(&self) -> &BucketClient {
+        &self.objects
+    }
+}
+
+impl BucketClient {
+    fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+
+    /// Every object key in the bucket, sorted (listed by S3, page after page).
+    pub fn keys(&self) -> Vec<String> {
+        self.block_on(async {
+            let mut keys = Vec::new();
+            let mut pages = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.name)
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.expect("ListObjectsV2");
+                keys.extend(
+                    page.contents()
+                        .iter()
+                        .filter_map(|o| o.key().map(str::to_owned)),
+                );
+            }
+            keys.sort();
+            keys
+        })
+    }
+
+    /// An object's bytes, or `None` when it does not exist.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.block_on(async {
+            match self
+                .client
+                .get_object()
+                .bucket(&self.name)
+                .key(key)
+                .send()
+                .await
+            {
+                Ok(o) => Some(o.body.collect().await.expect("GET body").to_vec()),
+                Err(e) if not_found(e.raw_response()) => None,
+                Err(e) => panic!("GET {key}: {}", aws_sdk_s3::error::DisplayErrorContext(e)),
+            }
+        })
+    }
+
+    pub fn exists(&self, key: &str) -> bool {
+        self.block_on(async {
+            match self
+                .client
+                .head_object()
+                .bucket(&self.name)
+                .key(key)
+                .send()
+                .await
+            {
+                Ok(_) => true,
+                Err(e) if not_found(e.raw_response()) => false,
+                Err(e) => panic!("HEAD {key}: {}", aws_sdk_s3::error::DisplayErrorContext(e)),
+            }
+        })
+    }
 
     /// Writes objects, 32 at a time.
     pub fn put_all(&self, objects: Vec<(String, Vec<u8>)>) {
@@ -277,7 +301,7 @@ impl S3Server {
                     let put = self
                         .client
                         .put_object()
-                        .bucket(&self.bucket)
+                        .bucket(&self.name)
                         .key(&key)
                         .body(ByteStream::from(bytes));
                     set.spawn(async move {
@@ -288,6 +312,38 @@ impl S3Server {
                 }
                 set.join_all().await;
             }
+        })
+    }
+
+    /// Starts a multipart upload of `key` and leaves it unfinished, as a crash would.
+    pub fn start_multipart_upload(&self, key: &str) -> String {
+        self.block_on(async {
+            let out = self
+                .client
+                .create_multipart_upload()
+                .bucket(&self.name)
+                .key(key)
+                .send()
+                .await
+                .expect("CreateMultipartUpload");
+            out.upload_id().expect("an upload id").to_owned()
+        })
+    }
+
+    /// The keys of the multipart uploads the server lists as unfinished.
+    pub fn multipart_uploads(&self) -> Vec<String> {
+        self.block_on(async {
+            let out = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.name)
+                .send()
+                .await
+                .expect("ListMultipartUploads");
+            out.uploads()
+                .iter()
+                .filter_map(|u| u.key().map(str::to_owned))
+                .collect()
         })
     }
 

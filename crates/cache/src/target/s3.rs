@@ -105,19 +105,89 @@ impl S3Target {
         Ok(target)
     }
 
-    /// Turns "nothing works" into one precise message at start-up (unreachable, denied, no bucket).
+    /// Turns "nothing works" into one precise message at start-up (unreachable, denied, no bucket,
+    /// wrong region).
     async fn check_bucket(&self) -> Result<(), CacheError> {
-        match self.client.head_bucket().bucket(&self.bucket).send().await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(match self.classify(e, "HeadBucket", &self.bucket) {
-                CacheError::S3 {
-                    status: Some(404), ..
-                } => CacheError::NoSuchBucket {
-                    bucket: self.bucket.clone(),
-                    endpoint: self.endpoint.clone(),
-                },
-                other => other,
-            }),
+        let e = match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        if let Some(wrong) = e.raw_response().and_then(|r| self.wrong_region(r)) {
+            return Err(wrong);
+        }
+        let status = e.raw_response().map(|r| r.status().as_u16());
+        if matches!(status, Some(301 | 400)) {
+            // The answer to a HEAD has no body to say what is wrong (Garage, for one, answers a
+            // request signed for another region with a bare 400); a GET's error names the cause.
+            return Err(self.explain_bad_request().await);
+        }
+        Err(match self.classify(e, "HeadBucket", &self.bucket) {
+            CacheError::S3 {
+                status: Some(404), ..
+            } => CacheError::NoSuchBucket {
+                bucket: self.bucket.clone(),
+                endpoint: self.endpoint.clone(),
+            },
+            other => other,
+        })
+    }
+
+    async fn explain_bad_request(&self) -> CacheError {
+        let e = match self
+            .client
+            .get_bucket_location()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
+            Ok(location) => {
+                // No constraint is S3's way of saying us-east-1.
+                let actual = match location.location_constraint().map(|c| c.as_str()) {
+                    None | Some("") => "us-east-1",
+                    Some(c) => c,
+                }
+                .to_owned();
+                return if actual != self.url.region {
+                    self.wrong_region_error(actual)
+                } else {
+                    CacheError::S3 {
+                        operation: "HeadBucket",
+                        key: self.bucket.clone(),
+                        message: "HTTP 400".into(),
+                        status: Some(400),
+                    }
+                };
+            }
+            Err(e) => e,
+        };
+        if let Some(wrong) = e.raw_response().and_then(|r| self.wrong_region(r)) {
+            return wrong;
+        }
+        self.classify(e, "HeadBucket", &self.bucket)
+    }
+
+    /// The region a response names for the bucket (S3's `x-amz-bucket-region` header, or the
+    /// `<Region>` of an error body), when it is not the one configured.
+    fn wrong_region(&self, response: &HttpResponse) -> Option<CacheError> {
+        let header = response
+            .headers()
+            .get("x-amz-bucket-region")
+            .map(str::to_owned);
+        let body = || {
+            let body = std::str::from_utf8(response.body().bytes()?).ok()?;
+            let start = body.find("<Region>")? + "<Region>".len();
+            let len = body[start..].find("</Region>")?;
+            Some(body[start..start + len].trim().to_owned())
+        };
+        let actual = header.or_else(body)?;
+        (!actual.is_empty() && actual != self.url.region).then(|| self.wrong_region_error(actual))
+    }
+
+    fn wrong_region_error(&self, actual: String) -> CacheError {
+        CacheError::WrongRegion {
+            bucket: self.bucket.clone(),
+            configured: self.url.region.clone(),
+            actual,
         }
     }
 
