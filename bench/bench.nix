@@ -31,7 +31,7 @@ let
     seq ${toString (d * width + i)} 300 > $out/data
   '' { deps = if d == 0 then [] else
          let below = builtins.elemAt level (d - 1); in
-         [ (builtins.elemAt below i) (builtins.elemAt below (builtins.mod (i + 1) width)) ]; })
+         [ (builtins.elemAt below i) (builtins.elemAt below (i + 1 - width * ((i + 1) / width))) ]; })
     width) depth;
   layered = sh "bench-layered-root" "echo $deps > $out" { deps = builtins.elemAt level (depth - 1); };
 in { inherit big layered; small = builtins.elemAt many (paths - 1); }

@@ -8,7 +8,7 @@ source "$(dirname "$0")/../scripts/lib.sh"
 RUNS="${1:-1000}"
 BUILDS="${2:-100}"
 ROUNDS="${3:-3}"
-ensure_test_deps
+ensure_bed_deps
 build_nixpush
 HOOK="$NIXPUSH_HOOK"
 WORK=$(mktemp -d /tmp/nixpush-hookbench.XXXXXX)

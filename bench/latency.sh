@@ -10,7 +10,7 @@ DELAY_MS="${1:-10}"
 ROUNDS="${2:-3}"
 DEPTH="${3:-20}"
 WIDTH="${4:-50}"
-ensure_test_deps
+ensure_bed_deps
 build_nixpush
 say "building the relay (release)"
 (cd "$REPO" && cargo build --release --locked --quiet -p nixpush-testbed --bin nixpush-relay)
@@ -32,7 +32,7 @@ HTTP_RELAY=$(relay "$ANON_PORT")
 
 say "building the closure ($DEPTH levels of $WIDTH paths and a root)"
 ROOT=$(nix-build --no-out-link "$REPO/bench/bench.nix" -A layered --argstr nonce "latency-$(date +%s%N)" \
-    --arg depth "$DEPTH" --arg width "$WIDTH")
+    --arg depth "$DEPTH" --arg width "$WIDTH" 2> "$WORK/build.log")
 COUNT=$(nix-store -qR "$ROOT" | wc -l)
 echo "$COUNT paths"
 

@@ -9,7 +9,7 @@ source "$(dirname "$0")/../scripts/lib.sh"
 SIZE_MB="${1:-1000}"
 PATHS="${2:-500}"
 ROUNDS="${3:-5}"
-ensure_test_deps
+ensure_bed_deps
 ensure_apt time
 build_nixpush
 WORK=$(mktemp -d /tmp/nixpush-bench.XXXXXX)

@@ -6,7 +6,7 @@
 # Usage: bench/verify.sh [SIZE_MB]
 source "$(dirname "$0")/../scripts/lib.sh"
 SIZE_MB="${1:-1000}"
-ensure_test_deps
+ensure_bed_deps
 ensure_apt time
 build_nixpush
 WORK=$(mktemp -d /tmp/nixpush-bench.XXXXXX)

@@ -4,7 +4,7 @@
 # build, the daemon publishing it, `nixpush verify` auditing the bucket, the closure deleted from the
 # store and substituted back by stock Nix trusting only our key.
 source "$(dirname "$0")/lib.sh"
-ensure_test_deps
+ensure_bed_deps
 build_nixpush
 WORK=$(mktemp -d /tmp/nixpush-demo.XXXXXX)
 trap 'bed_stop; rm -rf "$WORK"' EXIT

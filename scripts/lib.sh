@@ -74,13 +74,18 @@ ensure_moto() {
     ln -sfn "$venv/bin/moto_server" "$TOOLS/bin/moto_server"
 }
 
-# Everything the integration tests use: Debian's Nix 2.8 and the three S3 servers.
-ensure_test_deps() {
+# What the shell test bed below (the demo, the benchmarks) uses: Debian's Nix 2.8 and s3s-fs.
+ensure_bed_deps() {
     need_root
     ensure_dev_null
     ensure_apt nix-bin curl python3
     ensure_rust
     ensure_s3s_fs
+}
+
+# Everything the integration tests use: the same, and the other two S3 servers.
+ensure_test_deps() {
+    ensure_bed_deps
     ensure_garage
     ensure_moto
 }

@@ -159,6 +159,8 @@ impl Relay {
         runtime.spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
+                    // Out of descriptors, say: let connections close before accepting more.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
                 let fault = accept.decide();
