@@ -20,15 +20,15 @@ BED_EXTRA_CONF="max-jobs = 4"
 bed_start "$WORK"
 "$NIXPUSH" keygen bench-1 "$WORK/sk" "$WORK/pk" > /dev/null
 
-relay() { # relay UPSTREAM_PORT: prints the relay's endpoint
+relay() { # relay UPSTREAM_PORT: starts a relay (stopped by bed_stop) and sets RELAY to its endpoint
     local out="$WORK/relay.$1"
     "$REPO/target/release/nixpush-relay" "127.0.0.1:$1" --delay-ms "$DELAY_MS" > "$out" &
     PIDS+=($!)
     wait_for "the relay" test -s "$out"
-    head -n 1 "$out"
+    RELAY=$(head -n 1 "$out")
 }
-S3_RELAY=$(relay "$S3_PORT")
-HTTP_RELAY=$(relay "$ANON_PORT")
+relay "$S3_PORT"; S3_RELAY="$RELAY"
+relay "$ANON_PORT"; HTTP_RELAY="$RELAY"
 
 say "building the closure ($DEPTH levels of $WIDTH paths and a root)"
 ROOT=$(nix-build --no-out-link "$REPO/bench/bench.nix" -A layered --argstr nonce "latency-$(date +%s%N)" \

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A process killed and reaped on drop.
-pub(crate) struct Guard(Child);
+pub(crate) struct Guard(pub(crate) Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -79,6 +79,17 @@ pub(crate) fn reserve_port(port: u16, fresh: bool) -> bool {
     true
 }
 
+/// A listener on a loopback port that none of this process's servers holds in reserve (a paused
+/// server resumes on its port), itself reserved.
+pub(crate) fn bind_loopback() -> std::net::TcpListener {
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        if reserve_port(listener.local_addr().unwrap().port(), true) {
+            return listener;
+        }
+    }
+}
+
 /// A loopback port that was free a moment ago and that no server of this process holds, for servers
 /// that must be told their ports (Garage): they fail to start if it is taken meanwhile, and are
 /// started again.
@@ -97,8 +108,14 @@ pub(crate) fn free_port() -> u16 {
 
 /// The TCP port process `pid` listens on, from its socket inodes and /proc/net/tcp.
 pub(crate) fn listening_port(pid: u32) -> Option<u16> {
+    listening_ports(pid).into_iter().next()
+}
+
+/// The TCP ports process `pid` listens on, from its socket inodes and /proc/net/tcp.
+pub(crate) fn listening_ports(pid: u32) -> BTreeSet<u16> {
     let inodes: std::collections::HashSet<String> = fs::read_dir(format!("/proc/{pid}/fd"))
-        .ok()?
+        .into_iter()
+        .flatten()
         .flatten()
         .filter_map(|e| fs::read_link(e.path()).ok())
         .filter_map(|l| {
@@ -108,15 +125,20 @@ pub(crate) fn listening_port(pid: u32) -> Option<u16> {
                 .map(str::to_owned)
         })
         .collect();
-    let table = fs::read_to_string("/proc/net/tcp").ok()?;
-    table.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        // local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 is the inode.
-        let listening = f.get(3) == Some(&"0A") && f.get(9).is_some_and(|i| inodes.contains(*i));
-        listening
-            .then(|| u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok())
-            .flatten()
-    })
+    let table = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 is the inode.
+            let listening =
+                f.get(3) == Some(&"0A") && f.get(9).is_some_and(|i| inodes.contains(*i));
+            listening
+                .then(|| u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok())
+                .flatten()
+        })
+        .collect()
 }
 
 /// A string no other test (or earlier run) has used: derivations built with it are new to the store.

@@ -1,6 +1,7 @@
 # Prepares a fresh moto server for the test bed, then turns its request checking on: an IAM user
-# whose access key may do anything in S3, a bucket, and a bucket policy that lets anyone GET its
-# objects (the anonymous HTTP view Nix substitutes from). Prints the user's key as JSON.
+# whose access key may do anything in S3, and a bucket. Prints the user's key as JSON. (With its
+# checks on, moto refuses unsigned requests whatever the bucket policy says, so the anonymous view
+# Nix reads is a signing gateway in s3.rs, not a public-read policy.)
 # Run by crates/testbed with moto's own Python: python moto_setup.py ENDPOINT BUCKET REGION
 import json
 import sys
@@ -31,22 +32,6 @@ iam.put_user_policy(
 key = iam.create_access_key(UserName="nixpush")["AccessKey"]
 s3 = boto3.client("s3", **setup)
 s3.create_bucket(Bucket=bucket)
-s3.put_bucket_policy(
-    Bucket=bucket,
-    Policy=json.dumps(
-        {
-            "Version": "2012-10-17",
-            "Statement": [
-                {
-                    "Effect": "Allow",
-                    "Principal": "*",
-                    "Action": "s3:GetObject",
-                    "Resource": f"arn:aws:s3:::{bucket}/*",
-                }
-            ],
-        }
-    ),
-)
 # From now on every request is authenticated (SigV4 checked) and authorized against IAM.
 urllib.request.urlopen(
     urllib.request.Request(

@@ -120,7 +120,14 @@ struct Shared {
     started: Instant,
     config: Mutex<RelayConfig>,
     rng: Mutex<u64>,
+    /// Faults as decided when each connection was accepted.
     log: Mutex<ConnectionLog>,
+    /// Faults that really happened: the RST sent, the request read and left unanswered, the answer
+    /// written, the response cut, bytes trickled.
+    applied: Mutex<BTreeMap<Fault, usize>>,
+    /// When the shared uplink is free again: `upstream_bytes_per_sec` holds for all connections
+    /// together, as on a real link.
+    link_free: Mutex<tokio::time::Instant>,
 }
 
 pub struct Relay {
@@ -144,16 +151,26 @@ impl Relay {
             .enable_all()
             .build()
             .expect("cannot start the relay's runtime");
-        let listener = runtime
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .expect("cannot bind the relay");
+        assert_ne!(
+            config.upstream_bytes_per_sec,
+            Some(0),
+            "a bandwidth of 0 relays nothing"
+        );
+        let listener = crate::bind_loopback();
+        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
+        let listener = {
+            let _context = runtime.enter();
+            TcpListener::from_std(listener).unwrap()
+        };
         let shared = Arc::new(Shared {
             upstream,
             started: Instant::now(),
             rng: Mutex::new(config.faults.seed),
             config: Mutex::new(config),
             log: Mutex::default(),
+            applied: Mutex::default(),
+            link_free: Mutex::new(tokio::time::Instant::now()),
         });
         let accept = shared.clone();
         runtime.spawn(async move {
@@ -181,20 +198,14 @@ impl Relay {
         *self.shared.config.lock().unwrap() = config;
     }
 
-    /// Every connection accepted so far, in order.
+    /// Every connection accepted so far, in order, with the fault decided for it.
     pub fn connections(&self) -> ConnectionLog {
         self.shared.log.lock().unwrap().clone()
     }
 
-    /// How many connections got each fault.
+    /// How many times each fault really happened to a client.
     pub fn injected(&self) -> BTreeMap<Fault, usize> {
-        let mut counts = BTreeMap::new();
-        for (_, f) in self.shared.log.lock().unwrap().iter() {
-            if let Some(f) = f {
-                *counts.entry(*f).or_default() += 1;
-            }
-        }
-        counts
+        self.shared.applied.lock().unwrap().clone()
     }
 }
 
@@ -230,6 +241,10 @@ impl Shared {
     fn config(&self) -> RelayConfig {
         self.config.lock().unwrap().clone()
     }
+
+    fn applied(&self, fault: Fault) {
+        *self.applied.lock().unwrap().entry(fault).or_default() += 1;
+    }
 }
 
 /// splitmix64: a seeded, reproducible sequence is all a test needs from a generator.
@@ -244,47 +259,60 @@ fn next_random(state: &mut u64) -> u64 {
 async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>) {
     let config = shared.config();
     let _ = client.set_nodelay(true);
+    // The request and the answer would each cross the link once.
+    let answer_delay = 2 * config.delay;
     match fault {
         Some(Fault::Reset) => {
             let mut buf = [0u8; 1024];
             if matches!(client.read(&mut buf).await, Ok(n) if n > 0) {
                 // Linger zero turns the close into a RST.
-                let _ = client.set_zero_linger();
+                if client.set_zero_linger().is_ok() {
+                    shared.applied(Fault::Reset);
+                }
             }
         }
         Some(Fault::Stall) => {
             let mut buf = vec![0u8; 64 * 1024];
-            while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {}
+            if matches!(client.read(&mut buf).await, Ok(n) if n > 0) {
+                shared.applied(Fault::Stall);
+                while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {}
+            }
         }
         Some(Fault::InternalError) => {
             let body = s3_error(
                 "InternalError",
                 "We encountered an internal error. Please try again.",
             );
-            answer(&mut client, "500 Internal Server Error", "", &body).await;
+            if answer(
+                &mut client,
+                "500 Internal Server Error",
+                "",
+                body,
+                answer_delay,
+            )
+            .await
+            {
+                shared.applied(Fault::InternalError);
+            }
         }
         Some(Fault::SlowDown) => {
             let body = s3_error("SlowDown", "Please reduce your request rate.");
             let retry = format!("Retry-After: {}\r\n", config.faults.retry_after_secs);
-            answer(&mut client, "503 Slow Down", &retry, &body).await;
+            if answer(&mut client, "503 Slow Down", &retry, body, answer_delay).await {
+                shared.applied(Fault::SlowDown);
+            }
         }
         Some(Fault::Cut | Fault::Trickle) | None => {
             let Ok(server) = TcpStream::connect(&shared.upstream).await else {
                 return;
             };
             let _ = server.set_nodelay(true);
-            let rate = match fault {
-                Some(Fault::Trickle) => Some(TRICKLE_BYTES_PER_SEC),
-                _ => config.upstream_bytes_per_sec,
+            let pace = match (fault, config.upstream_bytes_per_sec) {
+                (Some(Fault::Trickle), _) => Pace::Own(TRICKLE_BYTES_PER_SEC),
+                (_, Some(rate)) => Pace::Link(rate),
+                (_, None) => Pace::None,
             };
-            pipe(
-                client,
-                server,
-                config.delay,
-                rate,
-                fault == Some(Fault::Cut),
-            )
-            .await;
+            pipe(&shared, client, server, config.delay, pace, fault).await;
         }
     }
 }
@@ -296,29 +324,41 @@ fn s3_error(code: &str, message: &str) -> String {
     )
 }
 
-/// Reads one request, answers it with `status`, and closes gracefully: unread request bytes at
-/// close would make the kernel send a RST that can destroy the answer before the client reads it.
-async fn answer(client: &mut TcpStream, status: &str, headers: &str, body: &str) {
-    if read_request(client).await.is_err() {
-        return;
-    }
+/// Reads one request, answers it with `status` after `delay`, and closes gracefully: unread request
+/// bytes at close would make the kernel send a RST that can destroy the answer before the client
+/// reads it. Whether the answer was written.
+async fn answer(
+    client: &mut TcpStream,
+    status: &str,
+    headers: &str,
+    body: String,
+    delay: Duration,
+) -> bool {
+    let Ok(method) = read_request(client).await else {
+        return false;
+    };
+    tokio::time::sleep(delay).await;
+    // The answer to a HEAD has the length of the body it does not carry.
+    let body = if method == "HEAD" { "" } else { body.as_str() };
     let response = format!(
         "HTTP/1.1 {status}\r\n{headers}Content-Type: application/xml\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{body}",
         body.len()
     );
     if client.write_all(response.as_bytes()).await.is_err() {
-        return;
+        return false;
     }
     let _ = client.shutdown().await;
     let mut buf = vec![0u8; 64 * 1024];
     let drain = async { while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {} };
     let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
+    true
 }
 
-/// Reads a request's head and body (by `Content-Length`, or chunked to its last chunk). A client that
-/// sent `Expect: 100-continue` sends no body before an answer, so none is read.
-async fn read_request(client: &mut TcpStream) -> std::io::Result<()> {
+/// Reads a request's head and body (by `Content-Length`, or chunked to its last chunk) and returns
+/// its method. A client that sent `Expect: 100-continue` sends no body before an answer, so none is
+/// read.
+async fn read_request(client: &mut TcpStream) -> std::io::Result<String> {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     let head_len = loop {
@@ -332,8 +372,9 @@ async fn read_request(client: &mut TcpStream) -> std::io::Result<()> {
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_len]).to_ascii_lowercase();
+    let method = head.split(' ').next().unwrap_or("").to_ascii_uppercase();
     if header(&head, "expect").is_some_and(|v| v.contains("100-continue")) {
-        return Ok(());
+        return Ok(method);
     }
     if header(&head, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         while !buf[head_len..].ends_with(b"0\r\n\r\n") {
@@ -343,7 +384,7 @@ async fn read_request(client: &mut TcpStream) -> std::io::Result<()> {
             }
             buf.extend_from_slice(&chunk[..n]);
         }
-        return Ok(());
+        return Ok(method);
     }
     let length: usize = header(&head, "content-length")
         .and_then(|v| v.parse().ok())
@@ -356,7 +397,7 @@ async fn read_request(client: &mut TcpStream) -> std::io::Result<()> {
         }
         left = left.saturating_sub(n);
     }
-    Ok(())
+    Ok(method)
 }
 
 /// The length of an HTTP head (through its blank line), once `buf` holds all of it.
@@ -382,25 +423,54 @@ enum Segment {
 /// the delay line does not limit throughput, and a bound so a slow writer holds the reader back.
 const DELAY_LINE_CHUNKS: usize = 1024;
 
+/// How client → server bytes are paced. Pacing happens as they are read, so a client feels a slow
+/// uplink as writes that take their time, as it would on a real one.
+#[derive(Clone, Copy)]
+enum Pace {
+    None,
+    /// This connection alone (a trickle).
+    Own(u64),
+    /// The link that all connections share.
+    Link(u64),
+}
+
 /// Relays both directions until the server's side ends (or the response is cut).
-async fn pipe(client: TcpStream, server: TcpStream, delay: Duration, rate: Option<u64>, cut: bool) {
+async fn pipe(
+    shared: &Arc<Shared>,
+    client: TcpStream,
+    server: TcpStream,
+    delay: Duration,
+    pace: Pace,
+    fault: Option<Fault>,
+) {
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     // The method of the first request tells whether its response has a body (HEAD has none).
     let (method_tx, method_rx) = oneshot::channel();
     let up = tokio::spawn(direction(
+        shared.clone(),
         client_read,
         server_write,
         delay,
-        rate,
+        pace,
         Watch::Method(Some(method_tx)),
+        fault,
     ));
-    let watch = if cut {
+    let watch = if fault == Some(Fault::Cut) {
         Watch::Cut(Some(method_rx))
     } else {
         Watch::None
     };
-    direction(server_read, client_write, delay, None, watch).await;
+    let down = direction(
+        shared.clone(),
+        server_read,
+        client_write,
+        delay,
+        Pace::None,
+        watch,
+        fault,
+    );
+    down.await;
     up.abort();
 }
 
@@ -413,52 +483,98 @@ enum Watch {
     Cut(Option<oneshot::Receiver<String>>),
 }
 
-/// Reads from `from` into a delay line; a writer releases each chunk `delay` after it arrived,
-/// paced to `rate`.
+/// Where to cut a response that begins with `seen`, once its final head has arrived: halfway
+/// through its body, or through its head when it has none. Interim `1xx` heads (`100 Continue`) are
+/// passed over.
+fn cut_point(seen: &[u8], is_head: bool) -> Option<usize> {
+    let mut start = 0;
+    loop {
+        let len = head_end(&seen[start..])?;
+        let head = String::from_utf8_lossy(&seen[start..start + len]).to_ascii_lowercase();
+        if head
+            .split(' ')
+            .nth(1)
+            .is_some_and(|code| code.starts_with('1'))
+        {
+            start += len;
+            continue;
+        }
+        let body: usize = header(&head, "content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let chunked = header(&head, "transfer-encoding").is_some();
+        return Some(
+            start
+                + match (is_head, body, chunked) {
+                    (false, b, _) if b > 0 => len + b / 2,
+                    (false, _, true) => len + 1,
+                    _ => len / 2,
+                },
+        );
+    }
+}
+
+/// Reads from `from` into a delay line, paced as `pace` says; a writer releases each chunk `delay`
+/// after it arrived.
 async fn direction(
+    shared: Arc<Shared>,
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     delay: Duration,
-    rate: Option<u64>,
+    pace: Pace,
     mut watch: Watch,
+    fault: Option<Fault>,
 ) {
     let (tx, mut rx) = mpsc::channel::<Segment>(DELAY_LINE_CHUNKS);
     let writer = async move {
-        let mut next_free = tokio::time::Instant::now();
-        while let Some(segment) = rx.recv().await {
-            let Segment::Data(arrived, data) = segment else {
-                break;
-            };
+        while let Some(Segment::Data(arrived, data)) = rx.recv().await {
             tokio::time::sleep_until((arrived + delay).into()).await;
-            let Some(rate) = rate else {
-                if to.write_all(&data).await.is_err() {
-                    return;
-                }
-                continue;
-            };
-            // Small pieces keep the pace even within one chunk.
-            for piece in data.chunks(4096) {
-                next_free = next_free.max(tokio::time::Instant::now());
-                tokio::time::sleep_until(next_free).await;
-                if to.write_all(piece).await.is_err() {
-                    return;
-                }
-                next_free += Duration::from_secs_f64(piece.len() as f64 / rate as f64);
+            if to.write_all(&data).await.is_err() {
+                return;
             }
         }
         let _ = to.shutdown().await;
     };
     let reader = async move {
-        let mut buf = vec![0u8; 64 * 1024];
+        // Small reads keep a paced stream smooth.
+        let mut buf = vec![
+            0u8;
+            if matches!(pace, Pace::None) {
+                64 * 1024
+            } else {
+                4096
+            }
+        ];
         let mut seen = Vec::new();
+        let mut is_head = None;
         let mut cut_at: Option<usize> = None;
         let mut forwarded = 0usize;
+        let mut own_free = tokio::time::Instant::now();
         loop {
             let n = match from.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
             let mut data = buf[..n].to_vec();
+            let cost = |rate: u64| Duration::from_secs_f64(n as f64 / rate as f64);
+            let ready = match pace {
+                Pace::None => None,
+                Pace::Own(rate) => {
+                    own_free = own_free.max(tokio::time::Instant::now()) + cost(rate);
+                    Some(own_free)
+                }
+                Pace::Link(rate) => {
+                    let mut free = shared.link_free.lock().unwrap();
+                    *free = (*free).max(tokio::time::Instant::now()) + cost(rate);
+                    Some(*free)
+                }
+            };
+            if let Some(ready) = ready {
+                tokio::time::sleep_until(ready).await;
+                if forwarded == 0 && fault == Some(Fault::Trickle) {
+                    shared.applied(Fault::Trickle);
+                }
+            }
             match &mut watch {
                 Watch::None => {}
                 Watch::Method(tx) => {
@@ -474,22 +590,12 @@ async fn direction(
                 Watch::Cut(method) => {
                     if cut_at.is_none() {
                         seen.extend_from_slice(&data);
-                        if let Some(head_len) = head_end(&seen) {
-                            let is_head = match method.take() {
-                                Some(rx) => rx.await.is_ok_and(|m| m == "HEAD"),
-                                None => false,
-                            };
-                            let head =
-                                String::from_utf8_lossy(&seen[..head_len]).to_ascii_lowercase();
-                            let body: usize = header(&head, "content-length")
-                                .and_then(|v| v.parse().ok())
-                                .unwrap_or(0);
-                            let chunked = header(&head, "transfer-encoding").is_some();
-                            cut_at = Some(match (is_head, body, chunked) {
-                                (false, b, _) if b > 0 => head_len + b / 2,
-                                (false, _, true) => head_len + 1,
-                                _ => head_len / 2,
-                            });
+                        if head_end(&seen).is_some() {
+                            if is_head.is_none() {
+                                let rx = method.take().expect("asked once");
+                                is_head = Some(rx.await.is_ok_and(|m| m == "HEAD"));
+                            }
+                            cut_at = cut_point(&seen, is_head == Some(true));
                         }
                     }
                     if let Some(at) = cut_at {
@@ -499,6 +605,7 @@ async fn direction(
                             if !data.is_empty() {
                                 let _ = tx.send(Segment::Data(Instant::now(), data)).await;
                             }
+                            shared.applied(Fault::Cut);
                             break;
                         }
                     }
@@ -512,4 +619,27 @@ async fn direction(
         let _ = tx.send(Segment::End).await;
     };
     tokio::join!(reader, writer);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_response_is_cut_halfway_through_its_body_after_any_interim_heads() {
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n";
+        assert_eq!(cut_point(head, false), Some(head.len() + 50));
+        // A HEAD's answer has no body: cut inside the head.
+        assert_eq!(cut_point(head, true), Some(head.len() / 2));
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+        let both = [&interim[..], &head[..]].concat();
+        assert_eq!(
+            cut_point(&both, false),
+            Some(interim.len() + head.len() + 50)
+        );
+        // Only the interim head so far: not yet.
+        assert_eq!(cut_point(interim, false), None);
+        let empty = b"HTTP/1.1 204 No Content\r\n\r\n";
+        assert_eq!(cut_point(empty, false), Some(empty.len() / 2));
+    }
 }

@@ -29,7 +29,10 @@ use percent_encoding::percent_decode_str;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{Guard, find_program, free_port, listening_port, reserve_port, unique, wait_until};
+use crate::{
+    Guard, bind_loopback, find_program, free_port, listening_port, listening_ports, reserve_port,
+    unique, wait_until,
+};
 
 /// Which S3 server a test runs against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,7 +48,6 @@ impl S3Kind {
 
 pub struct S3Server {
     pub kind: S3Kind,
-    pub dir: TempDir,
     pub bucket: String,
     pub region: String,
     /// `http://127.0.0.1:PORT`, SigV4 required.
@@ -64,6 +66,8 @@ pub struct S3Server {
     objects: BucketClient,
     /// Runs the test's own S3 requests and moto's gateway.
     runtime: Option<tokio::runtime::Runtime>,
+    /// Logs and data: removed last, once the processes above are gone (fields drop in order).
+    pub dir: TempDir,
 }
 
 impl S3Server {
@@ -460,23 +464,24 @@ fn spawn_listening(
     log: &Path,
     fresh_port: bool,
 ) -> Option<(Guard, u16)> {
-    let mut child = cmd
-        .stdout(fs::File::create(log).unwrap())
-        .stderr(Stdio::from(
-            fs::File::options().append(true).open(log).unwrap(),
-        ))
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-    let pid = child.id();
+    // Guarded at once: a server that never gets ready is killed when the wait panics.
+    let mut guard = Guard(
+        cmd.stdout(fs::File::create(log).unwrap())
+            .stderr(Stdio::from(
+                fs::File::options().append(true).open(log).unwrap(),
+            ))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}")),
+    );
+    let pid = guard.0.id();
     let mut bound = None;
-    if !wait_until(&mut child, what, log, || {
+    if !wait_until(&mut guard.0, what, log, || {
         bound = listening_port(pid);
         bound.is_some()
     }) {
         return None;
     }
     let bound = bound.expect("set by the readiness check");
-    let guard = Guard(child);
     if !reserve_port(bound, fresh_port) {
         return None;
     }
@@ -513,18 +518,21 @@ fn start_garage(dir: &Path, bucket: &str) -> Parts {
         )
         .unwrap();
         let log = dir.join(format!("garage-{attempt}.log"));
-        let mut child = Command::new(&garage)
-            .arg("-c")
-            .arg(&config)
-            .arg("server")
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&log).unwrap())
-            .stderr(Stdio::from(
-                fs::File::options().append(true).open(&log).unwrap(),
-            ))
-            .env("RUST_LOG", "garage=warn")
-            .spawn()
-            .expect("cannot start garage");
+        // Guarded at once: a server that never gets ready is killed when the wait panics.
+        let mut guard = Guard(
+            Command::new(&garage)
+                .arg("-c")
+                .arg(&config)
+                .arg("server")
+                .stdin(Stdio::null())
+                .stdout(fs::File::create(&log).unwrap())
+                .stderr(Stdio::from(
+                    fs::File::options().append(true).open(&log).unwrap(),
+                ))
+                .env("RUST_LOG", "garage=warn")
+                .spawn()
+                .expect("cannot start garage"),
+        );
         let cli = |args: &[&str]| {
             Command::new(&garage)
                 .arg("-c")
@@ -534,13 +542,15 @@ fn start_garage(dir: &Path, bucket: &str) -> Parts {
                 .output()
                 .unwrap()
         };
-        // Up when its RPC answers; an exit means a port was taken meanwhile: try others.
-        if !wait_until(&mut child, "garage", &log, || {
-            cli(&["status"]).status.success()
+        // Up when its RPC answers and it owns all three ports (a connect alone could reach another
+        // test's server); an exit means a port was taken meanwhile: try others.
+        let pid = guard.0.id();
+        if !wait_until(&mut guard.0, "garage", &log, || {
+            listening_ports(pid).is_superset(&[rpc, s3, web].into())
+                && cli(&["status"]).status.success()
         }) {
             continue;
         }
-        let guard = Guard(child);
         for p in [rpc, s3, web] {
             reserve_port(p, false);
         }
@@ -651,11 +661,14 @@ async fn gateway(
     client: Client,
     bucket: String,
 ) -> (String, impl Future<Output = ()> + Send + 'static) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = bind_loopback();
+    listener.set_nonblocking(true).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
     let serve = async move {
         loop {
             let Ok((conn, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
             tokio::spawn(gateway_connection(conn, client.clone(), bucket.clone()));

@@ -64,6 +64,20 @@ impl Bench {
     }
 }
 
+/// Whether an I/O error of `kind` is somewhere in `e`'s chain of causes.
+fn caused_by(e: &(dyn std::error::Error + 'static), kind: std::io::ErrorKind) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == kind)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 fn only(fault: Fault) -> RelayConfig {
     RelayConfig {
         faults: Faults::always(fault),
@@ -82,7 +96,10 @@ fn each_fault_is_injected_counted_and_seen_by_a_plain_client() {
 
     let relay = b.relay(only(Fault::Reset));
     let e = b.get(&relay).unwrap_err();
-    assert!(!e.is_timeout(), "a reset is not a timeout: {e:?}");
+    assert!(
+        caused_by(&e, std::io::ErrorKind::ConnectionReset),
+        "not a reset: {e:?}"
+    );
     assert_eq!(relay.injected()[&Fault::Reset], 1);
 
     let relay = b.relay(only(Fault::Stall));
@@ -155,13 +172,19 @@ fn delay_and_bandwidth_are_lower_bounds_on_time() {
             start.elapsed()
         );
     }
-    // 1 MiB up at 1 MiB/s.
+    // 1 MiB up at 1 MiB/s, in two connections at once: the limit is the link's, not each
+    // connection's.
     let relay = b.relay(RelayConfig {
         upstream_bytes_per_sec: Some(1 << 20),
         ..RelayConfig::default()
     });
     let start = Instant::now();
-    assert!(b.put(&relay, "paced", 1 << 20).is_success());
+    let (one, two) = std::thread::scope(|s| {
+        let one = s.spawn(|| b.put(&relay, "paced-1", 512 * 1024));
+        let two = s.spawn(|| b.put(&relay, "paced-2", 512 * 1024));
+        (one.join().unwrap(), two.join().unwrap())
+    });
+    assert!(one.is_success() && two.is_success());
     assert!(
         start.elapsed() >= Duration::from_millis(950),
         "{:?}",
@@ -169,7 +192,8 @@ fn delay_and_bandwidth_are_lower_bounds_on_time() {
     );
 }
 
-/// Connects `n` times and waits until the relay has accepted them all.
+/// Connects `n` times and waits until the relay has accepted them all. (The connections carry no
+/// request, so faults are decided for them but not applied: these tests are about the decisions.)
 fn connect(relay: &Relay, n: usize) {
     let before = relay.connections().len();
     for _ in 0..n {
@@ -208,17 +232,14 @@ fn faults_follow_their_seed_probability_window_and_limit() {
         "the same seed gives the same faults"
     );
     assert_ne!(faults(&one), faults(&other));
-    let given: usize = one.injected().values().sum();
+    let given: Vec<Fault> = faults(&one).into_iter().flatten().collect();
     assert!(
-        (60..=140).contains(&given),
-        "{given} faults in 400 connections at 25%"
+        (60..=140).contains(&given.len()),
+        "{} faults in 400 connections at 25%",
+        given.len()
     );
-    assert_eq!(
-        one.injected().len(),
-        Fault::ALL.len(),
-        "{:?}",
-        one.injected()
-    );
+    let kinds: std::collections::BTreeSet<_> = given.iter().collect();
+    assert_eq!(kinds.len(), Fault::ALL.len(), "{given:?}");
 
     // A window not yet open injects nothing; a limit stops injecting.
     let later = b.relay(RelayConfig {
@@ -229,7 +250,7 @@ fn faults_follow_their_seed_probability_window_and_limit() {
         ..RelayConfig::default()
     });
     connect(&later, 20);
-    assert!(later.injected().is_empty());
+    assert!(faults(&later).iter().all(Option::is_none));
     later.set_config(RelayConfig {
         faults: Faults {
             limit: Some(3),
@@ -238,5 +259,5 @@ fn faults_follow_their_seed_probability_window_and_limit() {
         ..RelayConfig::default()
     });
     connect(&later, 20);
-    assert_eq!(later.injected()[&Fault::Reset], 3);
+    assert_eq!(faults(&later).iter().flatten().count(), 3);
 }

@@ -112,14 +112,27 @@ impl S3Target {
             Ok(_) => return Ok(()),
             Err(e) => e,
         };
-        if let Some(wrong) = e.raw_response().and_then(|r| self.wrong_region(r)) {
-            return Err(wrong);
-        }
         let status = e.raw_response().map(|r| r.status().as_u16());
+        // A bucket in another region: AWS answers 301 or 400 and names the region in a header;
+        // Garage answers a bare 400 (a HEAD has no body), and names it only in a GET's error.
         if matches!(status, Some(301 | 400)) {
-            // The answer to a HEAD has no body to say what is wrong (Garage, for one, answers a
-            // request signed for another region with a bare 400); a GET's error names the cause.
-            return Err(self.explain_bad_request().await);
+            let named = e.raw_response().and_then(|r| {
+                region_named(
+                    r.headers().get("x-amz-bucket-region"),
+                    r.body().bytes().unwrap_or_default(),
+                )
+            });
+            let actual = match named {
+                Some(region) => Some(region),
+                None => self.location().await,
+            };
+            if let Some(actual) = actual.filter(|a| *a != self.url.region) {
+                return Err(CacheError::WrongRegion {
+                    bucket: self.bucket.clone(),
+                    configured: self.url.region.clone(),
+                    actual,
+                });
+            }
         }
         Err(match self.classify(e, "HeadBucket", &self.bucket) {
             CacheError::S3 {
@@ -132,62 +145,22 @@ impl S3Target {
         })
     }
 
-    async fn explain_bad_request(&self) -> CacheError {
-        let e = match self
+    /// The bucket's region as GetBucketLocation gives it, or as its error names it; `None` when
+    /// neither says (a key without `s3:GetBucketLocation`, say).
+    async fn location(&self) -> Option<String> {
+        match self
             .client
             .get_bucket_location()
             .bucket(&self.bucket)
             .send()
             .await
         {
-            Ok(location) => {
-                // No constraint is S3's way of saying us-east-1.
-                let actual = match location.location_constraint().map(|c| c.as_str()) {
-                    None | Some("") => "us-east-1",
-                    Some(c) => c,
-                }
-                .to_owned();
-                return if actual != self.url.region {
-                    self.wrong_region_error(actual)
-                } else {
-                    CacheError::S3 {
-                        operation: "HeadBucket",
-                        key: self.bucket.clone(),
-                        message: "HTTP 400".into(),
-                        status: Some(400),
-                    }
-                };
-            }
-            Err(e) => e,
-        };
-        if let Some(wrong) = e.raw_response().and_then(|r| self.wrong_region(r)) {
-            return wrong;
-        }
-        self.classify(e, "HeadBucket", &self.bucket)
-    }
-
-    /// The region a response names for the bucket (S3's `x-amz-bucket-region` header, or the
-    /// `<Region>` of an error body), when it is not the one configured.
-    fn wrong_region(&self, response: &HttpResponse) -> Option<CacheError> {
-        let header = response
-            .headers()
-            .get("x-amz-bucket-region")
-            .map(str::to_owned);
-        let body = || {
-            let body = std::str::from_utf8(response.body().bytes()?).ok()?;
-            let start = body.find("<Region>")? + "<Region>".len();
-            let len = body[start..].find("</Region>")?;
-            Some(body[start..start + len].trim().to_owned())
-        };
-        let actual = header.or_else(body)?;
-        (!actual.is_empty() && actual != self.url.region).then(|| self.wrong_region_error(actual))
-    }
-
-    fn wrong_region_error(&self, actual: String) -> CacheError {
-        CacheError::WrongRegion {
-            bucket: self.bucket.clone(),
-            configured: self.url.region.clone(),
-            actual,
+            Ok(out) => Some(location_region(
+                out.location_constraint().map(|c| c.as_str()),
+            )),
+            Err(e) => e
+                .raw_response()
+                .and_then(|r| region_named(None, r.body().bytes().unwrap_or_default())),
         }
     }
 
@@ -605,4 +578,68 @@ async fn file_body(
             message: e.to_string(),
             status: None,
         })
+}
+
+/// The region an answer names for the bucket: S3's `x-amz-bucket-region` header, or the `<Region>`
+/// of an error body (AWS and Garage put it there when a request was signed for another region).
+fn region_named(header: Option<&str>, body: &[u8]) -> Option<String> {
+    let from_body = || {
+        let body = std::str::from_utf8(body).ok()?;
+        let start = body.find("<Region>")? + "<Region>".len();
+        let len = body[start..].find("</Region>")?;
+        Some(body[start..start + len].trim())
+    };
+    header
+        .map(str::trim)
+        .or_else(from_body)
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+}
+
+/// GetBucketLocation's `LocationConstraint` as a region: none for us-east-1, and `EU` from the
+/// days before eu-west-1 had its name.
+fn location_region(constraint: Option<&str>) -> String {
+    match constraint {
+        None | Some("") => "us-east-1",
+        Some("EU") => "eu-west-1",
+        Some(c) => c,
+    }
+    .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_region_comes_from_aws_header_or_an_error_body() {
+        // AWS names it in a header on HeadBucket, whatever the status.
+        assert_eq!(
+            region_named(Some("eu-central-1"), b""),
+            Some("eu-central-1".into())
+        );
+        // Garage (and AWS on a GET signed for the wrong region) in the error's <Region>.
+        let garage = b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error>\
+            <Code>AuthorizationHeaderMalformed</Code><Message>unexpected scope</Message>\
+            <Resource>/cache</Resource><Region>garage</Region></Error>";
+        assert_eq!(region_named(None, garage), Some("garage".into()));
+        assert_eq!(
+            region_named(Some("us-west-2"), garage),
+            Some("us-west-2".into())
+        );
+        assert_eq!(
+            region_named(None, b"<Error><Code>AccessDenied</Code></Error>"),
+            None
+        );
+        assert_eq!(region_named(Some(""), b"<Region></Region>"), None);
+        assert_eq!(region_named(None, &[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn location_constraints_name_regions() {
+        assert_eq!(location_region(None), "us-east-1");
+        assert_eq!(location_region(Some("")), "us-east-1");
+        assert_eq!(location_region(Some("EU")), "eu-west-1");
+        assert_eq!(location_region(Some("garage")), "garage");
+    }
 }

@@ -1,5 +1,5 @@
 //! The test bed's relay as a program, for the benchmark scripts:
-//! `nixpush-relay UPSTREAM [--delay-ms N] [--upstream-mbps X]`. Prints its `http://127.0.0.1:PORT`
+//! `nixpush-relay UPSTREAM [--delay-ms N] [--upstream-mb-per-sec X]`. Prints its `http://127.0.0.1:PORT`
 //! endpoint on the first line of stdout, then relays until killed.
 
 use std::io::Write;
@@ -21,8 +21,12 @@ fn main() {
         };
         match arg.as_str() {
             "--delay-ms" => config.delay = Duration::from_secs_f64(value("--delay-ms") / 1000.0),
-            "--upstream-mbps" => {
-                config.upstream_bytes_per_sec = Some((value("--upstream-mbps") * 1e6) as u64)
+            "--upstream-mb-per-sec" => {
+                let mb = value("--upstream-mb-per-sec");
+                if mb <= 0.0 {
+                    fail("--upstream-mb-per-sec must be more than 0");
+                }
+                config.upstream_bytes_per_sec = Some((mb * 1e6) as u64)
             }
             _ if upstream.is_none() && !arg.starts_with('-') => upstream = Some(arg),
             _ => fail(&format!("unexpected argument `{arg}`")),
@@ -39,7 +43,7 @@ fn main() {
 
 fn fail(message: &str) -> ! {
     eprintln!(
-        "nixpush-relay: {message}\nusage: nixpush-relay UPSTREAM [--delay-ms N] [--upstream-mbps X]"
+        "nixpush-relay: {message}\nusage: nixpush-relay UPSTREAM [--delay-ms N] [--upstream-mb-per-sec X]"
     );
     std::process::exit(2)
 }
