@@ -10,22 +10,27 @@ WORK=$(mktemp -d /tmp/nixpush-demo.XXXXXX)
 trap 'bed_stop; rm -rf "$WORK"' EXIT
 NONCE="demo-$(date +%s%N)"
 
+say "scripts/install.sh --prefix $WORK/prefix (a private prefix, so the demo leaves the machine as it was)"
+"$REPO/scripts/install.sh" --prefix "$WORK/prefix" --from "$REPO/target/release" | sed 's/^/  /'
+NIXPUSH="$WORK/prefix/bin/nixpush"
+NIXPUSH_HOOK="$WORK/prefix/bin/nixpush-hook"
+
 say "nixpush keygen demo-cache-1"
 "$NIXPUSH" keygen demo-cache-1 "$WORK/secret.key" "$WORK/public.key"
 
 say "starting an S3 server (s3s-fs, SigV4 checked) and a private nix-daemon with post-build-hook = nixpush-hook"
-# The hook runs inside nix-daemon and finds the configuration through the daemon's environment.
-export NIXPUSH_CONFIG="$WORK/nixpush.toml"
+# The hook runs inside nix-daemon and finds the installed configuration through the daemon's
+# environment (a system install uses /etc/nixpush/nixpush.toml, where nothing needs saying).
+export NIXPUSH_CONFIG="$WORK/prefix/etc/nixpush/nixpush.toml"
 BED_EXTRA_CONF="post-build-hook = $NIXPUSH_HOOK"
 bed_start "$WORK"
-cat > "$NIXPUSH_CONFIG" <<TOML
+cat >> "$NIXPUSH_CONFIG" <<TOML
 to = "$S3_URL&compression=zstd"
 secret-key-files = ["$WORK/secret.key"]
-state-dir = "$WORK/state"
 socket = "$WORK/hook.sock"
 TOML
 echo "nix.conf:"; sed 's/^/  /' "$WORK/conf/nix.conf"
-echo "$NIXPUSH_CONFIG:"; sed 's/^/  /' "$NIXPUSH_CONFIG"
+echo "$NIXPUSH_CONFIG, without its comments:"; grep -v '^#' "$NIXPUSH_CONFIG" | grep . | sed 's/^/  /'
 
 say "starting nixpush daemon"
 "$NIXPUSH" daemon > "$WORK/daemon.log" 2>&1 &

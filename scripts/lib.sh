@@ -83,9 +83,11 @@ ensure_bed_deps() {
     ensure_s3s_fs
 }
 
-# Everything the integration tests use: the same, and the other two S3 servers.
+# Everything the integration tests use: the same, the other two S3 servers, and systemd-analyze
+# for checking the unit scripts/install.sh writes.
 ensure_test_deps() {
     ensure_bed_deps
+    ensure_apt systemd
     ensure_garage
     ensure_moto
 }

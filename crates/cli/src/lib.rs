@@ -4,6 +4,7 @@
 mod config;
 mod daemon;
 pub mod exit;
+mod generate;
 pub mod hook;
 mod ipc;
 mod keygen;
@@ -17,10 +18,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// `nixpush --version`: the version and the commit it was built from (see build.rs).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("NIXPUSH_COMMIT"), ")");
+
 #[derive(Parser)]
 #[command(
     name = "nixpush",
-    version,
+    version = VERSION,
     about = "Upload Nix builds to an S3 (or file) binary cache, safely",
     after_help = exit::EXIT_CODES_HELP
 )]
@@ -37,6 +41,8 @@ enum Command {
     Status(status::StatusArgs),
     Retry(status::RetryArgs),
     Verify(verify::Args),
+    #[command(hide = true)]
+    Generate(generate::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -63,6 +69,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status::status(args),
         Command::Retry(args) => status::retry(args),
         Command::Verify(args) => verify::run(args),
+        Command::Generate(args) => generate::run(args),
     };
     exit::report(result)
 }

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Installs nixpush on a builder: the two binaries, the systemd unit, a commented configuration (never
+# replacing one), the state directory, shell completions and man pages. Run it again to upgrade: it
+# changes only what differs. `--uninstall` removes what it installed and keeps the configuration and
+# the queue.
+#
+# Usage: scripts/install.sh [--prefix DIR] [--from DIR] [--uninstall]
+#   --prefix DIR  where bin/ and share/ go (default /usr/local). With /usr/local or /usr, the
+#                 configuration goes to /etc/nixpush, the queue to /var/lib/nixpush and the unit to
+#                 /etc/systemd/system; with any other prefix, all of them go under DIR (etc/nixpush,
+#                 var/lib/nixpush, lib/systemd/system), and the configuration and unit point there.
+#   --from DIR    take nixpush and nixpush-hook from DIR instead of building them
+#                 (`cargo build --release --locked`).
+#   --uninstall   remove the files a previous run installed (listed in PREFIX/share/nixpush/installed).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+usage() { sed -n '2,15s/^# \{0,1\}//p' "$0"; exit 2; }
+fail() { echo "install.sh: $*" >&2; exit 2; }
+
+PREFIX=/usr/local FROM="" UNINSTALL=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --prefix) [ $# -ge 2 ] || fail "--prefix needs a directory"; PREFIX="$2"; shift 2 ;;
+        --from) [ $# -ge 2 ] || fail "--from needs a directory"; FROM="$2"; shift 2 ;;
+        --uninstall) UNINSTALL=1; shift ;;
+        -h|--help) usage ;;
+        *) fail "unknown argument \`$1\` (see --help)" ;;
+    esac
+done
+case "$PREFIX" in /*) ;; *) PREFIX="$(pwd)/$PREFIX" ;; esac
+PREFIX="${PREFIX%/}"
+
+if [ "$PREFIX" = /usr/local ] || [ "$PREFIX" = /usr ]; then
+    ETC=/etc/nixpush STATE=/var/lib/nixpush UNIT_DIR=/etc/systemd/system PRIVATE=""
+else
+    ETC="$PREFIX/etc/nixpush" STATE="$PREFIX/var/lib/nixpush" UNIT_DIR="$PREFIX/lib/systemd/system" PRIVATE=1
+fi
+BIN="$PREFIX/bin"
+SHARE="$PREFIX/share"
+MANIFEST="$SHARE/nixpush/installed"
+
+say() { printf '==> %s\n' "$*"; }
+
+if [ -n "$UNINSTALL" ]; then
+    [ -f "$MANIFEST" ] || fail "nothing to uninstall: $MANIFEST does not exist"
+    while IFS= read -r f; do
+        [ -n "$f" ] && rm -f "$f" && echo "removed $f"
+    done < "$MANIFEST"
+    rm -f "$MANIFEST"
+    rmdir "$SHARE/nixpush" 2>/dev/null || true
+    say "kept the configuration ($ETC) and the queue ($STATE)"
+    exit 0
+fi
+
+if [ -z "$FROM" ]; then
+    command -v cargo > /dev/null || fail "cargo is not installed; build elsewhere and pass --from DIR"
+    say "building nixpush and nixpush-hook (cargo build --release --locked)"
+    (cd "$REPO" && cargo build --release --locked --quiet --bin nixpush --bin nixpush-hook)
+    FROM="$REPO/target/release"
+fi
+for b in nixpush nixpush-hook; do
+    [ -x "$FROM/$b" ] || fail "$FROM/$b is missing or not executable"
+done
+mkdir -p "$BIN" "$SHARE/nixpush" || fail "cannot create directories under $PREFIX (run as root for a system prefix)"
+
+STAGE=$(mktemp -d)
+trap 'rm -rf "$STAGE"' EXIT
+INSTALLED=()
+CHANGED=0
+# put SOURCE DEST MODE: install SOURCE as DEST unless DEST already has these bytes and this mode.
+put() {
+    local src="$1" dest="$2" mode="$3"
+    INSTALLED+=("$dest")
+    if [ -f "$dest" ] && cmp -s "$src" "$dest" && [ "$(stat -c %a "$dest")" = "$mode" ]; then
+        return
+    fi
+    install -D -m "$mode" "$src" "$dest"
+    echo "installed $dest"
+    CHANGED=$((CHANGED + 1))
+}
+
+put "$FROM/nixpush" "$BIN/nixpush" 755
+put "$FROM/nixpush-hook" "$BIN/nixpush-hook" 755
+NIXPUSH="$BIN/nixpush"
+
+# The unit runs the installed binary; with a private prefix it also names the configuration there.
+sed "s|/usr/local/bin/nixpush|$BIN/nixpush|g" "$REPO/contrib/nixpush-daemon.service" > "$STAGE/unit"
+if [ -n "$PRIVATE" ]; then
+    sed -i "s|^Environment=NIXPUSH_LOG=info$|&\nEnvironment=NIXPUSH_CONFIG=$ETC/nixpush.toml|" "$STAGE/unit"
+fi
+put "$STAGE/unit" "$UNIT_DIR/nixpush-daemon.service" 644
+
+"$NIXPUSH" generate complete-bash > "$STAGE/bash"
+"$NIXPUSH" generate complete-zsh > "$STAGE/zsh"
+"$NIXPUSH" generate complete-fish > "$STAGE/fish"
+put "$STAGE/bash" "$SHARE/bash-completion/completions/nixpush" 644
+put "$STAGE/zsh" "$SHARE/zsh/site-functions/_nixpush" 644
+put "$STAGE/fish" "$SHARE/fish/vendor_completions.d/nixpush.fish" 644
+"$NIXPUSH" generate man --dir "$STAGE/man"
+for page in "$STAGE"/man/*.1; do
+    put "$page" "$SHARE/man/man1/$(basename "$page")" 644
+done
+
+# The configuration is the operator's: written once, never replaced, never uninstalled.
+if [ ! -e "$ETC/nixpush.toml" ]; then
+    mkdir -p "$ETC"
+    {
+        "$NIXPUSH" daemon --print-config-example
+        if [ -n "$PRIVATE" ]; then
+            printf '\n# Set by scripts/install.sh --prefix %s:\nstate-dir = "%s"\n' "$PREFIX" "$STATE"
+        fi
+    } > "$STAGE/config"
+    install -m 644 "$STAGE/config" "$ETC/nixpush.toml"
+    echo "installed $ETC/nixpush.toml (commented example: set \`to\` and \`secret-key-files\`)"
+    CHANGED=$((CHANGED + 1))
+fi
+# The queue: written by the hook (root, under nix-daemon) and the daemon; readable by `nixpush status`.
+if [ ! -d "$STATE" ]; then
+    install -d -m 755 "$STATE"
+    echo "created $STATE"
+    CHANGED=$((CHANGED + 1))
+fi
+
+printf '%s\n' "${INSTALLED[@]}" > "$STAGE/manifest"
+cmp -s "$STAGE/manifest" "$MANIFEST" 2>/dev/null || install -m 644 "$STAGE/manifest" "$MANIFEST"
+
+if [ "$CHANGED" = 0 ]; then
+    say "nixpush $("$NIXPUSH" --version | cut -d' ' -f2-) is installed; nothing changed"
+else
+    say "installed nixpush $("$NIXPUSH" --version | cut -d' ' -f2-) into $PREFIX"
+fi
+cat <<NEXT
+
+Next steps:
+  1. A signing key, if you have none:
+       $NIXPUSH keygen cache.example.org-1 /etc/nix/cache-secret-key /etc/nix/cache-public-key
+  2. Set \`to\` and \`secret-key-files\` in $ETC/nixpush.toml, and credentials for S3 (for example
+     AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in /etc/nixpush/aws.env, mode 0600).
+  3. Start the daemon:
+       systemctl daemon-reload && systemctl enable --now nixpush-daemon
+  4. Add to nix.conf on this builder, then restart nix-daemon:
+       post-build-hook = $BIN/nixpush-hook
+NEXT
+if [ -n "$PRIVATE" ]; then
+    cat <<NEXT
+     and give nix-daemon NIXPUSH_CONFIG=$ETC/nixpush.toml in its environment (the hook reads
+     /etc/nixpush/nixpush.toml otherwise). The unit is in $UNIT_DIR: link it into
+     /etc/systemd/system to use it.
+NEXT
+fi
+cat <<NEXT
+  5. On the machines that substitute from the cache:
+       substituters = https://cache.nixos.org s3://BUCKET?region=REGION
+       trusted-public-keys = cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY= <your public key>
+NEXT
