@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use nixpush_format::{NarInfo, StorePath};
-use nixpush_testbed::{S3Kind, chain_and_diamond, derivation};
+use nixpush_testbed::{Fault, Faults, Relay, RelayConfig, S3Kind, chain_and_diamond, derivation};
 
 #[macro_use]
 mod common;
@@ -439,4 +439,50 @@ fn result_symlinks_and_derivations_name_their_outputs() {
             .contains(&format!("{}.narinfo", hash_part(drv.trim()))),
         "the .drv itself is not pushed"
     );
+}
+
+/// Regression: S3 requests had no deadline but the connect timeout, so one connection that the
+/// server (or a middlebox) stopped answering froze a push, and the daemon's batch, for good.
+#[test]
+fn a_stalled_connection_costs_a_retry_not_the_push() {
+    let bed = Bed::new();
+    let roots = bed.nix.build(&chain_and_diamond());
+    // The first two connections are read and never answered: the first attempt at the first
+    // request and its first retry.
+    let relay = Relay::start(
+        &bed.s3.endpoint,
+        RelayConfig {
+            faults: Faults {
+                limit: Some(2),
+                ..Faults::always(Fault::Stall)
+            },
+            ..RelayConfig::default()
+        },
+    );
+    let url = bed.s3.store_url_at(&relay.endpoint, "");
+    let mut push = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .args(["push", "--store", &bed.nix.store_url(), "--to", &url])
+        .args(["--secret-key-file", &bed.secret])
+        .args(&roots)
+        .envs(bed.s3.credentials_env())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Two 30 s deadlines and the push itself; without deadlines it never ends.
+    let limit = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let status = loop {
+        if let Some(status) = push.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > limit {
+            let _ = push.kill();
+            panic!("the push still hangs after 300 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut push.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{err}");
+    assert_eq!(relay.injected().get(&Fault::Stall), Some(&2));
+    assert_eq!(bed.narinfos().len(), 7);
 }

@@ -21,6 +21,39 @@ use crate::{CacheError, StoreUrl};
 /// the bound keeps one huge NAR from taking every connection.
 const PARTS_IN_FLIGHT: usize = 4;
 
+/// A server that does not accept a connection in this long is unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of one attempt at a request whose body is small (HEAD, the head of a GET, narinfos,
+/// multipart calls): a server that has not answered by then has stalled, and the SDK's retry sends
+/// the request again on another connection. Without it, one stalled connection froze a push for
+/// good.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+/// Completing a multipart upload can take AWS minutes for a large object.
+const COMPLETE_DEADLINE: Duration = Duration::from_secs(600);
+/// The slowest upload that still counts as progress, for sizing an upload's deadline to its body
+/// (the SDK's deadline covers sending the body and waiting for the answer alike): a 5 MiB part gets
+/// 50 s, a 1 GiB object 68 minutes.
+const SLOWEST_UPLOAD_BYTES_PER_SEC: u64 = 256 * 1024;
+
+/// The deadline of one attempt at uploading `len` bytes.
+fn upload_deadline(len: u64) -> Duration {
+    REQUEST_DEADLINE + Duration::from_secs(len / SLOWEST_UPLOAD_BYTES_PER_SEC)
+}
+
+/// Timeouts for one attempt; the connect timeout is repeated because an override replaces the
+/// client's whole timeout configuration.
+fn attempt_timeouts(deadline: Duration) -> aws_sdk_s3::config::timeout::TimeoutConfig {
+    aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .operation_attempt_timeout(deadline)
+        .build()
+}
+
+/// A per-request override of the attempt deadline.
+fn deadline(d: Duration) -> aws_sdk_s3::config::Builder {
+    aws_sdk_s3::config::Builder::default().timeout_config(attempt_timeouts(d))
+}
+
 pub(crate) struct S3Target {
     /// Where in-progress multipart uploads are recorded, so that a restarted daemon aborts the ones
     /// a crash left behind, and only those (other builders may be uploading to the same bucket).
@@ -49,11 +82,7 @@ impl S3Target {
     ) -> Result<Self, CacheError> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(url.region.clone()))
-            .timeout_config(
-                aws_config::timeout::TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(10))
-                    .build(),
-            );
+            .timeout_config(attempt_timeouts(REQUEST_DEADLINE));
         if let Some(p) = &url.profile {
             loader = loader.profile_name(p);
         }
@@ -360,6 +389,7 @@ impl S3Target {
         body: Vec<u8>,
         content_type: &str,
     ) -> Result<(), CacheError> {
+        let len = body.len() as u64;
         self.client
             .put_object()
             .bucket(&self.bucket)
@@ -367,6 +397,8 @@ impl S3Target {
             .content_type(content_type)
             .set_storage_class(self.storage_class.clone())
             .body(ByteStream::from(body))
+            .customize()
+            .config_override(deadline(upload_deadline(len)))
             .send()
             .await
             .map_err(|e| self.classify(e, "PUT", key))?;
@@ -390,6 +422,8 @@ impl S3Target {
                 .content_length(len as i64)
                 .set_storage_class(self.storage_class.clone())
                 .body(body)
+                .customize()
+                .config_override(deadline(upload_deadline(len)))
                 .send()
                 .await
                 .map_err(|e| self.classify(e, "PUT", key))?;
@@ -513,6 +547,8 @@ impl S3Target {
                         .map_err(PartError::Local)?;
                     let out = request
                         .body(body)
+                        .customize()
+                        .config_override(deadline(upload_deadline(size)))
                         .send()
                         .await
                         .map_err(|e| PartError::Sdk(Box::new(e)))?;
@@ -547,6 +583,8 @@ impl S3Target {
                     .set_parts(Some(done))
                     .build(),
             )
+            .customize()
+            .config_override(deadline(COMPLETE_DEADLINE))
             .send()
             .await
             .map_err(|e| self.classify(e, "CompleteMultipartUpload", key))?;
