@@ -11,6 +11,30 @@ pub const DEFAULT_PATH: &str = "/etc/nixpush/nixpush.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nixpush";
 pub const DEFAULT_SOCKET: &str = "/run/nixpush/hook.sock";
 
+/// More concurrent paths than this is a typo, not a plan: each one holds a connection, buffers and
+/// a share of the compression threads.
+pub const MAX_JOBS: usize = 1024;
+/// Ten years: any longer delay is a typo, and `Duration` cannot hold much more.
+const MAX_SECONDS: f64 = 315_576_000.0;
+/// The shortest retry delay; 0 would retry a failing item in a tight loop.
+const MIN_BASE_DELAY: f64 = 0.001;
+
+/// `--jobs N` and `jobs = N`: from 1 to [`MAX_JOBS`].
+pub fn parse_jobs(text: &str) -> Result<usize, String> {
+    let n: usize = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number"))?;
+    check_jobs(n)
+}
+
+fn check_jobs(n: usize) -> Result<usize, String> {
+    if (1..=MAX_JOBS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} is not between 1 and {MAX_JOBS}"))
+    }
+}
+
 /// The documented example, compiled in so `nixpush daemon --print-config-example` always matches.
 pub const EXAMPLE: &str = include_str!("../../../contrib/nixpush.toml");
 
@@ -49,19 +73,27 @@ impl Config {
 
     pub fn parse(text: &str) -> Result<Config> {
         let c: Config = toml::from_str(text)?;
-        for (name, v) in [
-            ("retry-base-delay", c.retry_base_delay),
-            ("retry-max-delay", c.retry_max_delay),
-            ("retry-give-up-after", c.retry_give_up_after),
+        for (name, v, min) in [
+            ("retry-base-delay", c.retry_base_delay, MIN_BASE_DELAY),
+            ("retry-max-delay", c.retry_max_delay, MIN_BASE_DELAY),
+            ("retry-give-up-after", c.retry_give_up_after, 0.0),
         ] {
             if let Some(v) = v {
                 anyhow::ensure!(
-                    v.is_finite() && v >= 0.0,
-                    "`{name}` must be a number of seconds, not {v}"
+                    (min..=MAX_SECONDS).contains(&v),
+                    "`{name}` must be a number of seconds from {min} to {MAX_SECONDS}, not {v}"
                 );
             }
         }
-        anyhow::ensure!(c.jobs != Some(0), "`jobs` must be at least 1");
+        if let (Some(base), Some(max)) = (c.retry_base_delay, c.retry_max_delay) {
+            anyhow::ensure!(
+                base <= max,
+                "`retry-base-delay` ({base}) is more than `retry-max-delay` ({max})"
+            );
+        }
+        if let Some(jobs) = c.jobs {
+            check_jobs(jobs).map_err(|e| anyhow::anyhow!("`jobs`: {e}"))?;
+        }
         Ok(c)
     }
 
@@ -113,5 +145,37 @@ mod tests {
         assert!(e.contains("jobz"), "{e}");
         let e = format!("{:#}", Config::parse("retry-max-delay = -1.0").unwrap_err());
         assert!(e.contains("retry-max-delay"), "{e}");
+    }
+
+    /// Regression: `retry-give-up-after = 1e30` panicked converting to a Duration,
+    /// `retry-base-delay = 0` retried in a tight loop, and a huge `jobs` panicked.
+    #[test]
+    fn out_of_range_values_are_named_errors() {
+        for (text, key) in [
+            ("retry-give-up-after = 1e30", "retry-give-up-after"),
+            ("retry-max-delay = inf", "retry-max-delay"),
+            ("retry-base-delay = nan", "retry-base-delay"),
+            ("retry-base-delay = 0", "retry-base-delay"),
+            (
+                "retry-base-delay = 10.0\nretry-max-delay = 5.0",
+                "retry-base-delay",
+            ),
+            ("jobs = 0", "jobs"),
+            ("jobs = 1000000000000", "jobs"),
+        ] {
+            let e = format!("{:#}", Config::parse(text).unwrap_err());
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        let c = Config::parse("retry-give-up-after = 315576000.0\njobs = 1024").unwrap();
+        assert_eq!(
+            c.retry_policy().give_up_after,
+            Duration::from_secs(315_576_000)
+        );
+        assert_eq!(
+            parse_jobs("1025"),
+            Err("1025 is not between 1 and 1024".into())
+        );
+        assert_eq!(parse_jobs("x"), Err("`x` is not a whole number".into()));
+        assert_eq!(parse_jobs("16"), Ok(16));
     }
 }

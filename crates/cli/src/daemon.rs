@@ -59,7 +59,7 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// Paths prepared and uploaded at once (overrides `jobs`)
-    #[arg(long, short = 'j', value_name = "N")]
+    #[arg(long, short = 'j', value_name = "N", value_parser = crate::config::parse_jobs)]
     jobs: Option<usize>,
     /// The local store: `daemon`, `unix://SOCKET`, `local` or `auto` [default: $NIX_REMOTE, else auto]
     #[arg(long, value_name = "STORE")]
@@ -100,7 +100,7 @@ pub fn run(args: Args) -> Result<()> {
         state_dir: args.state_dir.unwrap_or_else(|| cfg.state_dir()),
         socket: args.socket.unwrap_or_else(|| cfg.socket()),
         socket_group: cfg.socket_group.clone(),
-        jobs: args.jobs.or(cfg.jobs).unwrap_or(DEFAULT_JOBS).max(1),
+        jobs: args.jobs.or(cfg.jobs).unwrap_or(DEFAULT_JOBS),
         skip_signed_by: cfg.skip_signed_by.clone(),
         retry: cfg.retry_policy(),
         store: args.store,

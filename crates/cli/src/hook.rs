@@ -78,7 +78,9 @@ pub fn main() -> ExitCode {
         run(std::env::var_os("OUT_PATHS"), std::env::var_os("DRV_PATH"))
     })
     .unwrap_or_else(|_| "nixpush-hook: ERROR: internal error; nothing recorded".to_owned());
-    println!("{line}");
+    // Not println!, which panics when stdout is gone (EPIPE): the paths are recorded by now, and
+    // the line is only a courtesy.
+    let _ = writeln!(std::io::stdout(), "{line}");
     ExitCode::SUCCESS
 }
 

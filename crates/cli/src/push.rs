@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long = "secret-key-file", value_name = "FILE")]
     secret_key_files: Vec<PathBuf>,
     /// Paths prepared and uploaded at once [default: 16]
-    #[arg(long, short = 'j', value_name = "N")]
+    #[arg(long, short = 'j', value_name = "N", value_parser = crate::config::parse_jobs)]
     jobs: Option<usize>,
     /// Do not upload paths signed by this key, e.g. cache.nixos.org-1 (repeatable)
     #[arg(long, value_name = "KEYNAME")]
@@ -75,7 +75,7 @@ pub fn run(args: Args) -> Result<()> {
              the signatures the store already has"
         );
     }
-    let jobs = args.jobs.unwrap_or(DEFAULT_JOBS).max(1);
+    let jobs = args.jobs.unwrap_or(DEFAULT_JOBS);
     let address = StoreAddress::resolve(args.store.as_deref())?;
     let store = Arc::new(Store::open(address).context("cannot open the Nix store")?);
     let mut roots = Vec::new();

@@ -36,7 +36,7 @@ pub struct Args {
     #[arg(value_name = "PATH", required_unless_present = "all")]
     paths: Vec<String>,
     /// Narinfos checked at once [default: 8]
-    #[arg(long, short = 'j', value_name = "N")]
+    #[arg(long, short = 'j', value_name = "N", value_parser = crate::config::parse_jobs)]
     jobs: Option<usize>,
     /// Print the report as JSON on stdout
     #[arg(long)]
@@ -87,7 +87,7 @@ pub fn run(args: Args) -> Result<()> {
                 .collect::<Result<_>>()?,
         )
     };
-    let jobs = args.jobs.unwrap_or(DEFAULT_JOBS).max(1);
+    let jobs = args.jobs.unwrap_or(DEFAULT_JOBS);
     let target = url.display_base();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -486,3 +486,18 @@ fn a_stalled_connection_costs_a_retry_not_the_push() {
     assert_eq!(relay.injected().get(&Fault::Stall), Some(&2));
     assert_eq!(bed.narinfos().len(), 7);
 }
+
+/// Regression: a huge `--jobs` panicked instead of being refused.
+#[test]
+fn jobs_out_of_range_is_a_usage_error() {
+    for jobs in ["0", "99999999999", "many"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+            .args(["push", "--to", "file:///nonexistent", "--jobs", jobs])
+            .arg("/nix/store/hcz0rpyq8sljlg33vz0pl29n35k4d2w3-x")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains("--jobs") && err.contains(jobs), "{err}");
+    }
+}

@@ -588,6 +588,27 @@ fn a_hook_that_cannot_record_anything_still_exits_zero_and_says_why() {
     );
 }
 
+/// Regression: the hook printed its line with `println!`, outside its `catch_unwind`; with its
+/// stdout a pipe nobody reads any more, that panicked (EPIPE), the hook exited 101, and Nix stopped
+/// its build loop.
+#[test]
+fn a_hook_whose_stdout_is_gone_still_exits_zero_and_records() {
+    let f = Flow::with_hook("", false);
+    let path = "/nix/store/hcz0rpyq8sljlg33vz0pl29n35k4d2w3-stdout-gone";
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = Command::new(hook_bin())
+        .env("NIXPUSH_CONFIG", &f.config)
+        .env("OUT_PATHS", path)
+        .env_remove("DRV_PATH")
+        .stdout(writer)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(f.queue_items(), vec![(path.to_owned(), State::Queued)]);
+}
+
 fn sixty_four_hooks(f: &Flow) {
     let children: Vec<(String, Child)> = (0..64)
         .map(|i| {
