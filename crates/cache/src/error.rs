@@ -49,6 +49,8 @@ pub enum CacheError {
         #[source]
         source: std::io::Error,
     },
+    #[error("object key {key:?} points outside the cache directory {}", dir.display())]
+    KeyOutsideCache { key: String, dir: PathBuf },
     #[error("cannot write the NAR spool file in {}", dir.display())]
     Spool {
         dir: PathBuf,

@@ -483,3 +483,46 @@ fn all_lists_beyond_one_page(kind: S3Kind) {
     assert!(found.iter().all(|(_, kind)| kind == "orphan_nar"));
     assert_eq!(report["narinfos"], 1);
 }
+
+/// Regression: verify of a `file://` cache followed a narinfo's `URL:` wherever it pointed: out of
+/// the cache (`../`, `/etc/shadow`), and into `/dev/zero`, where it hung.
+#[test]
+fn a_narinfo_url_outside_a_file_cache_is_refused_not_followed() {
+    let bed = Bed::new();
+    let out = bed.nix.build(&derivation("outside", "echo outside > $out"));
+    let dir = bed.dir.path().join("cache");
+    let file = format!("file://{}", dir.display());
+    bed.push_ok(&file, &[&out[0]]);
+    let narinfo = dir.join(format!("{}.narinfo", hash_part(&out[0])));
+    let info: NarInfo = fs::read_to_string(&narinfo).unwrap().parse().unwrap();
+    // The real NAR, outside the cache: following the URL there would verify clean.
+    fs::copy(dir.join(&info.url), bed.dir.path().join("outside.nar")).unwrap();
+    for url in ["../outside.nar", "/dev/zero", "nar/../../outside.nar"] {
+        edit_narinfo(&narinfo, None, |i| i.url = url.to_owned());
+        // The URL is not signed, so the narinfo still verifies; only where it points is wrong.
+        let o = Command::new("timeout")
+            .arg("60")
+            .arg(env!("CARGO_BIN_EXE_nixpush"))
+            .args([
+                "verify",
+                "--store",
+                &file,
+                "--trusted-public-key",
+                &bed.public,
+            ])
+            .arg(&out[0])
+            .output()
+            .unwrap();
+        let stdout = text(&o.stdout);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{url}: {stdout}{}",
+            text(&o.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("{url:?} points outside the cache directory")),
+            "{url}: {stdout}"
+        );
+    }
+}

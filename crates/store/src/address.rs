@@ -26,8 +26,15 @@ impl StoreAddress {
         let default_socket = socket_env
             .map(PathBuf::from)
             .unwrap_or_else(|| DEFAULT_SOCKET.into());
-        // Query parameters (`?root=…` and the like) select things nixpush does not use.
-        let base = url.split('?').next().unwrap_or_default();
+        // Parameters such as `root=`, `store=` or `state=` choose another store; ignoring them would
+        // read the host's store instead, so any parameter is refused.
+        let (base, params) = url.split_once('?').unwrap_or((&url, ""));
+        if !params.is_empty() {
+            return Err(StoreError::UnsupportedParameters {
+                params: params.to_owned(),
+                url,
+            });
+        }
         match base {
             "daemon" => Ok(Self::Socket(default_socket)),
             "auto" => Ok(if default_socket.exists() {

@@ -23,6 +23,11 @@ pub enum StoreError {
     UnsupportedVersion(u64),
     #[error("store URL {0:?} is not supported (use `daemon`, `auto`, `local` or `unix://SOCKET`)")]
     UnsupportedStore(String),
+    #[error(
+        "store URL {url:?}: parameters ({params}) are not supported; nixpush reads the store through \
+         its nix-daemon, so point the store URL at the daemon that serves that store"
+    )]
+    UnsupportedParameters { url: String, params: String },
     #[error("nix-daemon: {0}")]
     Daemon(String),
     #[error("nix-daemon protocol error: {0}")]

@@ -127,3 +127,17 @@ fn store_urls_resolve_like_nix() {
     let err = StoreAddress::resolve(Some("ssh://host")).unwrap_err();
     assert!(err.to_string().contains("ssh://host"));
 }
+
+/// Regression: `local?root=/mnt` silently dropped its parameter and read the host's store.
+#[test]
+fn store_url_parameters_are_refused_not_dropped() {
+    for url in [
+        "local?root=/mnt",
+        "daemon?trusted=1",
+        "unix:///run/x.sock?root=/mnt",
+    ] {
+        let err = StoreAddress::resolve(Some(url)).unwrap_err().to_string();
+        let params = url.split_once('?').unwrap().1;
+        assert!(err.contains(url) && err.contains(params), "{err}");
+    }
+}

@@ -25,6 +25,25 @@ fn err(operation: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CacheE
 }
 
 impl FileTarget {
+    /// Where object `key` lives. Keys come from narinfos too (`URL:`), which anyone who can write
+    /// to the cache controls: a key must name a file inside the cache directory, so absolute keys and
+    /// `.`, `..` or empty components are refused rather than followed (to `/etc/shadow`, say).
+    fn path(&self, key: &str) -> Result<PathBuf, CacheError> {
+        let inside = !key.is_empty()
+            && !key.starts_with('/')
+            && key
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != "..");
+        if inside {
+            Ok(self.dir.join(key))
+        } else {
+            Err(CacheError::KeyOutsideCache {
+                key: key.to_owned(),
+                dir: self.dir.clone(),
+            })
+        }
+    }
+
     pub async fn create(dir: &Path) -> Result<Self, CacheError> {
         tokio::fs::create_dir_all(dir.join("nar"))
             .await
@@ -47,7 +66,7 @@ impl FileTarget {
     }
 
     pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
-        let p = self.dir.join(key);
+        let p = self.path(key)?;
         match tokio::fs::metadata(&p).await {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -56,7 +75,7 @@ impl FileTarget {
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        let p = self.dir.join(key);
+        let p = self.path(key)?;
         match tokio::fs::read(&p).await {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -65,10 +84,16 @@ impl FileTarget {
     }
 
     pub async fn read(&self, key: &str) -> Result<Option<ObjectReader>, CacheError> {
-        let p = self.dir.join(key);
-        match std::fs::File::open(&p) {
-            Ok(f) => Ok(Some(ObjectReader::File(f))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        let p = self.path(key)?;
+        let f = match std::fs::File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(err("reading", &p)(e)),
+        };
+        // Objects are regular files; a device (`/dev/zero` behind a symlink) would never end.
+        match f.metadata() {
+            Ok(m) if m.is_file() => Ok(Some(ObjectReader::File(f))),
+            Ok(_) => Err(err("reading", &p)(io::Error::other("not a regular file"))),
             Err(e) => Err(err("reading", &p)(e)),
         }
     }
@@ -125,13 +150,13 @@ impl FileTarget {
     }
 
     pub async fn put_bytes(&self, key: &str, body: &[u8]) -> Result<(), CacheError> {
-        let dest = self.dir.join(key);
+        let dest = self.path(key)?;
         let body = body.to_vec();
         run_blocking(move || write_atomically(&dest, |f| f.write_all(&body))).await
     }
 
     pub async fn put_file(&self, key: &str, src: &Path) -> Result<(), CacheError> {
-        let dest = self.dir.join(key);
+        let dest = self.path(key)?;
         let src = src.to_owned();
         run_blocking(move || {
             write_atomically(&dest, |f| {
