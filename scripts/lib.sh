@@ -54,7 +54,7 @@ ensure_s3s_fs() {
 
 ensure_garage() {
     if ! "$TOOLS/bin/garage" --version 2>/dev/null | grep -q "cargo:$GARAGE_VERSION "; then
-        say "building Garage $GARAGE_VERSION into $TOOLS (about 8 minutes, once)"
+        say "building Garage $GARAGE_VERSION into $TOOLS (about 11 minutes, once)"
         mkdir -p "$TOOLS"
         cargo install --quiet --locked --root "$TOOLS" "garage@$GARAGE_VERSION"
     fi
