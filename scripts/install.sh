@@ -28,8 +28,10 @@ while [ $# -gt 0 ]; do
         *) fail "unknown argument \`$1\` (see --help)" ;;
     esac
 done
-case "$PREFIX" in /*) ;; *) PREFIX="$(pwd)/$PREFIX" ;; esac
-PREFIX="${PREFIX%/}"
+# One spelling per place (`./x`, `/usr/local/`, `/usr//local`), so that the unit and the
+# configuration name it plainly and a system prefix is recognised.
+PREFIX=$(realpath -m -- "$PREFIX")
+[ "$PREFIX" != / ] || fail "--prefix / would put bin/ and share/ at the root; use /usr or /usr/local"
 
 if [ "$PREFIX" = /usr/local ] || [ "$PREFIX" = /usr ]; then
     ETC=/etc/nixpush STATE=/var/lib/nixpush UNIT_DIR=/etc/systemd/system PRIVATE=""
@@ -44,9 +46,25 @@ say() { printf '==> %s\n' "$*"; }
 
 if [ -n "$UNINSTALL" ]; then
     [ -f "$MANIFEST" ] || fail "nothing to uninstall: $MANIFEST does not exist"
+    # Nix stops building when its post-build-hook is missing.
+    for conf in "${NIX_CONF_DIR:-/etc/nix}/nix.conf" /etc/nix/nix.conf; do
+        if grep -qs "^[[:space:]]*post-build-hook[[:space:]]*=[[:space:]]*$BIN/nixpush-hook" "$conf"; then
+            fail "$conf still sets post-build-hook = $BIN/nixpush-hook: remove that line and restart nix-daemon first (Nix stops building when its hook is missing)"
+        fi
+    done
+    if [ -z "$PRIVATE" ] && command -v systemctl > /dev/null && systemctl is-enabled --quiet nixpush-daemon 2>/dev/null; then
+        systemctl disable --now nixpush-daemon || fail "cannot stop and disable nixpush-daemon"
+    fi
+    kept=()
     while IFS= read -r f; do
-        [ -n "$f" ] && rm -f "$f" && echo "removed $f"
+        [ -n "$f" ] || continue
+        if rm -f -- "$f"; then echo "removed $f"; else kept+=("$f"); fi
     done < "$MANIFEST"
+    if [ "${#kept[@]}" -gt 0 ]; then
+        # Keep track of what is still there, so that a later --uninstall can finish.
+        printf '%s\n' "${kept[@]}" > "$MANIFEST"
+        fail "could not remove ${#kept[@]} file(s), still listed in $MANIFEST"
+    fi
     rm -f "$MANIFEST"
     rmdir "$SHARE/nixpush" 2>/dev/null || true
     say "kept the configuration ($ETC) and the queue ($STATE)"
@@ -75,7 +93,11 @@ put() {
     if [ -f "$dest" ] && cmp -s "$src" "$dest" && [ "$(stat -c %a "$dest")" = "$mode" ]; then
         return
     fi
-    install -D -m "$mode" "$src" "$dest"
+    # A new file renamed over the old one: nix-daemon may start the hook at any moment, and a file
+    # rewritten in place fails to start (ETXTBSY) or starts half-written.
+    mkdir -p "$(dirname "$dest")"
+    install -m "$mode" "$src" "$dest.new.$$"
+    mv -f "$dest.new.$$" "$dest"
     echo "installed $dest"
     CHANGED=$((CHANGED + 1))
 }
@@ -103,6 +125,9 @@ for page in "$STAGE"/man/*.1; do
 done
 
 # The configuration is the operator's: written once, never replaced, never uninstalled.
+if [ -e "$ETC/nixpush.toml" ] && [ ! -f "$ETC/nixpush.toml" ]; then
+    fail "$ETC/nixpush.toml exists but is not a regular file"
+fi
 if [ ! -e "$ETC/nixpush.toml" ]; then
     mkdir -p "$ETC"
     {
@@ -123,6 +148,15 @@ if [ ! -d "$STATE" ]; then
 fi
 
 printf '%s\n' "${INSTALLED[@]}" > "$STAGE/manifest"
+# What an earlier version installed and this one does not (a page of a removed command) goes.
+if [ -f "$MANIFEST" ]; then
+    while IFS= read -r f; do
+        if [ -n "$f" ] && ! grep -qxF -- "$f" "$STAGE/manifest"; then
+            rm -f -- "$f" && echo "removed $f (no longer installed)"
+            CHANGED=$((CHANGED + 1))
+        fi
+    done < "$MANIFEST"
+fi
 cmp -s "$STAGE/manifest" "$MANIFEST" 2>/dev/null || install -m 644 "$STAGE/manifest" "$MANIFEST"
 
 if [ "$CHANGED" = 0 ]; then
@@ -137,7 +171,7 @@ Next steps:
        $NIXPUSH keygen cache.example.org-1 /etc/nix/cache-secret-key /etc/nix/cache-public-key
   2. Set \`to\` and \`secret-key-files\` in $ETC/nixpush.toml, and credentials for S3 (for example
      AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in /etc/nixpush/aws.env, mode 0600).
-  3. Start the daemon:
+  3. Start the daemon (after an upgrade: systemctl daemon-reload && systemctl restart nixpush-daemon):
        systemctl daemon-reload && systemctl enable --now nixpush-daemon
   4. Add to nix.conf on this builder, then restart nix-daemon:
        post-build-hook = $BIN/nixpush-hook

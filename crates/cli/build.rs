@@ -18,15 +18,15 @@ fn main() {
         "cargo:rustc-env=NIXPUSH_COMMIT={}",
         commit.as_deref().unwrap_or("commit unknown")
     );
-    // Build again when HEAD moves: a checkout changes HEAD, a commit changes the branch's ref.
-    // Only files that exist: cargo reruns a build script on every build for a missing one.
-    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
-        let branch = git(&["symbolic-ref", "-q", "HEAD"]).unwrap_or_default();
-        for file in ["HEAD", "packed-refs", branch.as_str()] {
-            let path = Path::new(&dir).join(file);
-            if !file.is_empty() && path.is_file() {
-                println!("cargo:rerun-if-changed={}", path.display());
-            }
+    // Build again when HEAD moves. Its reflog changes with every commit, checkout and reset, also
+    // when the branch's ref is packed or lives in another worktree's git directory; HEAD itself
+    // covers repositories without a reflog. Only files that exist: cargo reruns a build script on
+    // every build for a missing one.
+    for name in ["HEAD", "logs/HEAD"] {
+        if let Some(path) = git(&["rev-parse", "--path-format=absolute", "--git-path", name])
+            && Path::new(&path).is_file()
+        {
+            println!("cargo:rerun-if-changed={path}");
         }
     }
 }

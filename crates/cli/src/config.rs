@@ -14,8 +14,8 @@ pub const DEFAULT_SOCKET: &str = "/run/nixpush/hook.sock";
 /// More concurrent paths than this is a typo, not a plan: each one holds a connection, buffers and
 /// a share of the compression threads.
 pub const MAX_JOBS: usize = 1024;
-/// Ten years: any longer delay is a typo, and `Duration` cannot hold much more.
-const MAX_SECONDS: f64 = 315_576_000.0;
+/// About 300 years: "never" in practice, and far below what `Duration` holds (1e30 panicked).
+const MAX_SECONDS: f64 = 1e10;
 /// The shortest retry delay; 0 would retry a failing item in a tight loop.
 const MIN_BASE_DELAY: f64 = 0.001;
 
@@ -166,10 +166,10 @@ mod tests {
             let e = format!("{:#}", Config::parse(text).unwrap_err());
             assert!(e.contains(key), "{text}: {e}");
         }
-        let c = Config::parse("retry-give-up-after = 315576000.0\njobs = 1024").unwrap();
+        let c = Config::parse("retry-give-up-after = 1e10\njobs = 1024").unwrap();
         assert_eq!(
             c.retry_policy().give_up_after,
-            Duration::from_secs(315_576_000)
+            Duration::from_secs(10_000_000_000)
         );
         assert_eq!(
             parse_jobs("1025"),

@@ -82,17 +82,8 @@ fn install_sh_installs_runs_changes_nothing_twice_and_uninstalls_keeping_the_con
         format!("nixpush {} ({commit})", env!("CARGO_PKG_VERSION"))
     );
 
-    // The installed hook, with no input at all, exits 0 and says why it did nothing.
-    let config = prefix.join("etc/nixpush/nixpush.toml");
-    let hook = Command::new(prefix.join("bin/nixpush-hook"))
-        .env("NIXPUSH_CONFIG", &config)
-        .env_remove("OUT_PATHS")
-        .env_remove("DRV_PATH")
-        .output()
-        .unwrap();
-    assert!(hook.status.success(), "{hook:?}");
-
     // The configuration is the commented example, with the queue inside the prefix.
+    let config = prefix.join("etc/nixpush/nixpush.toml");
     let text = fs::read_to_string(&config).unwrap();
     assert!(text.contains("# to = \"s3://"), "{text}");
     let state = prefix.join("var/lib/nixpush");
@@ -101,6 +92,22 @@ fn install_sh_installs_runs_changes_nothing_twice_and_uninstalls_keeping_the_con
         "{text}"
     );
     assert!(state.is_dir());
+
+    // The installed hook, reading the installed configuration, records a build in that queue (the
+    // daemon is not running) and exits 0.
+    let built = "/nix/store/hcz0rpyq8sljlg33vz0pl29n35k4d2w3-installed";
+    let hook = Command::new(prefix.join("bin/nixpush-hook"))
+        .env("NIXPUSH_CONFIG", &config)
+        .env("OUT_PATHS", built)
+        .env_remove("DRV_PATH")
+        .output()
+        .unwrap();
+    assert!(hook.status.success(), "{hook:?}");
+    let items = nixpush_queue::Queue::open(&state).unwrap().items().unwrap();
+    assert_eq!(
+        items,
+        vec![(built.to_owned(), nixpush_queue::State::Queued)]
+    );
 
     let unit = prefix.join("lib/systemd/system/nixpush-daemon.service");
     let unit_text = fs::read_to_string(&unit).unwrap();
@@ -140,8 +147,13 @@ fn install_sh_installs_runs_changes_nothing_twice_and_uninstalls_keeping_the_con
     assert!(second.contains("nothing changed"), "{second}");
     assert_eq!(before, snapshot(&prefix));
 
-    // Uninstall keeps the configuration (edited meanwhile) and the queue.
-    fs::write(&config, format!("{text}\nto = \"file:///srv/cache\"\n")).unwrap();
+    // An upgrade never replaces the configuration the operator edited.
+    let edited = format!("{text}\nto = \"file:///srv/cache\"\n");
+    fs::write(&config, &edited).unwrap();
+    install(&prefix, &[]);
+    assert_eq!(fs::read_to_string(&config).unwrap(), edited);
+
+    // Uninstall keeps the configuration and the queue.
     install(&prefix, &["--uninstall"]);
     for gone in [
         prefix.join("bin/nixpush"),
@@ -158,5 +170,5 @@ fn install_sh_installs_runs_changes_nothing_twice_and_uninstalls_keeping_the_con
             .unwrap()
             .ends_with("to = \"file:///srv/cache\"\n")
     );
-    assert!(state.is_dir());
+    assert!(state.join("queue.sqlite").is_file());
 }

@@ -497,7 +497,15 @@ fn a_narinfo_url_outside_a_file_cache_is_refused_not_followed() {
     let info: NarInfo = fs::read_to_string(&narinfo).unwrap().parse().unwrap();
     // The real NAR, outside the cache: following the URL there would verify clean.
     fs::copy(dir.join(&info.url), bed.dir.path().join("outside.nar")).unwrap();
-    for url in ["../outside.nar", "/dev/zero", "nar/../../outside.nar"] {
+    // And through a symlink inside the cache.
+    std::os::unix::fs::symlink(bed.dir.path().join("outside.nar"), dir.join("nar/link.nar"))
+        .unwrap();
+    for url in [
+        "../outside.nar",
+        "/dev/zero",
+        "nar/../../outside.nar",
+        "nar/link.nar",
+    ] {
         edit_narinfo(&narinfo, None, |i| i.url = url.to_owned());
         // The URL is not signed, so the narinfo still verifies; only where it points is wrong.
         let o = Command::new("timeout")

@@ -4,6 +4,9 @@ use crate::StoreError;
 
 pub const DEFAULT_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
 
+/// Store URL parameters that select another store than the one the daemon serves.
+const STORE_CHOOSING_PARAMETERS: [&str; 5] = ["root", "store", "state", "real", "log"];
+
 /// Where the store's daemon is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreAddress {
@@ -26,12 +29,20 @@ impl StoreAddress {
         let default_socket = socket_env
             .map(PathBuf::from)
             .unwrap_or_else(|| DEFAULT_SOCKET.into());
-        // Parameters such as `root=`, `store=` or `state=` choose another store; ignoring them would
-        // read the host's store instead, so any parameter is refused.
+        // Parameters that choose another store (`root=`, `store=`, `state=`, `real=`, `log=`) would
+        // be ignored by reading through the daemon, which serves its own: refused. The rest tune the
+        // client (`max-connections=`, `path-info-cache-size=`, ...) and do not matter here.
         let (base, params) = url.split_once('?').unwrap_or((&url, ""));
-        if !params.is_empty() {
+        let choosing: Vec<&str> = params
+            .split('&')
+            .filter(|p| {
+                let name = p.split('=').next().unwrap_or_default();
+                STORE_CHOOSING_PARAMETERS.contains(&name)
+            })
+            .collect();
+        if !choosing.is_empty() {
             return Err(StoreError::UnsupportedParameters {
-                params: params.to_owned(),
+                params: choosing.join("&"),
                 url,
             });
         }

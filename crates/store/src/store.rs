@@ -24,8 +24,9 @@ pub enum StoreError {
     #[error("store URL {0:?} is not supported (use `daemon`, `auto`, `local` or `unix://SOCKET`)")]
     UnsupportedStore(String),
     #[error(
-        "store URL {url:?}: parameters ({params}) are not supported; nixpush reads the store through \
-         its nix-daemon, so point the store URL at the daemon that serves that store"
+        "store URL {url:?} (from --store or NIX_REMOTE): {params} would choose another store, but \
+         nixpush reads the store through its nix-daemon; point the URL at the daemon that serves \
+         that store"
     )]
     UnsupportedParameters { url: String, params: String },
     #[error("nix-daemon: {0}")]

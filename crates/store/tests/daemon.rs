@@ -130,14 +130,18 @@ fn store_urls_resolve_like_nix() {
 
 /// Regression: `local?root=/mnt` silently dropped its parameter and read the host's store.
 #[test]
-fn store_url_parameters_are_refused_not_dropped() {
-    for url in [
-        "local?root=/mnt",
-        "daemon?trusted=1",
-        "unix:///run/x.sock?root=/mnt",
+fn store_choosing_parameters_are_refused_not_dropped() {
+    for (url, named) in [
+        ("local?root=/mnt", "root=/mnt"),
+        ("daemon?max-connections=4&store=/other", "store=/other"),
+        ("unix:///run/x.sock?state=/s&log=/l", "state=/s&log=/l"),
     ] {
         let err = StoreAddress::resolve(Some(url)).unwrap_err().to_string();
-        let params = url.split_once('?').unwrap().1;
-        assert!(err.contains(url) && err.contains(params), "{err}");
+        assert!(err.contains(url) && err.contains(named), "{err}");
     }
+    // Parameters that only tune the client change nothing for nixpush.
+    assert_eq!(
+        StoreAddress::resolve(Some("unix:///run/x.sock?max-connections=4")).unwrap(),
+        StoreAddress::Socket("/run/x.sock".into())
+    );
 }

@@ -75,24 +75,37 @@ impl FileTarget {
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        let p = self.path(key)?;
-        match tokio::fs::read(&p).await {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(err("reading", &p)(e)),
-        }
+        let Some((mut f, p)) = self.open(key)? else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut f, &mut bytes).map_err(err("reading", &p))?;
+        Ok(Some(bytes))
     }
 
     pub async fn read(&self, key: &str) -> Result<Option<ObjectReader>, CacheError> {
+        Ok(self.open(key)?.map(|(f, _)| ObjectReader::File(f)))
+    }
+
+    /// Opens an object for reading: a regular file (a device such as `/dev/zero` would never end)
+    /// that is inside the cache directory also after following symlinks.
+    fn open(&self, key: &str) -> Result<Option<(std::fs::File, PathBuf)>, CacheError> {
         let p = self.path(key)?;
         let f = match std::fs::File::open(&p) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(err("reading", &p)(e)),
         };
-        // Objects are regular files; a device (`/dev/zero` behind a symlink) would never end.
+        let real = std::fs::canonicalize(&p).map_err(err("reading", &p))?;
+        let dir = std::fs::canonicalize(&self.dir).map_err(err("reading", &self.dir))?;
+        if !real.starts_with(&dir) {
+            return Err(CacheError::KeyOutsideCache {
+                key: key.to_owned(),
+                dir: self.dir.clone(),
+            });
+        }
         match f.metadata() {
-            Ok(m) if m.is_file() => Ok(Some(ObjectReader::File(f))),
+            Ok(m) if m.is_file() => Ok(Some((f, p))),
             Ok(_) => Err(err("reading", &p)(io::Error::other("not a regular file"))),
             Err(e) => Err(err("reading", &p)(e)),
         }
