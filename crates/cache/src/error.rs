@@ -57,6 +57,18 @@ pub enum CacheError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the spool file {} changed after it was written: it holds {actual_size} bytes with hash \
+         {actual_hash}, not the {expected_size} bytes with hash {expected_hash} that name the NAR \
+         (a failing disk, or another process writing in the spool directory)", path.display()
+    )]
+    SpoolChanged {
+        path: PathBuf,
+        expected_hash: Sha256,
+        expected_size: u64,
+        actual_hash: Sha256,
+        actual_size: u64,
+    },
     #[error("reading {path} from the store failed: {message}")]
     Source { path: StorePath, message: String },
     #[error(

@@ -350,11 +350,12 @@ impl Ctx {
             .await
             .expect("NAR spooling panicked")?;
             let key = nar_key(&spooled.file_hash, spooled.compression);
-            // Content-addressed: an object with this name already holds these exact bytes, so a
-            // large one is not sent again. For a small one the question costs as much as the
-            // answer, and rewriting identical bytes is harmless.
-            let nar_existed =
-                spooled.file_size >= ASK_BEFORE_PUT && self.target.exists(&key).await?;
+            // Content-addressed: an object with this name was written with these exact bytes, so a
+            // large one is not sent again, provided its size matches: one a server acknowledged
+            // and then lost the end of (or a crashed copy left short) is replaced. For a small NAR
+            // the question costs as much as the answer, and rewriting identical bytes is harmless.
+            let nar_existed = spooled.file_size >= ASK_BEFORE_PUT
+                && self.target.size(&key).await? == Some(spooled.file_size);
             if !nar_existed {
                 match spooled.spool {
                     Spool::Memory(bytes) => {
@@ -362,7 +363,13 @@ impl Ctx {
                     }
                     Spool::File(ref f) => {
                         self.target
-                            .put_file(&key, f.path(), spooled.file_size, CONTENT_TYPE_NAR)
+                            .put_file(
+                                &key,
+                                f.path(),
+                                spooled.file_size,
+                                spooled.file_hash,
+                                CONTENT_TYPE_NAR,
+                            )
                             .await?
                     }
                 }

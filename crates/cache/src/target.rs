@@ -5,6 +5,9 @@ use std::io::{self, Read};
 use std::path::Path;
 
 use bytes::{Bytes, BytesMut};
+use md5::Digest;
+use nixpush_format::Sha256;
+use nixpush_format::hash::HashCounter;
 use tokio::sync::mpsc;
 
 use crate::{CacheError, Location, StoreUrl};
@@ -77,6 +80,15 @@ impl Target {
         }
     }
 
+    /// The size of an object in bytes, or `None` if it does not exist.
+    pub async fn size(&self, key: &str) -> Result<Option<u64>, CacheError> {
+        match self {
+            Target::S3(t) => t.size(key).await,
+            Target::File(t) => t.size(key).await,
+            Target::Http(t) => t.size(key).await,
+        }
+    }
+
     /// A whole small object (narinfo, nix-cache-info), or `None` if it does not exist.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
         match self {
@@ -134,22 +146,95 @@ impl Target {
         }
     }
 
-    /// Uploads a local file of `len` bytes. Atomic for readers: the object appears whole or not at all.
+    /// Uploads a local file of `len` bytes whose SHA-256 is `hash` (it names the object), refusing a
+    /// file that no longer matches. Atomic for readers: the object appears whole or not at all.
     pub async fn put_file(
         &self,
         key: &str,
         path: &Path,
         len: u64,
+        hash: Sha256,
         content_type: &str,
     ) -> Result<(), CacheError> {
         match self {
-            Target::S3(t) => t.put_file(key, path, len, content_type).await,
-            Target::File(t) => t.put_file(key, path).await,
+            Target::S3(t) => t.put_file(key, path, len, hash, content_type).await,
+            Target::File(t) => t.put_file(key, path, len, hash).await,
             Target::Http(t) => Err(CacheError::ReadOnly {
                 url: t.base().to_owned(),
             }),
         }
     }
+}
+
+/// Base64 of the MD5 of `data`, for `Content-MD5`: the integrity check every S3 server verifies
+/// (Nix sends it too), so bytes changed on the way are refused instead of stored.
+pub(crate) fn content_md5(data: &[u8]) -> String {
+    aws_smithy_types::base64::encode(md5::Md5::digest(data))
+}
+
+/// What the server is told about one piece of a spool file, so that it refuses bytes changed on the
+/// way: its `Content-MD5` (base64) and its SHA-256 (lowercase hex) for the request's signature.
+pub(crate) struct PieceDigest {
+    pub md5: String,
+    pub sha256: String,
+}
+
+/// Reads a spool file once more before it is sent: checks that it still holds the `len` bytes with
+/// SHA-256 `hash` that were hashed as it was written, and returns the digests of each
+/// `piece`-sized piece of it (the parts of a multipart upload, or the whole file). The server
+/// checks each piece against them, so what lands is what was verified here. Blocking.
+pub(crate) fn spool_digests(
+    path: &Path,
+    len: u64,
+    hash: Sha256,
+    piece: u64,
+) -> Result<Vec<PieceDigest>, CacheError> {
+    let read_err = |source| CacheError::File {
+        operation: "reading the spool file",
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let mut whole = HashCounter::default();
+    let mut digests = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let piece = piece.max(1);
+    let (mut md5, mut sha256) = (md5::Md5::new(), HashCounter::default());
+    let mut in_piece = 0u64;
+    let finish = |md5: md5::Md5, sha256: HashCounter| PieceDigest {
+        md5: aws_smithy_types::base64::encode(md5.finalize()),
+        sha256: sha256.finish().0.to_base16(),
+    };
+    loop {
+        let want = buf.len().min((piece - in_piece) as usize);
+        let n = file.read(&mut buf[..want]).map_err(read_err)?;
+        if n == 0 {
+            break;
+        }
+        whole.update(&buf[..n]);
+        md5.update(&buf[..n]);
+        sha256.update(&buf[..n]);
+        in_piece += n as u64;
+        if in_piece == piece {
+            let (m, s) = (std::mem::take(&mut md5), std::mem::take(&mut sha256));
+            digests.push(finish(m, s));
+            in_piece = 0;
+        }
+    }
+    if in_piece > 0 || digests.is_empty() {
+        digests.push(finish(md5, sha256));
+    }
+    let (actual, actual_len) = whole.finish();
+    if actual != hash || actual_len != len {
+        return Err(CacheError::SpoolChanged {
+            path: path.to_owned(),
+            expected_hash: hash,
+            expected_size: len,
+            actual_hash: actual,
+            actual_size: actual_len,
+        });
+    }
+    Ok(digests)
 }
 
 /// A cache object being read: a local file, or chunks arriving from the network.
@@ -241,5 +326,69 @@ impl Read for ChunkReader {
         let n = buf.len().min(self.current.len());
         buf[..n].copy_from_slice(&self.current.split_to(n));
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: the spool file was re-read for upload without being hashed again, so bytes
+    /// changed on disk after compression went up under the name of the bytes that were hashed.
+    #[test]
+    fn a_spool_file_changed_after_it_was_hashed_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let hash = Sha256::digest(&data);
+        let pieces = spool_digests(&path, data.len() as u64, hash, 30_000).unwrap();
+        assert_eq!(pieces.len(), 4);
+        for (piece, chunk) in pieces.iter().zip(data.chunks(30_000)) {
+            assert_eq!(piece.md5, content_md5(chunk));
+            assert_eq!(piece.sha256, Sha256::digest(chunk).to_base16());
+        }
+        let whole = spool_digests(&path, data.len() as u64, hash, data.len() as u64).unwrap();
+        assert_eq!(whole.len(), 1);
+
+        let mut changed = data.clone();
+        changed[50_000] ^= 1;
+        std::fs::write(&path, &changed).unwrap();
+        assert!(matches!(
+            spool_digests(&path, data.len() as u64, hash, 30_000),
+            Err(CacheError::SpoolChanged { .. })
+        ));
+        std::fs::write(&path, &data[..99_999]).unwrap();
+        assert!(matches!(
+            spool_digests(&path, data.len() as u64, hash, 30_000),
+            Err(CacheError::SpoolChanged {
+                actual_size: 99_999,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_file_cache_refuses_a_changed_spool_file_and_shows_nothing() {
+        let cache = tempfile::tempdir().unwrap();
+        let target = file::FileTarget::create(cache.path()).await.unwrap();
+        let spool = cache.path().join("..spool");
+        std::fs::write(&spool, b"changed bytes").unwrap();
+        let meant = Sha256::digest(b"meant bytes!!");
+        let e = target.put_file("nar/x.nar", &spool, 13, meant).await;
+        assert!(matches!(e, Err(CacheError::SpoolChanged { .. })), "{e:?}");
+        assert_eq!(
+            std::fs::read_dir(cache.path().join("nar")).unwrap().count(),
+            0
+        );
+        let right = Sha256::digest(b"changed bytes");
+        target
+            .put_file("nar/x.nar", &spool, 13, right)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(cache.path().join("nar/x.nar")).unwrap(),
+            b"changed bytes"
+        );
     }
 }

@@ -95,6 +95,60 @@ fn chain_and_diamond_through_a_file_cache() {
     assert!(ok, "substitution from file:// failed: {err}");
 }
 
+/// Regression: objects were created 0600 (through tempfile), so the web server serving a
+/// `file://` cache as another user answered 403 and Nix rebuilt everything without saying why.
+#[test]
+fn a_file_cache_is_readable_by_another_user_whatever_the_umask() {
+    let bed = Bed::new();
+    let out = bed.nix.build(&derivation("readable", "echo r > $out"));
+    // The test's own directory is 0700; the cache's parent must let the reader through.
+    let parent = bed.dir.path().join("served");
+    fs::create_dir(&parent).unwrap();
+    fs::set_permissions(bed.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&parent, fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = parent.join("cache");
+    let url = format!("file://{}", dir.display());
+    let o = Command::new("sh")
+        .args(["-c", "umask 077 && exec \"$@\"", "sh"])
+        .arg(env!("CARGO_BIN_EXE_nixpush"))
+        .args(["push", "--store", &bed.nix.store_url(), "--to", &url])
+        .args(["--secret-key-file", &bed.secret, &out[0]])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut read = 0;
+    for entry in walk(&dir) {
+        let as_nobody = Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "cat"])
+            .arg(&entry)
+            .output()
+            .unwrap();
+        assert!(
+            as_nobody.status.success(),
+            "nobody cannot read {}: {}",
+            entry.display(),
+            String::from_utf8_lossy(&as_nobody.stderr)
+        );
+        read += 1;
+    }
+    // nix-cache-info, the narinfo and the NAR.
+    assert_eq!(read, 3);
+}
+
+/// Every regular file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// Regression: two paths with byte-identical NARs share one content-addressed object, and writing
 /// it twice at once must not fail (the file target once used one temporary name per key).
 #[test]
@@ -500,4 +554,92 @@ fn jobs_out_of_range_is_a_usage_error() {
         assert_eq!(o.status.code(), Some(2), "{err}");
         assert!(err.contains("--jobs") && err.contains(jobs), "{err}");
     }
+}
+
+/// Regression: PUTs carried no checksum, so a bit flipped on the way (a faulty NIC, a middlebox)
+/// was stored under the key of the bytes that were meant, and Nix refused the NAR long after.
+/// (moto checks neither Content-MD5 nor the signed payload hash, so it cannot tell.)
+#[test]
+fn a_body_corrupted_in_transit_never_lands_on_s3s_fs() {
+    corrupted_in_transit(S3Kind::S3sFs)
+}
+
+#[test]
+fn a_body_corrupted_in_transit_never_lands_on_garage() {
+    corrupted_in_transit(S3Kind::Garage)
+}
+
+fn corrupted_in_transit(kind: S3Kind) {
+    let bed = Bed::on(kind);
+    bed.s3.put("nix-cache-info", b"StoreDir: /nix/store\n");
+    // A small NAR (one PUT from memory) and a large one (a PUT from the spool file).
+    let small = bed
+        .nix
+        .build(&derivation("flip-small", "echo small > $out"));
+    let large = bed.nix.build(&derivation(
+        "flip-large",
+        "head -c 3145728 /dev/urandom > $out",
+    ));
+    let relay = Relay::start(
+        &bed.s3.endpoint,
+        RelayConfig {
+            faults: Faults::always(Fault::Corrupt),
+            ..RelayConfig::default()
+        },
+    );
+    let url = bed.s3.store_url_at(&relay.endpoint, "compression=none");
+    let o = bed.push(&url, &[&small[0], &large[0]]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        relay.injected().get(&Fault::Corrupt).copied().unwrap_or(0) >= 2,
+        "{:?}",
+        relay.injected()
+    );
+    // Whatever landed holds the bytes its key names.
+    for key in bed.s3.keys() {
+        let Some(name) = key.strip_prefix("nar/") else {
+            continue;
+        };
+        let body = bed.s3.get(&key).unwrap();
+        let hash = nixpush_format::Sha256::digest(&body).to_nix32();
+        assert_eq!(name, format!("{hash}.nar"), "{key} holds other bytes");
+    }
+    assert!(bed.narinfos().is_empty(), "{:?}", bed.narinfos());
+    // Through a sound link the same push completes and substitutes back.
+    bed.push_ok(
+        &bed.s3.store_url("compression=none"),
+        &[&small[0], &large[0]],
+    );
+    let roots = [small[0].clone(), large[0].clone()];
+    let (ok, err) = bed.substitute(&bed.s3.http_url, &roots, &roots);
+    assert!(ok, "{err}");
+}
+
+on_every_server!(
+    a_truncated_nar_in_the_cache_is_replaced,
+    truncated_nar_replaced
+);
+/// Regression: an existing NAR object of 1 MiB or more was trusted by name alone, so one a server
+/// acknowledged and then lost the end of was never repaired, whatever was pushed again.
+fn truncated_nar_replaced(kind: S3Kind) {
+    let bed = Bed::on(kind);
+    let out = bed.nix.build(&derivation(
+        "truncated",
+        "head -c 2097152 /dev/urandom > $out",
+    ));
+    let url = bed.s3.store_url("compression=none");
+    bed.push_ok(&url, &[&out[0]]);
+    let narinfo = format!("{}.narinfo", hash_part(&out[0]));
+    let info: NarInfo = String::from_utf8(bed.s3.get(&narinfo).unwrap())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let whole = bed.s3.get(&info.url).unwrap();
+    bed.s3.put(&info.url, &whole[..whole.len() / 2]);
+    bed.s3.delete(&narinfo);
+    bed.push_ok(&url, &[&out[0]]);
+    assert_eq!(bed.s3.get(&info.url).unwrap(), whole);
+    let (ok, err) = bed.substitute(&bed.s3.http_url, &out, &out);
+    assert!(ok, "{err}");
 }

@@ -38,6 +38,10 @@ pub enum Fault {
     SlowDown,
     /// Relays the connection with client → server bytes paced to 64 KiB/s.
     Trickle,
+    /// Relays the connection with one bit flipped halfway through the body of every request,
+    /// as a faulty NIC or middlebox would. Not among [`Fault::ALL`]: what the other faults do, a
+    /// client notices; this one only a checksum catches.
+    Corrupt,
 }
 
 impl Fault {
@@ -302,7 +306,7 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>)
                 shared.applied(Fault::SlowDown);
             }
         }
-        Some(Fault::Cut | Fault::Trickle) | None => {
+        Some(Fault::Cut | Fault::Trickle | Fault::Corrupt) | None => {
             let Ok(server) = TcpStream::connect(&shared.upstream).await else {
                 return;
             };
@@ -403,6 +407,66 @@ async fn read_request(client: &mut TcpStream) -> std::io::Result<String> {
 /// The length of an HTTP head (through its blank line), once `buf` holds all of it.
 fn head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// Follows the requests in a client's stream (heads, and bodies by `Content-Length`) and flips one
+/// bit in the middle of each body.
+#[derive(Default)]
+struct BodyFlipper {
+    /// Stream offset where the current request's head begins, once the previous body has passed.
+    start: usize,
+    /// The current head so far.
+    head: Vec<u8>,
+    /// Stream offset of the bit to flip in the current body, and where the next request starts.
+    body: Option<(usize, usize)>,
+}
+
+impl BodyFlipper {
+    /// Looks at `data`, which begins at stream offset `offset`, flipping what falls in it; returns
+    /// how many bits were flipped.
+    fn flip(&mut self, offset: usize, data: &mut [u8]) -> usize {
+        let mut flipped = 0;
+        let mut at = offset;
+        let end = offset + data.len();
+        while at < end {
+            if let Some((middle, next)) = self.body {
+                if (at..end).contains(&middle) {
+                    data[middle - offset] ^= 0x01;
+                    flipped += 1;
+                }
+                if next > end {
+                    return flipped;
+                }
+                at = next;
+                self.start = next;
+                self.body = None;
+                continue;
+            }
+            self.head.extend_from_slice(&data[at - offset..]);
+            let Some(len) = head_end(&self.head) else {
+                // A head longer than any real one: not HTTP, leave the rest alone.
+                if self.head.len() > 64 * 1024 {
+                    self.start = usize::MAX;
+                    self.body = Some((usize::MAX, usize::MAX));
+                }
+                return flipped;
+            };
+            let head = String::from_utf8_lossy(&self.head[..len]).to_ascii_lowercase();
+            let body: usize = header(&head, "content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let body_start = self.start + len;
+            let middle = if body > 0 {
+                body_start + body / 2
+            } else {
+                usize::MAX
+            };
+            self.body = Some((middle, body_start + body));
+            self.head.clear();
+            at = self.start + len;
+        }
+        flipped
+    }
 }
 
 /// A header's trimmed value in a lowercased head.
@@ -550,6 +614,8 @@ async fn direction(
         let mut cut_at: Option<usize> = None;
         let mut forwarded = 0usize;
         let mut own_free = tokio::time::Instant::now();
+        let mut flipper = (fault == Some(Fault::Corrupt) && matches!(watch, Watch::Method(_)))
+            .then(BodyFlipper::default);
         loop {
             let n = match from.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
@@ -611,6 +677,11 @@ async fn direction(
                     }
                 }
             }
+            if let Some(flipper) = &mut flipper {
+                for _ in 0..flipper.flip(forwarded, &mut data) {
+                    shared.applied(Fault::Corrupt);
+                }
+            }
             forwarded += data.len();
             if tx.send(Segment::Data(Instant::now(), data)).await.is_err() {
                 return;
@@ -624,6 +695,33 @@ async fn direction(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_bit_is_flipped_in_the_middle_of_every_body_however_the_stream_is_split() {
+        let get = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+        let put = |body: &[u8]| {
+            let mut r =
+                format!("PUT /y HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+            r.extend_from_slice(body);
+            r
+        };
+        let stream = [get.clone(), put(b"0123456789"), get, put(b"abcd")].concat();
+        let mut expected = stream.clone();
+        let first = stream.windows(10).position(|w| w == b"0123456789").unwrap();
+        expected[first + 5] ^= 1;
+        let second = stream.windows(4).position(|w| w == b"abcd").unwrap();
+        expected[second + 2] ^= 1;
+        for split in [1, 3, 7, 16, stream.len()] {
+            let mut flipper = BodyFlipper::default();
+            let mut out = stream.clone();
+            let mut flipped = 0;
+            for (i, chunk) in out.chunks_mut(split).enumerate() {
+                flipped += flipper.flip(i * split, chunk);
+            }
+            assert_eq!(flipped, 2, "split {split}");
+            assert_eq!(out, expected, "split {split}");
+        }
+    }
 
     #[test]
     fn a_response_is_cut_halfway_through_its_body_after_any_interim_heads() {

@@ -354,6 +354,23 @@ impl BucketClient {
     pub fn put(&self, key: &str, bytes: &[u8]) {
         self.put_all(vec![(key.to_owned(), bytes.to_vec())]);
     }
+
+    pub fn delete(&self, key: &str) {
+        self.block_on(async {
+            self.client
+                .delete_object()
+                .bucket(&self.name)
+                .key(key)
+                .send()
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "DELETE {key}: {}",
+                        aws_sdk_s3::error::DisplayErrorContext(e)
+                    )
+                });
+        })
+    }
 }
 
 impl Drop for S3Server {

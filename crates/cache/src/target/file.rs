@@ -4,8 +4,19 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+
+use nixpush_format::Sha256;
+use nixpush_format::hash::HashingWriter;
+
 use super::{IncompleteUpload, ObjectEntry, ObjectReader};
 use crate::CacheError;
+
+/// Objects and directories are readable by everyone: whoever serves the directory (nginx, a
+/// static file server) usually runs as another user. What the cache holds is public to its
+/// substituters anyway; the signing key is what must stay secret.
+const OBJECT_MODE: u32 = 0o644;
+const DIR_MODE: u32 = 0o755;
 
 /// Prefix of the temporary files objects are written through; one left behind is an upload a crash
 /// interrupted.
@@ -45,9 +56,20 @@ impl FileTarget {
     }
 
     pub async fn create(dir: &Path) -> Result<Self, CacheError> {
-        tokio::fs::create_dir_all(dir.join("nar"))
-            .await
-            .map_err(err("creating cache directory", dir))?;
+        // Only directories created here get DIR_MODE whatever the umask; an existing one keeps the
+        // mode its owner chose (0750 with a web server's group, say).
+        for d in [dir.to_owned(), dir.join("nar")] {
+            if !d.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(DIR_MODE)
+                    .create(&d)
+                    .and_then(|()| {
+                        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(DIR_MODE))
+                    })
+                    .map_err(err("creating cache directory", &d))?;
+            }
+        }
         Ok(FileTarget {
             dir: dir.to_owned(),
         })
@@ -70,6 +92,15 @@ impl FileTarget {
         match tokio::fs::metadata(&p).await {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(err("checking", &p)(e)),
+        }
+    }
+
+    pub async fn size(&self, key: &str) -> Result<Option<u64>, CacheError> {
+        let p = self.path(key)?;
+        match tokio::fs::metadata(&p).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(err("checking", &p)(e)),
         }
     }
@@ -165,37 +196,73 @@ impl FileTarget {
     pub async fn put_bytes(&self, key: &str, body: &[u8]) -> Result<(), CacheError> {
         let dest = self.path(key)?;
         let body = body.to_vec();
-        run_blocking(move || write_atomically(&dest, |f| f.write_all(&body))).await
+        run_blocking(move || write_atomically(&dest, |f| f.write_all(&body), |_| Ok(()))).await
     }
 
-    pub async fn put_file(&self, key: &str, src: &Path) -> Result<(), CacheError> {
+    /// Copies the spool file `src`, hashing what is copied: a file that no longer holds the `len`
+    /// bytes with SHA-256 `hash` is refused before it becomes visible.
+    pub async fn put_file(
+        &self,
+        key: &str,
+        src: &Path,
+        len: u64,
+        hash: Sha256,
+    ) -> Result<(), CacheError> {
         let dest = self.path(key)?;
         let src = src.to_owned();
         run_blocking(move || {
-            write_atomically(&dest, |f| {
-                io::copy(&mut std::fs::File::open(&src)?, f).map(drop)
-            })
+            let copy = |f: &mut std::fs::File| {
+                let mut out = HashingWriter::new(f);
+                io::copy(&mut std::fs::File::open(&src)?, &mut out)?;
+                let (_, h, n) = out.finish();
+                Ok((h, n))
+            };
+            let check = |(h, n): (Sha256, u64)| {
+                if h == hash && n == len {
+                    return Ok(());
+                }
+                Err(CacheError::SpoolChanged {
+                    path: src.clone(),
+                    expected_hash: hash,
+                    expected_size: len,
+                    actual_hash: h,
+                    actual_size: n,
+                })
+            };
+            write_atomically(&dest, copy, check)
         })
         .await
     }
 }
 
 /// Writes through a uniquely named temporary file beside `dest` (two paths with identical NARs
-/// write the same key at once), fsyncs, and renames it into place.
-fn write_atomically(
+/// write the same key at once), fsyncs it, lets `check` refuse it, renames it into place and
+/// fsyncs the directory, so the object survives a power cut once this returns. Objects are
+/// world-readable (0644): a cache directory is served by a web server running as another user.
+fn write_atomically<T>(
     dest: &Path,
-    fill: impl FnOnce(&mut std::fs::File) -> io::Result<()>,
+    fill: impl FnOnce(&mut std::fs::File) -> io::Result<T>,
+    check: impl FnOnce(T) -> Result<(), CacheError>,
 ) -> Result<(), CacheError> {
     let dir = dest.parent().unwrap_or(Path::new("/"));
     let mut tmp = tempfile::Builder::new()
         .prefix(TEMP_PREFIX)
+        .permissions(std::fs::Permissions::from_mode(OBJECT_MODE))
         .tempfile_in(dir)
         .map_err(err("creating a file in", dir))?;
-    fill(tmp.as_file_mut())
-        .and_then(|()| tmp.as_file().sync_all())
+    let filled = fill(tmp.as_file_mut())
+        .and_then(|t| tmp.as_file().sync_all().map(|()| t))
         .map_err(err("writing", tmp.path()))?;
+    check(filled)?;
+    // The umask may have narrowed the mode given at creation.
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(OBJECT_MODE))
+        .map_err(err("setting the mode of", tmp.path()))?;
     tmp.persist(dest)
         .map_err(|e| err("renaming into place", dest)(e.error))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err("syncing", dir))?;
     Ok(())
 }
 

@@ -80,6 +80,19 @@ impl HttpTarget {
         Ok(self.send(reqwest::Method::HEAD, key).await?.is_some())
     }
 
+    pub async fn size(&self, key: &str) -> Result<Option<u64>, CacheError> {
+        Ok(self
+            .send(reqwest::Method::HEAD, key)
+            .await?
+            // The header itself: reqwest's content_length() is the body's, and a HEAD has none.
+            .map(|r| {
+                r.headers()
+                    .get(reqwest::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or_default()
+            }))
+    }
+
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
         let Some(response) = self.send(reqwest::Method::GET, key).await? else {
             return Ok(None);

@@ -13,7 +13,18 @@ use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, StorageClass};
 use tokio::task::JoinSet;
 
-use super::{ChunkReader, IncompleteUpload, ObjectEntry, ObjectReader};
+use aws_runtime::auth::PayloadSigningOverride;
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextMut;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
+use nixpush_format::Sha256;
+
+use super::{
+    ChunkReader, IncompleteUpload, ObjectEntry, ObjectReader, PieceDigest, content_md5,
+    spool_digests,
+};
 use crate::url::AddressingStyle;
 use crate::{CacheError, StoreUrl};
 
@@ -263,6 +274,21 @@ impl S3Target {
         }
     }
 
+    pub async fn size(&self, key: &str) -> Result<Option<u64>, CacheError> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(out.content_length().unwrap_or_default().max(0) as u64)),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
+            Err(e) => Err(self.classify(e, "HEAD", key)),
+        }
+    }
+
     /// GET, with `None` for a missing object.
     async fn get_object(
         &self,
@@ -395,6 +421,7 @@ impl S3Target {
             .bucket(&self.bucket)
             .key(key)
             .content_type(content_type)
+            .content_md5(content_md5(&body))
             .set_storage_class(self.storage_class.clone())
             .body(ByteStream::from(body))
             .customize()
@@ -410,20 +437,33 @@ impl S3Target {
         key: &str,
         path: &Path,
         len: u64,
+        hash: Sha256,
         content_type: &str,
     ) -> Result<(), CacheError> {
-        if !self.url.use_multipart(len) {
+        let multipart = self.url.use_multipart(len);
+        let piece = if multipart {
+            self.url.part_size(len)
+        } else {
+            len
+        };
+        let spool = path.to_owned();
+        let md5s = tokio::task::spawn_blocking(move || spool_digests(&spool, len, hash, piece))
+            .await
+            .expect("spool hashing panicked")?;
+        if !multipart {
             let body = file_body(path, 0, len, key).await?;
             self.client
                 .put_object()
                 .bucket(&self.bucket)
                 .key(key)
                 .content_type(content_type)
+                .content_md5(&md5s[0].md5)
                 .content_length(len as i64)
                 .set_storage_class(self.storage_class.clone())
                 .body(body)
                 .customize()
                 .config_override(deadline(upload_deadline(len)))
+                .interceptor(SignedPayloadHash(md5s[0].sha256.clone()))
                 .send()
                 .await
                 .map_err(|e| self.classify(e, "PUT", key))?;
@@ -451,7 +491,7 @@ impl S3Target {
                 tracing::warn!(error = %e, "cannot record the multipart upload; a crash would leave it behind");
             }
         }
-        let result = self.upload_parts(key, path, len, &upload_id).await;
+        let result = self.upload_parts(key, path, len, &md5s, &upload_id).await;
         if result.is_err() {
             // An incomplete upload is invisible but billed; never leave one behind.
             if let Err(e) = self
@@ -519,6 +559,7 @@ impl S3Target {
         key: &str,
         path: &Path,
         len: u64,
+        md5s: &[PieceDigest],
         upload_id: &str,
     ) -> Result<(), CacheError> {
         let part_size = self.url.part_size(len);
@@ -539,8 +580,10 @@ impl S3Target {
                     .key(key)
                     .upload_id(upload_id)
                     .part_number(number)
+                    .content_md5(&md5s[next as usize].md5)
                     .content_length(size as i64);
                 let (path, key) = (path.to_owned(), key.to_owned());
+                let sha256 = md5s[next as usize].sha256.clone();
                 in_flight.spawn(async move {
                     let body = file_body(&path, offset, size, &key)
                         .await
@@ -549,6 +592,7 @@ impl S3Target {
                         .body(body)
                         .customize()
                         .config_override(deadline(upload_deadline(size)))
+                        .interceptor(SignedPayloadHash(sha256))
                         .send()
                         .await
                         .map_err(|e| PartError::Sdk(Box::new(e)))?;
@@ -588,6 +632,30 @@ impl S3Target {
             .send()
             .await
             .map_err(|e| self.classify(e, "CompleteMultipartUpload", key))?;
+        Ok(())
+    }
+}
+
+/// Hands the signer the SHA-256 of a body read from the spool file, computed while the file was
+/// checked (see `spool_digests`). Without it the SDK reads the file once more to compute the hash
+/// it signs; without a signed hash at all, servers that ignore `Content-MD5` (s3s) would store a
+/// body changed on the way.
+#[derive(Debug)]
+struct SignedPayloadHash(String);
+
+impl Intercept for SignedPayloadHash {
+    fn name(&self) -> &'static str {
+        "SignedPayloadHash"
+    }
+
+    fn modify_before_signing(
+        &self,
+        _: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        cfg.interceptor_state()
+            .store_put(PayloadSigningOverride::Precomputed(self.0.clone()));
         Ok(())
     }
 }
