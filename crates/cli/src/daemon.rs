@@ -34,6 +34,9 @@ use crate::push::{DEFAULT_JOBS, StoreSource, load_keys};
 
 /// Items claimed at once: one closure computation and one push for all of them.
 const BATCH: usize = 1000;
+/// Recording a batch's outcomes that failed is tried again after this, doubling up to the maximum.
+const RECORD_RETRY_MIN: Duration = Duration::from_secs(1);
+const RECORD_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Hooks that cannot reach the daemon write the queue directly; look for such work this often.
 const POLL: Duration = Duration::from_secs(1);
 /// After a hook's request, more builds usually follow: wait until hooks pause this long (or
@@ -357,9 +360,14 @@ impl Worker {
                 }
             };
             if claimed.is_empty() {
-                let next = self.with_queue(|q| q.next_due()).await.ok().flatten();
+                let now = nixpush_queue::now_ms();
+                let next = self
+                    .with_queue(move |q| q.next_due(now))
+                    .await
+                    .ok()
+                    .flatten();
                 let wait = next.map_or(POLL, |t| {
-                    Duration::from_millis((t - nixpush_queue::now_ms()).max(0) as u64).min(POLL)
+                    Duration::from_millis((t - now).max(0) as u64).min(POLL)
                 });
                 tokio::select! {
                     _ = work.notified() => gather(&work, &mut stop).await,
@@ -369,15 +377,52 @@ impl Worker {
                 continue;
             }
             let outcomes = self.attempt(&claimed).await;
-            let done = self
+            self.record(claimed, outcomes, &mut stop).await;
+        }
+    }
+
+    /// Records a batch's outcomes, trying again until it succeeds (a full disk, a queue locked by
+    /// another process): the work is done, and losing its record would leave the items in flight
+    /// until the next restart. When the daemon is told to stop meanwhile, the items are left in
+    /// flight, and the next start queues them again.
+    async fn record(
+        &self,
+        claimed: Vec<Claimed>,
+        outcomes: Vec<Outcome>,
+        stop: &mut watch::Receiver<bool>,
+    ) {
+        let batch = Arc::new((claimed, outcomes));
+        let mut wait = RECORD_RETRY_MIN;
+        loop {
+            let b = batch.clone();
+            let recorded = self
                 .with_queue(move |q| {
-                    let done: Vec<_> = claimed.iter().zip(&outcomes).collect();
+                    let done: Vec<_> = b.0.iter().zip(&b.1).collect();
                     q.complete_all(&done)
                 })
                 .await;
-            if let Err(e) = done {
-                tracing::error!(error = %format!("{e:#}"), "cannot record results; the items will be retried");
+            let Err(e) = recorded else {
+                return;
+            };
+            if *stop.borrow() {
+                tracing::error!(
+                    error = %format!("{e:#}"),
+                    items = batch.0.len(),
+                    "cannot record results; the items stay in flight and are queued again at the next start"
+                );
+                return;
             }
+            tracing::error!(
+                error = %format!("{e:#}"),
+                items = batch.0.len(),
+                retry_in = ?wait,
+                "cannot record results; trying again"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => {}
+            }
+            wait = (wait * 2).min(RECORD_RETRY_MAX);
         }
     }
 
@@ -561,20 +606,19 @@ impl Worker {
         if f.permanent {
             return Outcome::Failed(f.message);
         }
-        let now = nixpush_queue::now_ms();
-        let since = Duration::from_millis((now - c.first_failure_at.unwrap_or(now)).max(0) as u64);
+        let since = c.retry_waited;
         let unit = getrandom::u64().map_or(0.5, |r| (r >> 11) as f64 / (1u64 << 53) as f64);
         match self
             .settings
             .retry
             .decide(c.attempts + 1, since, f.retry_after, unit)
         {
-            Decision::RetryIn(ms) => Outcome::RetryAt {
-                at: now + ms as i64,
+            Decision::RetryIn(ms) => Outcome::RetryIn {
+                wait: Duration::from_millis(ms),
                 error: f.message,
             },
             Decision::GiveUp => Outcome::Failed(format!(
-                "gave up after {} attempts over {}: {}",
+                "gave up after {} attempts and {} of waits: {}",
                 c.attempts + 1,
                 crate::status::human_duration(since),
                 f.message

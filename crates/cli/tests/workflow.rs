@@ -386,6 +386,56 @@ fn throttling_is_retried_after_the_servers_retry_after() {
     );
 }
 
+/// Regression: when recording a batch's outcomes failed (a full disk, the queue locked by another
+/// process), its items stayed `in_flight` until the daemon was restarted, while the log said they
+/// "will be retried".
+#[test]
+fn outcomes_that_cannot_be_recorded_are_recorded_once_the_queue_frees() {
+    let mut f = Flow::with_hook("", false);
+    // Each request takes 3 s across the relay: the batch stays in flight for long enough to lock
+    // the queue under it.
+    let relay = Relay::start(
+        &f.s3.endpoint,
+        RelayConfig {
+            delay: Duration::from_millis(1500),
+            ..RelayConfig::default()
+        },
+    );
+    let config = fs::read_to_string(&f.config)
+        .unwrap()
+        .replace(&f.s3.store_url(""), &f.s3.store_url_at(&relay.endpoint, ""));
+    fs::write(&f.config, config).unwrap();
+    let (outs, _) = f.build(&derivation("unrecorded", "echo u > $out"));
+    f.start_daemon();
+    assert!(
+        f.hook(Some(std::ffi::OsStr::new(&outs[0])), None)
+            .status
+            .success()
+    );
+    wait_for("the item to be claimed", || {
+        f.queue_items() == vec![(outs[0].clone(), State::InFlight)]
+    });
+    // Another process holds the queue's write lock for longer than the daemon's busy timeout.
+    let mut lock = rusqlite::Connection::open(f.state.join("queue.sqlite")).unwrap();
+    let tx = lock
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .unwrap();
+    let state: String = tx
+        .query_row("SELECT state FROM items", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(state, "in_flight", "locked too late to test anything");
+    wait_for("the daemon to fail recording", || {
+        f.log().contains("cannot record results; trying again")
+    });
+    tx.rollback().unwrap();
+    wait_for("the outcome to be recorded", || {
+        f.queue_items() == vec![(outs[0].clone(), State::Done)]
+    });
+    assert!(f.published(&outs[0]));
+    let daemon = f.daemon.as_mut().unwrap();
+    assert!(daemon.try_wait().unwrap().is_none(), "the daemon exited");
+}
+
 /// Every narinfo a reader can see has its NAR and its references' narinfos. Each is looked for
 /// after the narinfo was read, since it must have been written before.
 fn check_bucket(bucket: &BucketClient, violations: &mut BTreeSet<String>) {

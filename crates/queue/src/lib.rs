@@ -23,9 +23,16 @@
 //! 4. **Claims are exclusive.** An item is handed to one claimer until it is completed or recovered,
 //!    even with several processes using the database at once.
 //!
+//! 5. **A newer row supersedes a failed one.** An item that failed and was queued again is counted
+//!    and retried through its newer row only; `retry` never resurrects a failure that a later
+//!    attempt published.
+//! 6. **Retry timing survives clock steps.** How long an item has been retried is the sum of the
+//!    waits scheduled for it (`retry_waited_ms`), not wall time since its first failure; an item
+//!    scheduled after a moment the clock has gone back past is due at once.
+//!
 //! Layout: table `items(id, item, kind, state, enqueued_at, attempts, next_attempt_at,
-//! first_failure_at, last_error, updated_at)`, times in Unix milliseconds; a partial unique index
-//! on `item` over the pending states enforces invariant 3.
+//! first_failure_at, last_error, updated_at, retry_waited_ms)`, times in Unix milliseconds; a
+//! partial unique index on `item` over the pending states enforces invariant 3.
 
 mod queue;
 mod retry;

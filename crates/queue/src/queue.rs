@@ -89,8 +89,10 @@ pub struct Claimed {
     /// Failed attempts so far.
     pub attempts: u32,
     pub enqueued_at: i64,
-    /// When the first of the failed attempts happened, if any.
-    pub first_failure_at: Option<i64>,
+    /// The backoff waits scheduled for it so far: how long it has been retried, counted in the
+    /// queue's own time, so that neither a suspended machine nor a clock step nor a daemon that was
+    /// down for a weekend makes every item give up at once.
+    pub retry_waited: Duration,
 }
 
 /// How an attempt ended.
@@ -98,9 +100,9 @@ pub struct Claimed {
 pub enum Outcome {
     Done,
     Gone(String),
-    /// Failed; try again at this time (Unix ms).
-    RetryAt {
-        at: i64,
+    /// Failed; try again after this wait.
+    RetryIn {
+        wait: Duration,
         error: String,
     },
     Failed(String),
@@ -142,7 +144,16 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS items_pending ON items(item) WHERE state IN ('queued', 'in_flight');
 CREATE INDEX IF NOT EXISTS items_due ON items(state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS items_by_name ON items(item, id);
 ";
+
+/// Columns added after the first release, with their definitions; added to older databases on open.
+const ADDED_COLUMNS: &[(&str, &str)] = &[("retry_waited_ms", "INTEGER NOT NULL DEFAULT 0")];
+
+/// A failed row that a newer row of the same item supersedes (it was queued again, and is pending
+/// or finished) is history, not a failure to act on.
+const SUPERSEDED: &str =
+    "EXISTS (SELECT 1 FROM items newer WHERE newer.item = items.item AND newer.id > items.id)";
 
 impl Queue {
     /// Opens (creating if needed) `state_dir/queue.sqlite`.
@@ -169,6 +180,21 @@ impl Queue {
         // rebuilds by reading the whole WAL. With the daemon up, its connection stays open and a
         // hook's close costs nothing.
         conn.execute_batch(SCHEMA).map_err(err)?;
+        for (column, definition) in ADDED_COLUMNS {
+            let present: bool = conn
+                .query_row(
+                    "SELECT COUNT(*) > 0 FROM pragma_table_info('items') WHERE name = ?1",
+                    [column],
+                    |r| r.get(0),
+                )
+                .map_err(err)?;
+            if !present {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE items ADD COLUMN {column} {definition}"
+                ))
+                .map_err(err)?;
+            }
+        }
         Ok(Queue { conn, path })
     }
 
@@ -218,13 +244,15 @@ impl Queue {
         })
     }
 
-    /// Hands out up to `limit` queued items due by `now` (Unix ms), marking them in flight.
+    /// Hands out up to `limit` queued items due by `now` (Unix ms), marking them in flight. An item
+    /// scheduled at a time later than `now` is due all the same: the clock went back past
+    /// the moment its wait was scheduled, so its schedule says nothing any more.
     pub fn claim(&mut self, now: i64, limit: usize) -> Result<Vec<Claimed>, QueueError> {
         self.write(|tx| {
             let claimed: Vec<Claimed> = tx
                 .prepare_cached(
-                    "SELECT id, item, kind, attempts, enqueued_at, first_failure_at FROM items
-                     WHERE state = 'queued' AND next_attempt_at <= ?1
+                    "SELECT id, item, kind, attempts, enqueued_at, retry_waited_ms FROM items
+                     WHERE state = 'queued' AND (next_attempt_at <= ?1 OR updated_at > ?1)
                      ORDER BY next_attempt_at, id LIMIT ?2",
                 )?
                 .query_map(params![now, limit as i64], |r| {
@@ -236,7 +264,7 @@ impl Queue {
                         },
                         attempts: r.get(3)?,
                         enqueued_at: r.get(4)?,
-                        first_failure_at: r.get(5)?,
+                        retry_waited: Duration::from_millis(r.get::<_, i64>(5)?.max(0) as u64),
                     })
                 })?
                 .collect::<Result<_, _>>()?;
@@ -275,12 +303,16 @@ impl Queue {
                          first_failure_at = COALESCE(first_failure_at, ?2), updated_at = ?2 WHERE id = ?1",
                         vec![error.clone().into()],
                     ),
-                    Outcome::RetryAt { at, error } => (
-                        "UPDATE items SET state = 'queued', attempts = attempts + 1, last_error = ?3,
-                         first_failure_at = COALESCE(first_failure_at, ?2), next_attempt_at = ?4,
-                         updated_at = ?2 WHERE id = ?1",
-                        vec![error.clone().into(), (*at).into()],
-                    ),
+                    Outcome::RetryIn { wait, error } => {
+                        let wait = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
+                        (
+                            "UPDATE items SET state = 'queued', attempts = attempts + 1, last_error = ?3,
+                             first_failure_at = COALESCE(first_failure_at, ?2),
+                             next_attempt_at = ?2 + ?4, retry_waited_ms = retry_waited_ms + ?4,
+                             updated_at = ?2 WHERE id = ?1",
+                            vec![error.clone().into(), wait.into()],
+                        )
+                    }
                 };
                 let mut all: Vec<rusqlite::types::Value> = vec![claimed.id.into(), now.into()];
                 all.extend(args);
@@ -302,15 +334,16 @@ impl Queue {
     }
 
     /// Requeues failed items (all of them, or those named), due now, with their attempt count reset.
-    /// An item that is already pending again is left alone: its pending row will do the work.
+    /// A failed row that a newer row of its item supersedes is left alone: that item is pending
+    /// again (the pending row will do the work) or was published since.
     pub fn retry_failed(&mut self, names: Option<&[String]>) -> Result<usize, QueueError> {
         let now = now_ms();
         self.write(|tx| {
-            let mut update = tx.prepare_cached(
+            let mut update = tx.prepare_cached(&format!(
                 "UPDATE OR IGNORE items SET state = 'queued', attempts = 0, first_failure_at = NULL,
-                 next_attempt_at = ?1, updated_at = ?1
-                 WHERE state = 'failed' AND (?2 IS NULL OR item = ?2)",
-            )?;
+                 retry_waited_ms = 0, next_attempt_at = ?1, updated_at = ?1
+                 WHERE state = 'failed' AND (?2 IS NULL OR item = ?2) AND NOT {SUPERSEDED}"
+            ))?;
             match names {
                 None => update.execute(params![now, Option::<String>::None]),
                 Some(names) => names.iter().map(|n| update.execute(params![now, n])).sum(),
@@ -318,12 +351,14 @@ impl Queue {
         })
     }
 
-    /// When the next queued item becomes due (Unix ms), if any is queued.
-    pub fn next_due(&self) -> Result<Option<i64>, QueueError> {
+    /// When the next queued item becomes due (Unix ms), if any is queued; `now` for an item whose
+    /// schedule a clock step made meaningless (see [`Queue::claim`]).
+    pub fn next_due(&self, now: i64) -> Result<Option<i64>, QueueError> {
         self.conn
             .query_row(
-                "SELECT MIN(next_attempt_at) FROM items WHERE state = 'queued'",
-                [],
+                "SELECT MIN(CASE WHEN updated_at > ?1 THEN ?1 ELSE next_attempt_at END)
+                 FROM items WHERE state = 'queued'",
+                [now],
                 |r| r.get(0),
             )
             .optional()
@@ -334,10 +369,13 @@ impl Queue {
     pub fn status(&self, recent: usize) -> Result<Status, QueueError> {
         let mut status = Status::default();
         for state in State::ALL {
+            // Failed rows superseded by a newer row of their item are not failures any more.
             let n: i64 = self
                 .conn
                 .query_row(
-                    "SELECT COUNT(*) FROM items WHERE state = ?1",
+                    &format!(
+                        "SELECT COUNT(*) FROM items WHERE state = ?1 AND (state != 'failed' OR NOT {SUPERSEDED})"
+                    ),
                     [state.as_str()],
                     |r| r.get(0),
                 )

@@ -1,8 +1,9 @@
 //! The queue's invariants (see the crate doc), checked directly and against a model.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use nixpush_queue::{Claimed, Item, Kind, Outcome, Queue, State};
+use nixpush_queue::{Claimed, Item, Kind, Outcome, Queue, State, now_ms};
 use proptest::prelude::*;
 
 fn item(n: &str) -> Item {
@@ -95,20 +96,21 @@ fn retries_wait_their_turn_and_failures_can_be_retried() {
     let t = c[0].enqueued_at;
     q.complete(
         &c[0],
-        &Outcome::RetryAt {
-            at: t + 60_000,
+        &Outcome::RetryIn {
+            wait: Duration::from_secs(60),
             error: "endpoint down".into(),
         },
     )
     .unwrap();
     q.complete(&c[1], &Outcome::Failed("corrupt".into()))
         .unwrap();
-    assert!(q.claim(t + 59_999, 10).unwrap().is_empty(), "not due yet");
-    assert_eq!(q.next_due().unwrap(), Some(t + 60_000));
-    let again = q.claim(t + 60_000, 10).unwrap();
+    let due = q.next_due(now_ms()).unwrap().unwrap();
+    assert!(due >= t + 60_000, "{due}");
+    assert!(q.claim(due - 1, 10).unwrap().is_empty(), "not due yet");
+    let again = q.claim(due, 10).unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].attempts, 1);
-    assert!(again[0].first_failure_at.is_some());
+    assert_eq!(again[0].retry_waited, Duration::from_secs(60));
 
     let s = q.status(10).unwrap();
     assert!(s.counts.contains(&(State::Failed, 1)) && s.counts.contains(&(State::InFlight, 1)));
@@ -165,6 +167,90 @@ fn concurrent_writers_lose_nothing() {
     }
 }
 
+/// Regression (found by the model test in about 7% of runs): `retry --all` requeued the failed row
+/// of an item that had been queued again and published since.
+#[test]
+fn a_failure_published_since_is_not_retried_or_counted() {
+    let d = tempfile::tempdir().unwrap();
+    let mut q = Queue::open(d.path()).unwrap();
+    q.enqueue(&[item("a")]).unwrap();
+    let c = q.claim(far_future(), 10).unwrap();
+    q.complete(&c[0], &Outcome::Failed("denied".into()))
+        .unwrap();
+    q.enqueue(&[item("a")]).unwrap();
+    assert_eq!(q.retry_failed(None).unwrap(), 0, "pending again");
+    let c = q.claim(far_future(), 10).unwrap();
+    q.complete(&c[0], &Outcome::Done).unwrap();
+    assert_eq!(q.retry_failed(None).unwrap(), 0, "published since");
+    assert_eq!(q.retry_failed(Some(&["a".to_owned()])).unwrap(), 0);
+    let s = q.status(10).unwrap();
+    assert!(s.counts.contains(&(State::Failed, 0)), "{:?}", s.counts);
+    assert!(q.claim(far_future(), 10).unwrap().is_empty());
+}
+
+/// Regression: the give-up clock was wall time since the first failure, so a builder resumed
+/// after a weekend's suspend (or a daemon down that long) gave up on every item at its next
+/// attempt; and a clock stepped back by days left retries waiting for days.
+#[test]
+fn retry_time_counts_scheduled_waits_and_survives_clock_steps() {
+    let d = tempfile::tempdir().unwrap();
+    let mut q = Queue::open(d.path()).unwrap();
+    q.enqueue(&[item("a")]).unwrap();
+    let mut waited = Duration::ZERO;
+    for wait in [1, 2, 4] {
+        let c = q.claim(far_future(), 10).unwrap();
+        assert_eq!(c[0].retry_waited, waited);
+        q.complete(
+            &c[0],
+            &Outcome::RetryIn {
+                wait: Duration::from_secs(wait),
+                error: "down".into(),
+            },
+        )
+        .unwrap();
+        waited += Duration::from_secs(wait);
+    }
+    // Claimed a weekend later: 7 s of waits, whatever the wall clock says.
+    let weekend = now_ms() + 3 * 24 * 3600 * 1000;
+    let c = q.claim(weekend, 10).unwrap();
+    assert_eq!(c[0].retry_waited, Duration::from_secs(7));
+    q.complete(
+        &c[0],
+        &Outcome::RetryIn {
+            wait: Duration::from_secs(3600),
+            error: "down".into(),
+        },
+    )
+    .unwrap();
+    // The clock steps back ten days: the hour-long wait was scheduled "in the future", so the
+    // item is due now rather than in ten days.
+    let stepped_back = now_ms() - 10 * 24 * 3600 * 1000;
+    assert_eq!(q.next_due(stepped_back).unwrap(), Some(stepped_back));
+    assert_eq!(q.claim(stepped_back, 10).unwrap().len(), 1);
+}
+
+/// A queue written by an earlier version (without `retry_waited_ms`) opens and keeps its items.
+#[test]
+fn a_queue_from_before_retry_waited_opens_with_its_items() {
+    let d = tempfile::tempdir().unwrap();
+    {
+        let conn = rusqlite::Connection::open(d.path().join("queue.sqlite")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE items (id INTEGER PRIMARY KEY, item TEXT NOT NULL, kind TEXT NOT NULL,
+               state TEXT NOT NULL, enqueued_at INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+               next_attempt_at INTEGER NOT NULL, first_failure_at INTEGER, last_error TEXT,
+               updated_at INTEGER NOT NULL);
+             INSERT INTO items (item, kind, state, enqueued_at, attempts, next_attempt_at, updated_at)
+               VALUES ('old', 'path', 'queued', 1, 2, 1, 1);",
+        )
+        .unwrap();
+    }
+    let mut q = Queue::open(d.path()).unwrap();
+    let c = q.claim(far_future(), 10).unwrap();
+    assert_eq!((c[0].item.name.as_str(), c[0].attempts), ("old", 2));
+    assert_eq!(c[0].retry_waited, Duration::ZERO);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Enqueue(Vec<u8>),
@@ -208,6 +294,8 @@ proptest! {
                             model.insert(it.name.clone(), State::Queued);
                             expect += 1;
                         }
+                        // The new row supersedes the failure.
+                        failed.retain(|f| *f != it.name);
                     }
                     prop_assert_eq!(added, expect);
                 }
@@ -226,7 +314,7 @@ proptest! {
                         0 => Outcome::Done,
                         1 => Outcome::Gone("gc".into()),
                         2 => Outcome::Failed("bad".into()),
-                        _ => Outcome::RetryAt { at: 0, error: "later".into() },
+                        _ => Outcome::RetryIn { wait: Duration::ZERO, error: "later".into() },
                     };
                     q.complete(&c, &outcome).unwrap();
                     if o == 3 {
@@ -245,19 +333,16 @@ proptest! {
                 }
                 Op::Retry => {
                     let n = q.retry_failed(None).unwrap();
-                    let mut expect = 0;
+                    let expect = failed.len();
                     for f in failed.drain(..) {
-                        // A failed name that is pending again stays failed (its pending row does the work).
-                        if let std::collections::hash_map::Entry::Vacant(e) = model.entry(f) {
-                            e.insert(State::Queued);
-                            expect += 1;
-                        }
+                        prop_assert!(model.insert(f, State::Queued).is_none());
                     }
-                    prop_assert!(n >= expect);
-                    // Failed rows of names already pending were left alone; the model drops them.
                     prop_assert_eq!(n, expect);
                 }
             }
+            let status = q.status(0).unwrap();
+            let count = |s: State| status.counts.iter().find(|(x, _)| *x == s).map_or(0, |(_, n)| *n as usize);
+            prop_assert_eq!(count(State::Failed), failed.len());
             let pending: usize = q.status(0).unwrap().counts.iter()
                 .filter(|(s, _)| matches!(s, State::Queued | State::InFlight)).map(|(_, n)| *n as usize).sum();
             prop_assert_eq!(pending, model.len());
