@@ -20,6 +20,8 @@ to = "$S3_URL"
 secret-key-files = ["$WORK/sk"]
 state-dir = "$WORK/state"
 socket = "$WORK/hook.sock"
+# Where Nix would not look, but on the same filesystem: the hook pays what rooting costs.
+gc-roots-dir = "$WORK/gcroots"
 TOML
 export NIXPUSH_CONFIG="$WORK/nixpush.toml"
 

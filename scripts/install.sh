@@ -67,6 +67,10 @@ if [ -n "$UNINSTALL" ]; then
     fi
     rm -f "$MANIFEST"
     rmdir "$SHARE/nixpush" 2>/dev/null || true
+    # Roots of items still queued would keep their paths from garbage collection for good.
+    if [ -z "$PRIVATE" ] && [ -d /nix/var/nix/gcroots/nixpush ]; then
+        rm -rf /nix/var/nix/gcroots/nixpush && echo "removed the GC roots of queued items (/nix/var/nix/gcroots/nixpush)"
+    fi
     say "kept the configuration ($ETC) and the queue ($STATE)"
     exit 0
 fi
@@ -133,7 +137,9 @@ if [ ! -e "$ETC/nixpush.toml" ]; then
     {
         "$NIXPUSH" daemon --print-config-example
         if [ -n "$PRIVATE" ]; then
-            printf '\n# Set by scripts/install.sh --prefix %s:\nstate-dir = "%s"\n' "$PREFIX" "$STATE"
+            # GC roots live where Nix looks for them, outside any prefix: a private install
+            # keeps none unless told where.
+            printf '\n# Set by scripts/install.sh --prefix %s:\nstate-dir = "%s"\ngc-roots-dir = ""\n' "$PREFIX" "$STATE"
         fi
     } > "$STAGE/config"
     install -m 644 "$STAGE/config" "$ETC/nixpush.toml"

@@ -10,6 +10,8 @@ use serde::Deserialize;
 pub const DEFAULT_PATH: &str = "/etc/nixpush/nixpush.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nixpush";
 pub const DEFAULT_SOCKET: &str = "/run/nixpush/hook.sock";
+pub const DEFAULT_GC_ROOTS_DIR: &str = "/nix/var/nix/gcroots/nixpush";
+pub const DEFAULT_GC_ROOTS_MAX: usize = 10_000;
 
 /// More concurrent paths than this is a typo, not a plan: each one holds a connection, buffers and
 /// a share of the compression threads.
@@ -53,6 +55,8 @@ pub struct Config {
     pub retry_base_delay: Option<f64>,
     pub retry_max_delay: Option<f64>,
     pub retry_give_up_after: Option<f64>,
+    pub gc_roots_dir: Option<PathBuf>,
+    pub gc_roots_max: Option<usize>,
 }
 
 impl Config {
@@ -105,6 +109,19 @@ impl Config {
 
     pub fn socket(&self) -> PathBuf {
         self.socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.into())
+    }
+
+    /// Where queued items are rooted, unless roots are turned off (`gc-roots-dir = ""`).
+    pub fn gc_roots(&self) -> Option<nixpush_store::GcRoots> {
+        match &self.gc_roots_dir {
+            Some(d) if d.as_os_str().is_empty() => None,
+            Some(d) => Some(nixpush_store::GcRoots::new(d)),
+            None => Some(nixpush_store::GcRoots::new(DEFAULT_GC_ROOTS_DIR)),
+        }
+    }
+
+    pub fn gc_roots_max(&self) -> usize {
+        self.gc_roots_max.unwrap_or(DEFAULT_GC_ROOTS_MAX)
     }
 
     pub fn retry_policy(&self) -> RetryPolicy {

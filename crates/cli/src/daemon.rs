@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 use nixpush_cache::{Cache, CacheError, Event, NarSource, PushOptions, StoreUrl};
 use nixpush_format::{SecretKey, StorePath};
 use nixpush_queue::{Claimed, Decision, Kind, Outcome, Queue, RetryPolicy};
-use nixpush_store::{Store, StoreAddress, StoreError};
+use nixpush_store::{GcRoots, Store, StoreAddress, StoreError};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, watch};
@@ -37,6 +37,11 @@ const BATCH: usize = 1000;
 /// Recording a batch's outcomes that failed is tried again after this, doubling up to the maximum.
 const RECORD_RETRY_MIN: Duration = Duration::from_secs(1);
 const RECORD_RETRY_MAX: Duration = Duration::from_secs(60);
+/// GC roots are made to match the queue at start and this often (see [`Worker::sweep_roots`]).
+const ROOTS_SWEEP: Duration = Duration::from_secs(300);
+/// Roots younger than this are never swept away: the hook makes them just before it records the
+/// item, so the queue may not show it yet.
+const ROOTS_GRACE: Duration = Duration::from_secs(60);
 /// Hooks that cannot reach the daemon write the queue directly; look for such work this often.
 const POLL: Duration = Duration::from_secs(1);
 /// After a hook's request, more builds usually follow: wait until hooks pause this long (or
@@ -82,6 +87,8 @@ struct Settings {
     skip_signed_by: Vec<String>,
     retry: RetryPolicy,
     store: Option<String>,
+    roots: Option<GcRoots>,
+    roots_max: usize,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -107,6 +114,8 @@ pub fn run(args: Args) -> Result<()> {
         skip_signed_by: cfg.skip_signed_by.clone(),
         retry: cfg.retry_policy(),
         store: args.store,
+        roots: cfg.gc_roots(),
+        roots_max: cfg.gc_roots_max(),
     };
     fs::create_dir_all(&settings.state_dir).with_context(|| {
         format!(
@@ -345,9 +354,14 @@ impl Worker {
     }
 
     async fn run(&mut self, work: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+        let mut swept = None::<Instant>;
         loop {
             if *stop.borrow() {
                 break;
+            }
+            if swept.is_none_or(|t| t.elapsed() >= ROOTS_SWEEP) {
+                self.sweep_roots().await;
+                swept = Some(Instant::now());
             }
             let claimed = match self
                 .with_queue(|q| q.claim(nixpush_queue::now_ms(), BATCH))
@@ -402,6 +416,7 @@ impl Worker {
                 })
                 .await;
             let Err(e) = recorded else {
+                self.release(&batch.0, &batch.1).await;
                 return;
             };
             if *stop.borrow() {
@@ -423,6 +438,63 @@ impl Worker {
                 _ = stop.changed() => {}
             }
             wait = (wait * 2).min(RECORD_RETRY_MAX);
+        }
+    }
+
+    /// Lets the collector have the paths of items that reached a final outcome.
+    async fn release(&self, claimed: &[Claimed], outcomes: &[Outcome]) {
+        let Some(roots) = &self.settings.roots else {
+            return;
+        };
+        let finished: Vec<String> = claimed
+            .iter()
+            .zip(outcomes)
+            .filter(|(_, o)| !matches!(o, Outcome::RetryIn { .. }))
+            .map(|(c, _)| c.item.name.clone())
+            .collect();
+        let dir = roots.dir().to_owned();
+        let released = tokio::task::spawn_blocking(move || {
+            let roots = GcRoots::new(dir);
+            finished.iter().try_for_each(|item| roots.release(item))
+        })
+        .await;
+        if let Ok(Err(e)) = released {
+            tracing::warn!(error = %e, "cannot remove GC roots of finished items; the next sweep will");
+        }
+    }
+
+    /// Makes the roots match the queue: each pending item among the oldest `gc-roots-max` has its
+    /// roots (the hook may have failed to make them, or a crash lost them), and nothing else has
+    /// any (finished items whose roots were not removed, items beyond the cap).
+    async fn sweep_roots(&self) {
+        let Some(roots) = &self.settings.roots else {
+            return;
+        };
+        let pending = match self.with_queue(|q| q.pending()).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the queue to sweep GC roots");
+                return;
+            }
+        };
+        let (dir, max) = (roots.dir().to_owned(), self.settings.roots_max);
+        let swept =
+            tokio::task::spawn_blocking(move || sweep(&GcRoots::new(dir), &pending, max)).await;
+        match swept {
+            Ok(Ok((added, removed, beyond))) => {
+                if added + removed > 0 {
+                    tracing::info!(added, removed, "GC roots swept");
+                }
+                if beyond > 0 {
+                    tracing::warn!(
+                        unprotected = beyond,
+                        max,
+                        "more queued items than gc-roots-max; the newest are not protected from garbage collection"
+                    );
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot sweep GC roots"),
+            Err(e) => tracing::warn!(error = %e, "GC root sweep panicked"),
         }
     }
 
@@ -627,13 +699,52 @@ impl Worker {
     }
 }
 
+/// See [`Worker::sweep_roots`]. Returns (items rooted, items released, pending items left
+/// unprotected by the cap).
+fn sweep(
+    roots: &GcRoots,
+    pending: &[nixpush_queue::Item],
+    max: usize,
+) -> std::io::Result<(usize, usize, usize)> {
+    let keep: HashSet<&str> = pending.iter().take(max).map(|i| i.name.as_str()).collect();
+    let rooted: HashSet<String> = roots.items()?.into_iter().collect();
+    let mut removed = 0;
+    for item in rooted.iter().filter(|r| !keep.contains(r.as_str())) {
+        if roots.age(item).is_some_and(|age| age < ROOTS_GRACE) {
+            continue;
+        }
+        roots.release(item)?;
+        removed += 1;
+    }
+    let mut added = 0;
+    for name in keep.iter().filter(|k| !rooted.contains(**k)) {
+        let Ok(item) = name.parse::<StorePath>() else {
+            continue;
+        };
+        // A derivation that is gone cannot be read; its item will end `gone` anyway.
+        if let Ok(paths) = GcRoots::paths_of(&item) {
+            roots.protect(&item, &paths)?;
+            added += 1;
+        }
+    }
+    Ok((added, removed, pending.len().saturating_sub(max)))
+}
+
 fn resolve(store: &Store, name: &str, kind: Kind) -> Result<Vec<StorePath>, StoreError> {
     let path: StorePath = name
         .parse()
         .map_err(|e| StoreError::Protocol(format!("queued item {name:?}: {e}")))?;
     match kind {
         Kind::Path => store.path_info(&path).map(|_| vec![path]),
-        Kind::Derivation => store.derivation_outputs(&path),
+        Kind::Derivation => {
+            // Outputs collected since the build (one of several, say) are reported; the others
+            // are still worth publishing.
+            let (built, missing) = store.built_outputs(&path)?;
+            if !missing.is_empty() {
+                tracing::warn!(drv = %path, missing = %missing.join(", "), "outputs gone from the store; publishing the others");
+            }
+            Ok(built)
+        }
     }
 }
 

@@ -118,6 +118,9 @@ fn run(out_paths: Option<OsString>, drv_path: Option<OsString>) -> String {
             Config::default()
         }
     };
+    if let Some(roots) = config.gc_roots() {
+        problems.push_str(&protect(&roots, &input.items));
+    }
     let items: Vec<WireItem> = input
         .items
         .iter()
@@ -140,6 +143,34 @@ fn run(out_paths: Option<OsString>, drv_path: Option<OsString>) -> String {
         Err(e) => format!(
             "nixpush-hook: ERROR: could not record {what}: daemon not reachable ({daemon_error}) and {e}; \
              they will not be uploaded unless pushed by hand (nixpush push){problems}"
+        ),
+    }
+}
+
+/// Roots each item's paths before it is recorded, so that a garbage collection before the upload
+/// cannot take them. A failure costs the protection, not the record: it is reported, and the daemon
+/// roots pending items again when it starts.
+fn protect(roots: &nixpush_store::GcRoots, items: &[(String, WireKind)]) -> String {
+    let mut failed = Vec::new();
+    for (name, _) in items {
+        let Ok(item) = name.parse::<StorePath>() else {
+            continue;
+        };
+        let done = nixpush_store::GcRoots::paths_of(&item).and_then(|p| roots.protect(&item, &p));
+        if let Err(e) = done {
+            failed.push(format!("{name}: {e}"));
+        }
+    }
+    match failed.as_slice() {
+        [] => String::new(),
+        [one, rest @ ..] => format!(
+            "; not protected from garbage collection under {} ({one}{})",
+            roots.dir().display(),
+            if rest.is_empty() {
+                String::new()
+            } else {
+                format!(" and {} more", rest.len())
+            }
         ),
     }
 }

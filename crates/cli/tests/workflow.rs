@@ -20,6 +20,8 @@ use nixpush_testbed::{
 mod common;
 
 const DEADLINE: Duration = Duration::from_secs(90);
+/// Where Nix's collector looks for roots.
+const GCROOTS: &str = "/nix/var/nix/gcroots";
 
 struct Flow {
     s3: S3Server,
@@ -31,6 +33,8 @@ struct Flow {
     public: String,
     daemon: Option<Child>,
     daemon_log: PathBuf,
+    /// GC roots of queued items, where Nix's collector looks (removed with the test).
+    roots: tempfile::TempDir,
 }
 
 fn hook_bin() -> PathBuf {
@@ -68,15 +72,21 @@ impl Flow {
         let state = dir.path().join("state");
         let socket = dir.path().join("hook.sock");
         let config = dir.path().join("nixpush.toml");
+        fs::create_dir_all(GCROOTS).unwrap();
+        let roots = tempfile::Builder::new()
+            .prefix("nixpush-test-")
+            .tempdir_in(GCROOTS)
+            .unwrap();
         fs::write(
             &config,
             format!(
                 "to = \"{}\"\nsecret-key-files = [\"{}\"]\nstate-dir = \"{}\"\nsocket = \"{}\"\n\
-                 retry-base-delay = 0.05\nretry-max-delay = 0.5\n",
+                 retry-base-delay = 0.05\nretry-max-delay = 0.5\ngc-roots-dir = \"{}\"\n",
                 s3.store_url(url_params),
                 sk.display(),
                 state.display(),
-                socket.display()
+                socket.display(),
+                roots.path().display()
             ),
         )
         .unwrap();
@@ -95,7 +105,27 @@ impl Flow {
             state,
             socket,
             daemon: None,
+            roots,
         }
+    }
+
+    /// Turns GC roots off in the config (for tests of what happens when paths are collected).
+    fn without_gc_roots(&self) {
+        let config = fs::read_to_string(&self.config).unwrap().replace(
+            &format!("gc-roots-dir = \"{}\"", self.roots.path().display()),
+            "gc-roots-dir = \"\"",
+        );
+        fs::write(&self.config, config).unwrap();
+    }
+
+    /// What `nix-store --gc` would delete now (`--print-dead` marks exactly as a collection does,
+    /// and deletes nothing: the store is shared with the other tests).
+    fn dead(&self) -> BTreeSet<String> {
+        self.nix
+            .run("nix-store", &["--gc", "--print-dead"])
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     fn nixpush(&self) -> Command {
@@ -565,6 +595,108 @@ fn a_derivation_whose_outputs_were_never_built_ends_as_gone() {
         !f.s3.keys().iter().any(|k| k.ends_with(".narinfo")),
         "{:?}",
         f.s3.keys()
+    );
+}
+
+/// Two outputs, one depending on another derivation, as one expression.
+fn two_outputs(tag: &str) -> String {
+    format!(
+        "(let dep = {}; in derivation {{ name = \"{tag}\"; system = builtins.currentSystem; \
+         builder = \"/bin/sh\"; PATH = \"/usr/bin:/bin\"; outputs = [ \"out\" \"dev\" ]; \
+         args = [ \"-c\" \"echo ${{dep}} > $out; echo dev > $dev\" ]; }}).all",
+        derivation(&format!("{tag}-dep"), "echo dep > $out")
+    )
+}
+
+/// Regression: builds recorded while the daemon was down were garbage-collected before it started,
+/// and all ended `gone`: nothing was published, where the blocking recipe would have uploaded them.
+#[test]
+fn queued_paths_survive_garbage_collection_until_published() {
+    let mut f = Flow::new("");
+    let (outs, log) = f.build(&two_outputs("collected"));
+    assert_eq!(outs.len(), 2);
+    assert!(log.contains("wrote the queue directly"), "{log}");
+    let closure = f.nix.requisites(&outs);
+    let drv = f.nix.run("nix-store", &["--query", "--deriver", &outs[0]]);
+    let drv = drv.trim().to_owned();
+    // Nothing queued is garbage: not the outputs, their dependency, or the derivation (once the
+    // build's own temporary roots are gone).
+    f.nix.wait_idle();
+    let dead = f.dead();
+    for p in closure.iter().chain([&drv]) {
+        assert!(!dead.contains(p), "{p} would be collected");
+    }
+    let refused = f
+        .nix
+        .cmd("nix-store")
+        .args(["--delete", &outs[0]])
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "nix-store --delete removed a queued path"
+    );
+    f.start_daemon();
+    f.wait_published(&closure);
+    wait_for("the items to be recorded done", || {
+        f.queue_items().iter().all(|(_, s)| *s == State::Done)
+    });
+    // Published: the roots are gone, and the collector may have the paths again.
+    wait_for("the roots to be released", || {
+        fs::read_dir(f.roots.path()).unwrap().count() == 0
+    });
+    let dead = f.dead();
+    assert!(
+        outs.iter().all(|p| dead.contains(p)),
+        "still alive: {outs:?}"
+    );
+    let closure_of_outs = f.nix.requisites(&outs);
+    f.substitute_back(&outs, &closure_of_outs);
+}
+
+/// Regression: on Nix 2.8 every hook item is a derivation, and one collected before the upload was
+/// retried for 24 hours and then `failed` (the daemon's answer for it is an error, not "invalid").
+#[test]
+fn a_derivation_collected_before_the_upload_ends_as_gone() {
+    let mut f = Flow::new("");
+    f.without_gc_roots();
+    let (outs, _) = f.build(&derivation("drv-collected", "echo d > $out"));
+    let drv = f.nix.run("nix-store", &["--query", "--deriver", &outs[0]]);
+    let drv = drv.trim().to_owned();
+    // What a collection does to an unrooted build: the output goes, then (kept while its output
+    // lived, by keep-derivations) the derivation.
+    f.nix.wait_idle();
+    f.nix.delete(&outs[0]);
+    f.nix.delete(&drv);
+    f.start_daemon();
+    wait_for("the item to be settled", || {
+        f.queue_items() == vec![(drv.clone(), State::Gone)]
+    });
+    let status = f.nixpush().args(["status"]).output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("garbage-collected"), "{status}");
+}
+
+/// Regression: a derivation with one of its outputs collected had none of them uploaded.
+#[test]
+fn the_outputs_left_of_a_derivation_are_published() {
+    let mut f = Flow::new("");
+    f.without_gc_roots();
+    let (outs, _) = f.build(&two_outputs("half-collected"));
+    let dev = outs.iter().find(|p| p.ends_with("-dev")).unwrap().clone();
+    let out = outs.iter().find(|p| !p.ends_with("-dev")).unwrap().clone();
+    f.nix.wait_idle();
+    f.nix.delete(&dev);
+    f.start_daemon();
+    f.wait_published(std::slice::from_ref(&out));
+    wait_for("the item to be recorded done", || {
+        f.queue_items().iter().all(|(_, s)| *s == State::Done)
+    });
+    assert!(!f.published(&dev));
+    assert!(
+        f.log().contains("outputs gone from the store"),
+        "{}",
+        f.log()
     );
 }
 

@@ -6,6 +6,7 @@
 //! `SecretKey`, ...) so code above this crate never re-checks a string.
 
 pub mod cache_keys;
+pub mod derivation;
 pub mod hash;
 pub mod keys;
 pub mod nar;

@@ -140,14 +140,16 @@ CREATE TABLE IF NOT EXISTS items (
     next_attempt_at INTEGER NOT NULL,
     first_failure_at INTEGER,
     last_error TEXT,
-    updated_at INTEGER NOT NULL
+    updated_at INTEGER NOT NULL,
+    retry_waited_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS items_pending ON items(item) WHERE state IN ('queued', 'in_flight');
 CREATE INDEX IF NOT EXISTS items_due ON items(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS items_by_name ON items(item, id);
 ";
 
-/// Columns added after the first release, with their definitions; added to older databases on open.
+/// Columns added after the first release (also in [`SCHEMA`]), with their definitions; added to
+/// older databases on open.
 const ADDED_COLUMNS: &[(&str, &str)] = &[("retry_waited_ms", "INTEGER NOT NULL DEFAULT 0")];
 
 /// A failed row that a newer row of the same item supersedes (it was queued again, and is pending
@@ -180,22 +182,37 @@ impl Queue {
         // rebuilds by reading the whole WAL. With the daemon up, its connection stays open and a
         // hook's close costs nothing.
         conn.execute_batch(SCHEMA).map_err(err)?;
-        for (column, definition) in ADDED_COLUMNS {
-            let present: bool = conn
-                .query_row(
-                    "SELECT COUNT(*) > 0 FROM pragma_table_info('items') WHERE name = ?1",
-                    [column],
-                    |r| r.get(0),
-                )
-                .map_err(err)?;
-            if !present {
-                conn.execute_batch(&format!(
-                    "ALTER TABLE items ADD COLUMN {column} {definition}"
-                ))
-                .map_err(err)?;
-            }
+        let mut queue = Queue { conn, path };
+        queue.add_missing_columns()?;
+        Ok(queue)
+    }
+
+    /// Brings a database made by an earlier version up to the current columns. In one write
+    /// transaction: hooks open the queue concurrently, and only one of them may add a column.
+    fn add_missing_columns(&mut self) -> Result<(), QueueError> {
+        let columns = |conn: &Connection| -> rusqlite::Result<Vec<String>> {
+            conn.prepare("SELECT name FROM pragma_table_info('items')")?
+                .query_map([], |r| r.get(0))?
+                .collect()
+        };
+        let present = columns(&self.conn).map_err(self.err())?;
+        if ADDED_COLUMNS
+            .iter()
+            .all(|(c, _)| present.iter().any(|p| p == c))
+        {
+            return Ok(());
         }
-        Ok(Queue { conn, path })
+        self.write(|tx| {
+            let present = columns(tx)?;
+            for (column, definition) in ADDED_COLUMNS {
+                if !present.iter().any(|p| p == column) {
+                    tx.execute_batch(&format!(
+                        "ALTER TABLE items ADD COLUMN {column} {definition}"
+                    ))?;
+                }
+            }
+            Ok(())
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -411,6 +428,25 @@ impl Queue {
             .collect::<Result<_, _>>()
             .map_err(self.err())?;
         Ok(status)
+    }
+
+    /// The items queued or in flight, oldest first.
+    pub fn pending(&self) -> Result<Vec<Item>, QueueError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT item, kind FROM items WHERE state IN ('queued', 'in_flight') ORDER BY id",
+            )
+            .map_err(self.err())?;
+        stmt.query_map([], |r| {
+            Ok(Item {
+                name: r.get(0)?,
+                kind: Kind::parse(&r.get::<_, String>(1)?),
+            })
+        })
+        .map_err(self.err())?
+        .collect::<Result<_, _>>()
+        .map_err(self.err())
     }
 
     /// Every row's item and state, oldest first.

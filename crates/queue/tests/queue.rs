@@ -245,6 +245,16 @@ fn a_queue_from_before_retry_waited_opens_with_its_items() {
         )
         .unwrap();
     }
+    // Hooks open the queue many at once: each must see the upgrade done exactly once.
+    let opened: Vec<_> = (0..8)
+        .map(|_| {
+            let dir = d.path().to_owned();
+            std::thread::spawn(move || Queue::open(&dir).map(drop))
+        })
+        .collect();
+    for o in opened {
+        o.join().unwrap().unwrap();
+    }
     let mut q = Queue::open(d.path()).unwrap();
     let c = q.claim(far_future(), 10).unwrap();
     assert_eq!((c[0].item.name.as_str(), c[0].attempts), ("old", 2));

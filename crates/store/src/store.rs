@@ -105,24 +105,45 @@ impl Store {
 
     /// The output paths of a derivation; every output must have been built.
     pub fn derivation_outputs(&self, drv: &StorePath) -> Result<Vec<StorePath>, StoreError> {
-        let map = self.with_connection(|c| c.query_derivation_output_map(drv))?;
-        let mut outs = Vec::new();
-        for (output, path) in map {
-            let path = path.ok_or_else(|| StoreError::OutputNotBuilt {
+        let (built, missing) = self.built_outputs(drv)?;
+        match missing.into_iter().next() {
+            Some(output) => Err(StoreError::OutputNotBuilt {
                 drv: drv.clone(),
-                output: output.clone(),
-            })?;
-            let valid =
-                self.with_connection(|c| c.query_valid_paths(std::slice::from_ref(&path)))?;
-            if valid.is_empty() {
-                return Err(StoreError::OutputNotBuilt {
-                    drv: drv.clone(),
-                    output,
-                });
-            }
-            outs.push(path);
+                output,
+            }),
+            None => Ok(built),
         }
-        Ok(outs)
+    }
+
+    /// The outputs of a derivation that are valid in the store, and the names of those that are not
+    /// (never built, or garbage-collected since). A derivation that is not valid itself is
+    /// [`StoreError::NotValid`]; one with no valid output, [`StoreError::OutputNotBuilt`].
+    pub fn built_outputs(
+        &self,
+        drv: &StorePath,
+    ) -> Result<(Vec<StorePath>, Vec<String>), StoreError> {
+        // Asked first: for a derivation that is gone, the output map is an error string.
+        let valid = self.with_connection(|c| c.query_valid_paths(std::slice::from_ref(drv)))?;
+        if valid.is_empty() {
+            return Err(StoreError::NotValid(drv.clone()));
+        }
+        let map = self.with_connection(|c| c.query_derivation_output_map(drv))?;
+        let known: Vec<StorePath> = map.values().flatten().cloned().collect();
+        let valid = self.with_connection(|c| c.query_valid_paths(&known))?;
+        let (mut built, mut missing) = (Vec::new(), Vec::new());
+        for (output, path) in map {
+            match path {
+                Some(p) if valid.contains(&p) => built.push(p),
+                _ => missing.push(output),
+            }
+        }
+        if built.is_empty() {
+            return Err(StoreError::OutputNotBuilt {
+                drv: drv.clone(),
+                output: missing.first().cloned().unwrap_or_default(),
+            });
+        }
+        Ok((built, missing))
     }
 
     /// Path infos of `roots` and everything they reference, transitively. Each layer of the walk is

@@ -138,6 +138,34 @@ impl NixDaemon {
         self.run("nix-store", &["--delete", store_path]);
     }
 
+    /// Waits until the daemon has no worker processes left, so that the temporary GC roots of the
+    /// clients it served (a build that just returned, say) are released: until then the collector
+    /// keeps their paths alive whatever else roots them.
+    pub fn wait_idle(&self) {
+        let pid = self.child.as_ref().expect("running").0.id();
+        let workers = || {
+            fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| fs::read_to_string(e.path().join("stat")).ok())
+                .filter(|stat| {
+                    // ppid is the second field after the parenthesised command name.
+                    stat.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                        == Some(pid)
+                })
+                .count()
+        };
+        let start = std::time::Instant::now();
+        while workers() > 0 {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "nix-daemon workers still running after 60 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     pub fn is_valid(&self, store_path: &str) -> bool {
         self.cmd("nix-store")
             .args(["--check-validity", store_path])
