@@ -171,10 +171,17 @@ impl Flow {
 
     /// Builds `expr` through the daemon (so the hook runs); returns outputs and nix-build's stderr.
     fn build(&self, expr: &str) -> (Vec<String>, String) {
+        // Through a file: one argument may not exceed 128 KiB (MAX_ARG_STRLEN).
+        let file = self
+            .dir
+            .path()
+            .join(format!("{}.nix", nixpush_testbed::unique("expr")));
+        fs::write(&file, expr).unwrap();
         let o = self
             .nix
             .cmd("nix-build")
-            .args(["--no-out-link", "-E", expr])
+            .arg("--no-out-link")
+            .arg(&file)
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
@@ -467,13 +474,19 @@ fn outcomes_that_cannot_be_recorded_are_recorded_once_the_queue_frees() {
 }
 
 /// Every narinfo a reader can see has its NAR and its references' narinfos. Each is looked for
-/// after the narinfo was read, since it must have been written before.
-fn check_bucket(bucket: &BucketClient, violations: &mut BTreeSet<String>) {
-    for name in bucket
+/// after the narinfo was read, since it must have been written before. Narinfos found complete are
+/// not read again (nothing is ever deleted), so a bucket of thousands is watched at a steady cost.
+fn check_bucket(
+    bucket: &BucketClient,
+    complete: &mut BTreeSet<String>,
+    violations: &mut BTreeSet<String>,
+) {
+    let unchecked: Vec<String> = bucket
         .keys()
         .into_iter()
-        .filter(|k| k.ends_with(".narinfo"))
-    {
+        .filter(|k| k.ends_with(".narinfo") && !complete.contains(k))
+        .collect();
+    for name in unchecked {
         // An object a server is still writing may not parse yet; it is judged once it does.
         let Some(Ok(info)) = bucket
             .get(&name)
@@ -481,6 +494,7 @@ fn check_bucket(bucket: &BucketClient, violations: &mut BTreeSet<String>) {
         else {
             continue;
         };
+        let before = violations.len();
         if !bucket.exists(&info.url) {
             violations.insert(format!("{name}: NAR {} missing", info.url));
         }
@@ -489,6 +503,40 @@ fn check_bucket(bucket: &BucketClient, violations: &mut BTreeSet<String>) {
                 violations.insert(format!("{name}: reference {r} missing"));
             }
         }
+        if violations.len() == before {
+            complete.insert(name);
+        }
+    }
+}
+
+/// A reader polling the bucket from another thread until stopped; returns what it saw wrong.
+struct Watcher {
+    stop: Arc<AtomicBool>,
+    reader: std::thread::JoinHandle<BTreeSet<String>>,
+}
+
+impl Watcher {
+    fn start(bucket: &BucketClient) -> Watcher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (bucket, stop) = (bucket.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut complete, mut violations) = (BTreeSet::new(), BTreeSet::new());
+                while !stop.load(Ordering::Relaxed) {
+                    check_bucket(&bucket, &mut complete, &mut violations);
+                    // A pace, not a wait: the CPU stays with the upload on a small machine.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                check_bucket(&bucket, &mut complete, &mut violations);
+                violations
+            })
+        };
+        Watcher { stop, reader }
+    }
+
+    fn violations(self) -> BTreeSet<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.reader.join().unwrap()
     }
 }
 
@@ -508,20 +556,7 @@ fn sigkill_during_a_large_upload(kind: S3Kind) {
         "mkdir $out && head -c 157286400 /dev/urandom > $out/blob",
         "kill-top",
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let (bucket, stop) = (BucketClient::clone(&f.s3), stop.clone());
-        std::thread::spawn(move || {
-            let mut violations = BTreeSet::new();
-            while !stop.load(Ordering::Relaxed) {
-                check_bucket(&bucket, &mut violations);
-                // A pace, not a wait: the CPU stays with the upload on a small machine.
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            check_bucket(&bucket, &mut violations);
-            violations
-        })
-    };
+    let watcher = Watcher::start(&f.s3);
     let (outs, _) = f.build(&expr);
     let journal = f.state.join("multipart");
     wait_for("a multipart upload to be in progress", || {
@@ -534,8 +569,7 @@ fn sigkill_during_a_large_upload(kind: S3Kind) {
     );
     f.start_daemon();
     f.wait_published(&f.nix.requisites(&outs));
-    stop.store(true, Ordering::Relaxed);
-    let violations = reader.join().unwrap();
+    let violations = watcher.violations();
     assert!(
         violations.is_empty(),
         "a reader saw incomplete entries: {violations:?}"
@@ -555,6 +589,122 @@ fn sigkill_during_a_large_upload(kind: S3Kind) {
     if kind != S3Kind::S3sFs {
         assert_eq!(f.s3.multipart_uploads(), Vec::<String>::new());
     }
+}
+
+/// How long the chaos test's relay misbehaves.
+const CHAOS: Duration = Duration::from_secs(60);
+/// How soon after the faults stop (or the builds end, if later) everything must be published.
+const CHAOS_SETTLE: Duration = Duration::from_secs(240);
+
+/// The hardening issue's chaos test: for 60 s, a quarter of the connections to the server get one
+/// random fault (reset, stall, cut, 500, 503 SlowDown, trickle) while 1,000 small paths and a 40 MB
+/// multipart one are built through the hook. Every build succeeds; everything is published within
+/// 4 minutes after the faults stop; a reader polling the bucket never sees a narinfo before its NAR
+/// and references; nothing ends `failed`; Nix 2.8 verifies and substitutes it all.
+fn chaos(kind: S3Kind) {
+    let mut f = Flow::on(
+        kind,
+        "multipart-upload=true&multipart-threshold=8388608&multipart-chunk-size=5242880",
+        true,
+    );
+    let relay = Relay::start(
+        &f.s3.endpoint,
+        RelayConfig {
+            faults: Faults {
+                seed: 0x5eed,
+                probability: 0.25,
+                kinds: Fault::ALL.to_vec(),
+                window: Duration::ZERO..CHAOS,
+                limit: None,
+                retry_after_secs: 1,
+            },
+            ..RelayConfig::default()
+        },
+    );
+    let faults_end = Instant::now() + CHAOS;
+    let url = f.s3.store_url(
+        "multipart-upload=true&multipart-threshold=8388608&multipart-chunk-size=5242880",
+    );
+    let config = fs::read_to_string(&f.config).unwrap().replace(
+        &url,
+        &f.s3.store_url_at(
+            &relay.endpoint,
+            "multipart-upload=true&multipart-threshold=8388608&multipart-chunk-size=5242880",
+        ),
+    );
+    fs::write(&f.config, config).unwrap();
+    f.start_daemon();
+    let watcher = Watcher::start(&f.s3);
+    let (mut outs, _) = f.build(&many(1000, "chaos"));
+    let (large, _) = f.build(&derivation(
+        "chaos-large",
+        "head -c 41943040 /dev/urandom > $out",
+    ));
+    outs.extend(large);
+    assert_eq!(outs.len(), 1001);
+    let built = Instant::now();
+    let deadline = faults_end.max(built) + CHAOS_SETTLE;
+    while !outs.iter().all(|p| f.published(p)) {
+        if Instant::now() > deadline {
+            let status = f.nixpush().args(["status"]).output().unwrap();
+            panic!(
+                "{} of {} not published {:?} after the faults stopped\nstatus: {}\ninjected: {:?}",
+                outs.iter().filter(|p| !f.published(p)).count(),
+                outs.len(),
+                CHAOS_SETTLE,
+                String::from_utf8_lossy(&status.stdout),
+                relay.injected()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "chaos on {kind:?}: builds took {:?}, everything was published {:?} after the faults stopped; injected {:?}",
+        built.duration_since(faults_end - CHAOS),
+        Instant::now().saturating_duration_since(faults_end),
+        relay.injected()
+    );
+    wait_for("every item to be recorded done", || {
+        f.queue_items().iter().all(|(_, s)| *s == State::Done)
+    });
+    let injected = relay.injected();
+    for fault in Fault::ALL {
+        assert!(
+            injected.get(&fault).is_some_and(|n| *n > 0),
+            "{fault:?} never happened: {injected:?}"
+        );
+    }
+    let violations = watcher.violations();
+    assert!(
+        violations.is_empty(),
+        "a reader saw incomplete entries: {violations:?}"
+    );
+    let mut verify = f.nix.cmd("nix");
+    verify
+        .args([
+            "store",
+            "verify",
+            "--store",
+            &f.s3.http_url,
+            "-r",
+            "--sigs-needed",
+            "1",
+        ])
+        .args(["--option", "trusted-public-keys", &f.public])
+        .args(&outs);
+    nixpush_testbed::check("nix store verify", verify.output().unwrap());
+    let closure = f.nix.requisites(&outs);
+    f.substitute_back(&outs, &closure);
+}
+
+#[test]
+fn chaos_on_s3s_fs() {
+    chaos(S3Kind::S3sFs)
+}
+
+#[test]
+fn chaos_on_garage() {
+    chaos(S3Kind::Garage)
 }
 
 #[test]
