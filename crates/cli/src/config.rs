@@ -10,6 +10,7 @@ use serde::Deserialize;
 pub const DEFAULT_PATH: &str = "/etc/nixpush/nixpush.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nixpush";
 pub const DEFAULT_SOCKET: &str = "/run/nixpush/hook.sock";
+pub const DEFAULT_SPILL_DIR: &str = "/run/nixpush/spill";
 pub const DEFAULT_GC_ROOTS_DIR: &str = "/nix/var/nix/gcroots/nixpush";
 pub const DEFAULT_GC_ROOTS_MAX: usize = 10_000;
 
@@ -57,7 +58,12 @@ pub struct Config {
     pub retry_give_up_after: Option<f64>,
     pub gc_roots_dir: Option<PathBuf>,
     pub gc_roots_max: Option<usize>,
+    pub spill_dir: Option<PathBuf>,
 }
+
+/// The keys that say where things are recorded, which the hook must honour even in a file that
+/// does not parse: recording elsewhere would put builds where no daemon looks.
+const LOCATION_KEYS: [&str; 4] = ["state-dir", "socket", "spill-dir", "gc-roots-dir"];
 
 impl Config {
     /// `NIXPUSH_CONFIG` if set (the file must exist), else the default path (optional).
@@ -67,6 +73,60 @@ impl Config {
             None if Path::new(DEFAULT_PATH).exists() => Self::load_from(Path::new(DEFAULT_PATH)),
             None => Ok(Config::default()),
         }
+    }
+
+    /// For the hook, which must record whatever the file says: the configuration, or, when it does
+    /// not load, the locations it names (read as well as the file allows) with the error.
+    pub fn load_lenient() -> (Config, Option<anyhow::Error>) {
+        let e = match Self::load() {
+            Ok(c) => return (c, None),
+            Err(e) => e,
+        };
+        let path = std::env::var_os("NIXPUSH_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| PathBuf::from(DEFAULT_PATH), PathBuf::from);
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        (Self::locations(&text), Some(e))
+    }
+
+    /// The location keys of a configuration that does not parse as a whole: from its TOML table
+    /// when it is valid TOML (a bad value or an unknown key elsewhere), else line by line.
+    fn locations(text: &str) -> Config {
+        let mut found: Vec<(&str, String)> = Vec::new();
+        match toml::from_str::<toml::Table>(text) {
+            Ok(table) => {
+                for key in LOCATION_KEYS {
+                    if let Some(v) = table.get(key).and_then(|v| v.as_str()) {
+                        found.push((key, v.to_owned()));
+                    }
+                }
+            }
+            Err(_) => {
+                for line in text.lines() {
+                    let Some((k, v)) = line.split_once('=') else {
+                        continue;
+                    };
+                    let (k, v) = (k.trim(), v.trim());
+                    let Some(key) = LOCATION_KEYS.into_iter().find(|key| *key == k) else {
+                        continue;
+                    };
+                    if let Some(v) = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+                        found.push((key, v.to_owned()));
+                    }
+                }
+            }
+        }
+        let mut c = Config::default();
+        for (key, v) in found {
+            let v = Some(PathBuf::from(v));
+            match key {
+                "state-dir" => c.state_dir = v,
+                "socket" => c.socket = v,
+                "spill-dir" => c.spill_dir = v,
+                _ => c.gc_roots_dir = v,
+            }
+        }
+        c
     }
 
     pub fn load_from(path: &Path) -> Result<Config> {
@@ -111,6 +171,12 @@ impl Config {
         self.socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.into())
     }
 
+    pub fn spill_dir(&self) -> PathBuf {
+        self.spill_dir
+            .clone()
+            .unwrap_or_else(|| DEFAULT_SPILL_DIR.into())
+    }
+
     /// Where queued items are rooted, unless roots are turned off (`gc-roots-dir = ""`).
     pub fn gc_roots(&self) -> Option<nixpush_store::GcRoots> {
         match &self.gc_roots_dir {
@@ -151,6 +217,22 @@ mod tests {
         let c = Config::parse(&uncommented).unwrap();
         assert_eq!(c.jobs, Some(16));
         assert_eq!(c.retry_policy(), RetryPolicy::default());
+    }
+
+    /// Regression: a configuration that failed to parse made the hook record into the default state
+    /// directory, which no daemon reads.
+    #[test]
+    fn the_locations_of_a_broken_config_are_still_read() {
+        let valid_toml = "state-dir = \"/srv/q\"\nsocket = \"/srv/s.sock\"\njobz = 3\n";
+        assert!(Config::parse(valid_toml).is_err());
+        let c = Config::locations(valid_toml);
+        assert_eq!(c.state_dir(), PathBuf::from("/srv/q"));
+        assert_eq!(c.socket(), PathBuf::from("/srv/s.sock"));
+        let broken = "to = \"s3://b\nstate-dir = \"/srv/q\"\n  spill-dir=\"/srv/spill\"\n[[[\n";
+        let c = Config::locations(broken);
+        assert_eq!(c.state_dir(), PathBuf::from("/srv/q"));
+        assert_eq!(c.spill_dir(), PathBuf::from("/srv/spill"));
+        assert_eq!(c.socket(), PathBuf::from(DEFAULT_SOCKET));
     }
 
     #[test]

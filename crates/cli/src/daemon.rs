@@ -89,6 +89,7 @@ struct Settings {
     store: Option<String>,
     roots: Option<GcRoots>,
     roots_max: usize,
+    spill_dir: PathBuf,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -116,6 +117,7 @@ pub fn run(args: Args) -> Result<()> {
         store: args.store,
         roots: cfg.gc_roots(),
         roots_max: cfg.gc_roots_max(),
+        spill_dir: cfg.spill_dir(),
     };
     fs::create_dir_all(&settings.state_dir).with_context(|| {
         format!(
@@ -355,9 +357,15 @@ impl Worker {
 
     async fn run(&mut self, work: Arc<Notify>, mut stop: watch::Receiver<bool>) {
         let mut swept = None::<Instant>;
+        let mut imported = None::<Instant>;
+        let mut spill_error = None::<String>;
         loop {
             if *stop.borrow() {
                 break;
+            }
+            if imported.is_none_or(|t| t.elapsed() >= POLL) {
+                self.import_spill(&mut spill_error).await;
+                imported = Some(Instant::now());
             }
             if swept.is_none_or(|t| t.elapsed() >= ROOTS_SWEEP) {
                 self.sweep_roots().await;
@@ -438,6 +446,33 @@ impl Worker {
                 _ = stop.changed() => {}
             }
             wait = (wait * 2).min(RECORD_RETRY_MAX);
+        }
+    }
+
+    /// Queues what hooks recorded in the spill directory when the queue could not take it; says so
+    /// once per distinct error while it still cannot.
+    async fn import_spill(&self, last_error: &mut Option<String>) {
+        let dir = self.settings.spill_dir.clone();
+        let q = self.queue.clone();
+        let imported = tokio::task::spawn_blocking(move || {
+            nixpush_queue::spill::import(&dir, &mut q.lock().unwrap_or_else(|e| e.into_inner()))
+        })
+        .await;
+        match imported {
+            Ok(Ok(n)) => {
+                if n > 0 {
+                    tracing::info!(items = n, dir = %self.settings.spill_dir.display(), "queued items the hook had to spill");
+                }
+                *last_error = None;
+            }
+            Ok(Err(e)) => {
+                let e = format!("{:#}", anyhow::Error::from(e));
+                if last_error.as_ref() != Some(&e) {
+                    tracing::error!(error = %e, "cannot queue spilled items yet; they stay in the spill directory");
+                    *last_error = Some(e);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "importing spilled items panicked"),
         }
     }
 

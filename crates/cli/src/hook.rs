@@ -110,14 +110,16 @@ fn run(out_paths: Option<OsString>, drv_path: Option<OsString>) -> String {
         return format!("nixpush-hook: nothing to queue (no OUT_PATHS or DRV_PATH){problems}");
     }
     let what = describe(&input.items);
-    let config = match Config::load() {
-        Ok(c) => c,
-        Err(e) => {
-            // A broken config must not lose the build: record with the default locations.
-            problems.push_str(&format!("; config ignored: {e:#}"));
-            Config::default()
-        }
-    };
+    // A broken config must not lose the build, nor record it where no daemon looks: the locations
+    // it names are used all the same.
+    let (config, config_error) = Config::load_lenient();
+    if let Some(e) = config_error {
+        problems.push_str(&format!(
+            "; ERROR: {e:#}: recorded with the locations read from it (state-dir {}, socket {}); fix it, or the daemon will not start",
+            config.state_dir().display(),
+            config.socket().display()
+        ));
+    }
     if let Some(roots) = config.gc_roots() {
         problems.push_str(&protect(&roots, &input.items));
     }
@@ -136,13 +138,26 @@ fn run(out_paths: Option<OsString>, drv_path: Option<OsString>) -> String {
     let queue_items: Vec<_> = items.iter().map(WireItem::to_item).collect();
     let direct =
         nixpush_queue::Queue::open(&config.state_dir()).and_then(|mut q| q.enqueue(&queue_items));
-    match direct {
-        Ok(_) => format!(
-            "nixpush-hook: queued {what} (daemon not reachable: {daemon_error}; wrote the queue directly){problems}"
+    let queue_error = match direct {
+        Ok(_) => {
+            return format!(
+                "nixpush-hook: queued {what} (daemon not reachable: {daemon_error}; wrote the queue directly){problems}"
+            );
+        }
+        Err(e) => format!("{:#}", anyhow::Error::from(e)),
+    };
+    let spill_dir = config.spill_dir();
+    match nixpush_queue::spill::write(&spill_dir, &queue_items) {
+        Ok(file) => format!(
+            "nixpush-hook: WARNING: recorded {what} in {} (daemon not reachable: {daemon_error}; \
+             queue not writable: {queue_error}); the daemon queues it once the queue has room{problems}",
+            file.display()
         ),
         Err(e) => format!(
-            "nixpush-hook: ERROR: could not record {what}: daemon not reachable ({daemon_error}) and {e}; \
-             they will not be uploaded unless pushed by hand (nixpush push){problems}"
+            "nixpush-hook: ERROR: could not record {what}: daemon not reachable ({daemon_error}), \
+             queue not writable ({queue_error}) and spill directory {} not writable ({e}); \
+             they will not be uploaded unless pushed by hand (nixpush push){problems}",
+            spill_dir.display()
         ),
     }
 }

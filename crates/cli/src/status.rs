@@ -61,6 +61,11 @@ fn open(state_dir: Option<PathBuf>) -> Result<Queue> {
 pub fn status(args: StatusArgs) -> Result<()> {
     let q = open(args.state_dir)?;
     let s = q.status(10)?;
+    // Builds the hook could only record in the spill directory (the queue had no room).
+    let spill_dir = Config::load().unwrap_or_default().spill_dir();
+    let spilled = nixpush_queue::spill::pending(&spill_dir)
+        .map(|f| f.len())
+        .unwrap_or(0);
     let now = nixpush_queue::now_ms();
     let age = s
         .oldest_pending
@@ -82,6 +87,7 @@ pub fn status(args: StatusArgs) -> Result<()> {
             "queue": q.path(),
             "counts": counts,
             "oldest_pending_seconds": age.map(|a| a.as_secs()),
+            "spilled_files": spilled,
             "recent_errors": errors,
         });
         println!("{report}");
@@ -97,6 +103,12 @@ pub fn status(args: StatusArgs) -> Result<()> {
     match age {
         Some(a) => println!("  oldest pending: {} ago", human_duration(a)),
         None => println!("  nothing pending"),
+    }
+    if spilled > 0 {
+        println!(
+            "  {spilled} hook records in {} wait for room in the queue",
+            spill_dir.display()
+        );
     }
     if !s.recent_errors.is_empty() {
         println!("recent errors:");

@@ -81,12 +81,14 @@ impl Flow {
             &config,
             format!(
                 "to = \"{}\"\nsecret-key-files = [\"{}\"]\nstate-dir = \"{}\"\nsocket = \"{}\"\n\
-                 retry-base-delay = 0.05\nretry-max-delay = 0.5\ngc-roots-dir = \"{}\"\n",
+                 retry-base-delay = 0.05\nretry-max-delay = 0.5\ngc-roots-dir = \"{}\"\n\
+                 spill-dir = \"{}\"\n",
                 s3.store_url(url_params),
                 sk.display(),
                 state.display(),
                 socket.display(),
-                roots.path().display()
+                roots.path().display(),
+                dir.path().join("spill").display()
             ),
         )
         .unwrap();
@@ -850,6 +852,99 @@ fn the_outputs_left_of_a_derivation_are_published() {
     );
 }
 
+/// A tmpfs mounted for a test, unmounted when dropped (also when the test fails).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        nixpush_testbed::check(
+            "mount (the full-disk test needs root)",
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(at)
+                .output()
+                .unwrap(),
+        );
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the filesystem of `dir` with one file; returns it.
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let filler = dir.join("filler");
+    let mut f = fs::File::create(&filler).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    loop {
+        match f.write(&block) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", dir.display()),
+        }
+    }
+    let _ = f.sync_all();
+    filler
+}
+
+/// Regression: with the state directory's filesystem full, the hook recorded nothing (one log line)
+/// and the build was never uploaded.
+#[test]
+fn builds_on_a_full_disk_are_spilled_and_published_once_space_returns() {
+    let mut f = Flow::new("");
+    let _tmpfs = Tmpfs::mount(&f.state, "2m");
+    f.start_daemon();
+    let filler = fill(&f.state);
+    let (outs, log) = f.build(&many(3, "full-disk"));
+    assert_eq!(
+        log.matches("WARNING: recorded").count(),
+        3,
+        "every hook spilled: {log}"
+    );
+    assert!(log.contains("queue not writable"), "{log}");
+    let status = f.nixpush().args(["status"]).output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("3 hook records in"), "{status}");
+    assert!(outs.iter().all(|p| !f.published(p)));
+    fs::remove_file(filler).unwrap();
+    f.wait_published(&outs);
+    assert!(
+        fs::read_dir(f.dir.path().join("spill")).unwrap().count() == 0,
+        "spill files left behind"
+    );
+    assert!(
+        f.log().contains("queued items the hook had to spill"),
+        "{}",
+        f.log()
+    );
+}
+
+/// Regression: a configuration that failed to parse made the hook record into the default state
+/// directory, which no daemon reads, and say only "config ignored".
+#[test]
+fn a_broken_config_still_records_where_the_daemon_looks() {
+    let mut f = Flow::new("");
+    f.start_daemon();
+    // Edited while the daemon runs: the daemon keeps the configuration it started with.
+    let mut text = fs::read_to_string(&f.config).unwrap();
+    text.push_str("jobs = \"many\"\n[[[\n");
+    fs::write(&f.config, text).unwrap();
+    let (outs, log) = f.build(&derivation("broken-config", "echo b > $out"));
+    assert!(
+        log.contains("ERROR:") && log.contains("recorded with the locations read from it"),
+        "{log}"
+    );
+    assert!(log.contains(&f.state.display().to_string()), "{log}");
+    f.wait_published(&outs);
+}
+
 #[test]
 fn bad_input_to_the_hook_never_fails_and_keeps_the_valid_paths() {
     use std::os::unix::ffi::OsStringExt;
@@ -903,8 +998,9 @@ fn bad_input_to_the_hook_never_fails_and_keeps_the_valid_paths() {
 #[test]
 fn a_hook_that_cannot_record_anything_still_exits_zero_and_says_why() {
     let f = Flow::with_hook("", false);
-    // The state directory's place is a file: the queue cannot be created.
+    // The state directory's and the spill directory's places are files: nothing can be created.
     fs::write(&f.state, "not a directory").unwrap();
+    fs::write(f.dir.path().join("spill"), "not a directory").unwrap();
     let o = f.hook(
         Some(std::ffi::OsStr::new(
             "/nix/store/hcz0rpyq8sljlg33vz0pl29n35k4d2w3-x",

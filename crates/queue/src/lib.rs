@@ -30,12 +30,15 @@
 //!    waits scheduled for it (`retry_waited_ms`), not wall time since its first failure; an item
 //!    scheduled after a moment the clock has gone back past is due at once.
 //!
+//! [`spill`] is the hook's second recording place, for when this database cannot be written.
+//!
 //! Layout: table `items(id, item, kind, state, enqueued_at, attempts, next_attempt_at,
 //! first_failure_at, last_error, updated_at, retry_waited_ms)`, times in Unix milliseconds; a
 //! partial unique index on `item` over the pending states enforces invariant 3.
 
 mod queue;
 mod retry;
+pub mod spill;
 
 pub use queue::{Claimed, Item, Kind, Outcome, Queue, QueueError, State, Status, now_ms};
 pub use retry::{Decision, RetryPolicy};

@@ -30,14 +30,14 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Kind::Path => "path",
             Kind::Derivation => "drv",
         }
     }
 
-    fn parse(s: &str) -> Kind {
+    pub(crate) fn parse(s: &str) -> Kind {
         if s == "drv" {
             Kind::Derivation
         } else {

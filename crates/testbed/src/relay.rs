@@ -64,7 +64,8 @@ pub struct Faults {
     pub seed: u64,
     /// Chance that a connection accepted inside the window gets a fault.
     pub probability: f64,
-    /// The fault is drawn uniformly from these.
+    /// The faults given, in rounds: each round is these kinds in a random order, so that every kind
+    /// happens once in each run of `kinds.len()` faults (a test of a few dozen faults sees them all).
     pub kinds: Vec<Fault>,
     /// When faults happen, measured from the relay's start.
     pub window: Range<Duration>,
@@ -124,6 +125,8 @@ struct Shared {
     started: Instant,
     config: Mutex<RelayConfig>,
     rng: Mutex<u64>,
+    /// The rest of the current round of fault kinds, taken from the end.
+    round: Mutex<Vec<Fault>>,
     /// Faults as decided when each connection was accepted.
     log: Mutex<ConnectionLog>,
     /// Faults that really happened: the RST sent, the request read and left unanswered, the answer
@@ -171,6 +174,7 @@ impl Relay {
             upstream,
             started: Instant::now(),
             rng: Mutex::new(config.faults.seed),
+            round: Mutex::default(),
             config: Mutex::new(config),
             log: Mutex::default(),
             applied: Mutex::default(),
@@ -199,6 +203,7 @@ impl Relay {
     /// Changes the configuration for connections accepted from now on.
     pub fn set_config(&self, config: RelayConfig) {
         *self.shared.rng.lock().unwrap() = config.faults.seed;
+        self.shared.round.lock().unwrap().clear();
         *self.shared.config.lock().unwrap() = config;
     }
 
@@ -231,10 +236,20 @@ impl Shared {
         let fault = if in_window && !f.kinds.is_empty() && f.limit.is_none_or(|l| given < l) {
             let mut state = self.rng.lock().unwrap();
             let roll = next_random(&mut state);
-            let pick = next_random(&mut state);
             // The top 53 bits as a uniform float in [0, 1).
             let uniform = (roll >> 11) as f64 / (1u64 << 53) as f64;
-            (uniform < f.probability).then(|| f.kinds[(pick % f.kinds.len() as u64) as usize])
+            (uniform < f.probability).then(|| {
+                let mut round = self.round.lock().unwrap();
+                if round.is_empty() {
+                    // A new round: the kinds, shuffled (Fisher-Yates).
+                    *round = f.kinds.clone();
+                    for i in (1..round.len()).rev() {
+                        let j = (next_random(&mut state) % (i as u64 + 1)) as usize;
+                        round.swap(i, j);
+                    }
+                }
+                round.pop().expect("a round has every kind")
+            })
         } else {
             None
         };
