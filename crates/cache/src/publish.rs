@@ -14,7 +14,7 @@ use nixpush_format::{NarInfo, PathInfo, SecretKey, StorePath};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::spool::{CompressOptions, NarSource, Spool, spool_nar};
+use crate::spool::{CompressOptions, NarSource, Spool, error_chain, spool_nar};
 use crate::target::Target;
 use crate::{CacheError, StoreUrl};
 
@@ -189,7 +189,7 @@ impl Cache {
                 (info, Err(e)) => {
                     on_event(Event::Failed {
                         path: info.path.clone(),
-                        error: e.to_string(),
+                        error: error_chain(&e),
                     });
                     unavailable.insert(info.path.clone());
                     summary.failed.push((info.path, e));
@@ -215,7 +215,7 @@ impl Cache {
             };
             on_event(Event::Failed {
                 path: info.path.clone(),
-                error: e.to_string(),
+                error: error_chain(&e),
             });
             unavailable.insert(info.path.clone());
             summary.failed.push((info.path, e));
@@ -279,7 +279,7 @@ impl Cache {
                 Err(e) => {
                     on_event(Event::Failed {
                         path: info.path.clone(),
-                        error: e.to_string(),
+                        error: error_chain(&e),
                     });
                     summary.failed.push((info.path, e));
                 }

@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use nixpush_cache::{Cache, CacheError, Event, NarSource, PushOptions, StoreUrl};
+use nixpush_cache::{
+    Cache, CacheError, Event, NarSource, PushOptions, StoreUrl, error_chain,
+};
 use nixpush_format::{SecretKey, StorePath};
 use nixpush_queue::{Claimed, Decision, Kind, Outcome, Queue, RetryPolicy};
 use nixpush_store::{GcRoots, Store, StoreAddress, StoreError};
@@ -289,7 +291,7 @@ async fn handle_hook(conn: UnixStream, intake: Arc<Mutex<Queue>>, work: Arc<Noti
                         Reply::Queued { queued: n }
                     }
                     Ok(Err(e)) => Reply::Error {
-                        error: e.to_string(),
+                        error: format!("{:#}", anyhow::Error::from(e)),
                     },
                     Err(e) => Reply::Error {
                         error: e.to_string(),
@@ -542,7 +544,7 @@ impl Worker {
         let store = tokio::task::spawn_blocking(move || Store::open(address))
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot open the Nix store: {e}"))?;
+            .map_err(|e| format!("cannot open the Nix store: {}", error_chain(&e)))?;
         let store = Arc::new(store);
         self.store = Some(store.clone());
         Ok(store)
@@ -623,7 +625,7 @@ impl Worker {
                     &resolved,
                     &HashSet::new(),
                     &HashMap::new(),
-                    Some(Failure::transient(e.to_string())),
+                    Some(Failure::transient(error_chain(&e))),
                 );
             }
         };
@@ -683,9 +685,9 @@ impl Worker {
             .map(|(c, r)| match r {
                 Err(e @ (StoreError::NotValid(_) | StoreError::OutputNotBuilt { .. })) => {
                     tracing::info!(item = %c.item.name, "gone from the store; nothing to upload");
-                    Outcome::Gone(e.to_string())
+                    Outcome::Gone(error_chain(e))
                 }
-                Err(e) => self.retry(c, Failure::transient(e.to_string())),
+                Err(e) => self.retry(c, Failure::transient(error_chain(e))),
                 Ok(roots) => {
                     if let Some(f) = &batch_error {
                         return self.retry(c, f.clone());
@@ -785,7 +787,7 @@ fn resolve(store: &Store, name: &str, kind: Kind) -> Result<Vec<StorePath>, Stor
 
 fn failure_of(e: &CacheError) -> Failure {
     Failure {
-        message: e.to_string(),
+        message: error_chain(e),
         // A corrupt store path stays corrupt; everything else (network, server, credentials being
         // fixed, a reference that failed for such a reason) may pass.
         permanent: matches!(e, CacheError::NarMismatch { .. }),

@@ -119,7 +119,7 @@ pub fn run(args: Args) -> Result<()> {
             "uploaded": names(&summary.uploaded),
             "already_present": names(&summary.present),
             "skipped": names(&summary.skipped),
-            "failed": summary.failed.iter().map(|(p, e)| json!({"path": p.to_string(), "error": e.to_string()})).collect::<Vec<_>>(),
+            "failed": summary.failed.iter().map(|(p, e)| json!({"path": p.to_string(), "error": nixpush_cache::error_chain(e)})).collect::<Vec<_>>(),
             "nar_bytes": summary.nar_bytes,
             "compressed_bytes": summary.file_bytes,
             "seconds": elapsed.as_secs_f64(),

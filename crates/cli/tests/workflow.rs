@@ -926,6 +926,37 @@ fn builds_on_a_full_disk_are_spilled_and_published_once_space_returns() {
     );
 }
 
+/// Regression: errors lost their cause: a full spool showed as "cannot write the NAR spool file
+/// in …" without "No space left on device", in the log and in `nixpush status`.
+#[test]
+fn a_full_spool_is_reported_with_its_cause() {
+    let mut f = Flow::new("compression=none");
+    let _tmpfs = Tmpfs::mount(&f.state.join("spool"), "1m");
+    f.start_daemon();
+    // 3 MiB that do not compress: more than the spool can hold.
+    let (outs, _) = f.build(&derivation(
+        "spool-full",
+        "head -c 3145728 /dev/urandom > $out",
+    ));
+    let q = f.state.clone();
+    wait_for("the failure to be recorded", || {
+        Queue::open(&q)
+            .unwrap()
+            .status(10)
+            .unwrap()
+            .recent_errors
+            .iter()
+            .any(|e| e.3.contains("spool"))
+    });
+    let status = f.nixpush().args(["status"]).output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("cannot write the NAR spool file") && status.contains("No space left on device"),
+        "{status}"
+    );
+    assert!(!f.published(&outs[0]));
+}
+
 /// Regression: a configuration that failed to parse made the hook record into the default state
 /// directory, which no daemon reads, and say only "config ignored".
 #[test]
