@@ -20,9 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use nixpush_cache::{
-    Cache, CacheError, Event, NarSource, PushOptions, StoreUrl, error_chain,
-};
+use nixpush_cache::{Cache, CacheError, Event, NarSource, PushOptions, StoreUrl, error_chain};
 use nixpush_format::{SecretKey, StorePath};
 use nixpush_queue::{Claimed, Decision, Kind, Outcome, Queue, RetryPolicy};
 use nixpush_store::{GcRoots, Store, StoreAddress, StoreError};

@@ -9,7 +9,6 @@
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -200,13 +199,9 @@ fn describe(items: &[(String, WireKind)]) -> String {
 
 fn send_to_daemon(config: &Config, items: &[WireItem]) -> Result<usize, String> {
     let socket = config.socket();
-    let stream = UnixStream::connect(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
-    stream
-        .set_read_timeout(Some(DAEMON_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    stream
-        .set_write_timeout(Some(DAEMON_TIMEOUT))
-        .map_err(|e| e.to_string())?;
+    // A daemon that stopped accepting (its backlog full) must cost a second, not the build.
+    let stream = nixpush_store::unix::connect(&socket, DAEMON_TIMEOUT, DAEMON_TIMEOUT)
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
     let mut line = serde_json::to_vec(&Request {
         items: items
             .iter()

@@ -951,7 +951,8 @@ fn a_full_spool_is_reported_with_its_cause() {
     let status = f.nixpush().args(["status"]).output().unwrap();
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(
-        status.contains("cannot write the NAR spool file") && status.contains("No space left on device"),
+        status.contains("cannot write the NAR spool file")
+            && status.contains("No space left on device"),
         "{status}"
     );
     assert!(!f.published(&outs[0]));
@@ -1065,6 +1066,41 @@ fn a_hook_whose_stdout_is_gone_still_exits_zero_and_records() {
         .status()
         .unwrap();
     assert!(status.success(), "{status}");
+    assert_eq!(f.queue_items(), vec![(path.to_owned(), State::Queued)]);
+}
+
+/// Regression: the hook connected to the daemon's socket without a timeout; a daemon that stopped
+/// accepting (stopped, or swamped until its backlog filled) blocked the hook, and so Nix's build
+/// loop, for as long as the daemon lived.
+#[test]
+fn a_hook_facing_a_socket_that_accepts_nothing_records_directly() {
+    let f = Flow::with_hook("", false);
+    let _listener = std::os::unix::net::UnixListener::bind(&f.socket).unwrap();
+    // Fill the listener's backlog: from here on a connect would wait for an accept.
+    let mut held = Vec::new();
+    while let Ok(s) = nixpush_store::unix::connect(
+        &f.socket,
+        Duration::from_millis(100),
+        Duration::from_secs(1),
+    ) {
+        held.push(s);
+        assert!(held.len() < 10_000, "the backlog never filled");
+    }
+    let path = "/nix/store/hcz0rpyq8sljlg33vz0pl29n35k4d2w3-unaccepted";
+    let mut hook = Command::new(hook_bin())
+        .env("NIXPUSH_CONFIG", &f.config)
+        .env("OUT_PATHS", path)
+        .env_remove("DRV_PATH")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the hook to exit", || hook.try_wait().unwrap().is_some());
+    let o = hook.wait_with_output().unwrap();
+    assert!(o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("wrote the queue directly"),
+        "{o:?}"
+    );
     assert_eq!(f.queue_items(), vec![(path.to_owned(), State::Queued)]);
 }
 

@@ -11,6 +11,7 @@ mod address;
 mod gc_roots;
 mod protocol;
 mod store;
+pub mod unix;
 
 pub use address::StoreAddress;
 pub use gc_roots::GcRoots;

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 
 use nixpush_format::nar::copy_nar;
@@ -40,6 +39,13 @@ const MIN_VERSION: u64 = (1 << 8) | 21;
 const MAX_STRING: u64 = 64 << 20;
 const MAX_LIST: u64 = 1 << 24;
 
+/// A nix-daemon that accepts no connection in this long is not serving.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// No reply byte, or no room to send, for this long: the daemon (or the disk under it) has stalled,
+/// and the connection is dropped instead of waited on forever. Every answer, and every piece of a
+/// NAR stream, comes far sooner from a working daemon.
+const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 pub struct Connection {
     r: BufReader<Box<dyn Read + Send>>,
     w: BufWriter<Box<dyn Write + Send>>,
@@ -64,10 +70,13 @@ impl Connection {
     pub fn open(addr: &StoreAddress) -> Result<Self, StoreError> {
         let (r, w, child): (Box<dyn Read + Send>, Box<dyn Write + Send>, _) = match addr {
             StoreAddress::Socket(path) => {
-                let s = UnixStream::connect(path).map_err(|source| StoreError::Connect {
-                    socket: path.clone(),
-                    source,
-                })?;
+                let s =
+                    crate::unix::connect(path, CONNECT_TIMEOUT, IO_TIMEOUT).map_err(|source| {
+                        StoreError::Connect {
+                            socket: path.clone(),
+                            source,
+                        }
+                    })?;
                 let w = s.try_clone().map_err(StoreError::Io)?;
                 (Box::new(s), Box::new(w), None)
             }
