@@ -87,6 +87,11 @@ pub enum CacheError {
         path: StorePath,
         reference: StorePath,
     },
+    #[error(
+        "{url} answered HTTP {status}: the cache refuses anonymous reads (nixpush reads http(s) \
+         caches without credentials; use the s3:// URL with credentials instead)"
+    )]
+    HttpDenied { url: String, status: u16 },
     #[error("HTTP request for {url} failed: {message}")]
     Http { url: String, message: String },
     #[error("{url} is read-only for nixpush: it writes to s3:// and file:// caches")]

@@ -25,4 +25,6 @@ pub use spool::{
     spool_nar,
 };
 pub use url::{AddressingStyle, Location, StoreUrl, UrlError};
-pub use verify::{Finding, Problem, Scope, Subject, Verifier, VerifyEvent, VerifySummary};
+pub use verify::{
+    Finding, Problem, Scope, Subject, Upstream, Verifier, VerifyEvent, VerifySummary,
+};

@@ -297,6 +297,8 @@ pub struct VerifySummary {
     pub nar_bytes: u64,
     /// How many narinfos each trusted key vouched for.
     pub signed_by: BTreeMap<String, u64>,
+    /// Paths missing from the cache as expected (an upstream cache serves them), by reason.
+    pub upstream: BTreeMap<String, u64>,
     pub findings: Vec<Finding>,
 }
 
@@ -457,7 +459,13 @@ struct Shared {
     target: Target,
     trusted: Vec<PublicKey>,
     nars: NarCells,
+    upstream: Option<Upstream>,
 }
+
+/// Says why a path missing from the cache is expected to be missing (for example: the local store
+/// has it signed by a key whose cache serves it, so `push --skip-signed-by` left it out), or `None`
+/// when it should have been there. May block.
+pub type Upstream = Box<dyn Fn(&StorePath) -> Option<String> + Send + Sync>;
 
 pub struct Verifier {
     shared: Arc<Shared>,
@@ -473,8 +481,24 @@ impl Verifier {
                 target,
                 trusted,
                 nars: Mutex::new(HashMap::new()),
+                upstream: None,
             }),
         })
+    }
+
+    /// Accepts the paths `upstream` explains as missing on purpose, instead of reporting them.
+    pub fn with_upstream(mut self, upstream: Upstream) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.upstream = Some(upstream);
+        }
+        self
+    }
+
+    /// Why `path` is missing on purpose, if it is (see [`Upstream`]).
+    fn expected_missing(&self, path: &StorePath) -> Option<String> {
+        let upstream = self.shared.upstream.as_ref()?;
+        // The check may ask the local store; the runtime is multi-threaded wherever one is set.
+        tokio::task::block_in_place(|| upstream(path))
     }
 
     /// Runs the audit, checking `jobs` narinfos at once. Problems in the cache are findings in the
@@ -518,7 +542,13 @@ impl Verifier {
             let Subject::Path(path) = &report.subject else {
                 unreachable!("closure items always name their path")
             };
-            let state = if report.missing {
+            let upstream = if report.missing {
+                self.expected_missing(path)
+            } else {
+                None
+            };
+            // A path an upstream cache serves counts as there, for every referrer.
+            let state = if report.missing && upstream.is_none() {
                 Known::Missing
             } else {
                 Known::Present
@@ -527,6 +557,10 @@ impl Verifier {
                 Some(Known::Pending(r)) => r,
                 _ => Vec::new(),
             };
+            if let Some(why) = upstream {
+                *run.summary.upstream.entry(why).or_default() += 1;
+                return Vec::new();
+            }
             if report.missing {
                 // Only roots have no referrers.
                 if referrers.is_empty() {
@@ -632,6 +666,10 @@ impl Verifier {
                 pointed_to.insert(info.url.clone());
                 for r in &info.references {
                     if !hashes.contains(r.hash_part()) {
+                        if let Some(why) = self.expected_missing(r) {
+                            *run.summary.upstream.entry(why).or_default() += 1;
+                            continue;
+                        }
                         run.problem(
                             Subject::Path(info.store_path.clone()),
                             Problem::ReferenceMissing {

@@ -35,6 +35,11 @@ pub struct Args {
     /// Store paths or symlinks into the store (./result) whose closures to check
     #[arg(value_name = "PATH", required_unless_present = "all")]
     paths: Vec<String>,
+    /// Paths missing from the cache are expected when the local store (NIX_REMOTE, else the
+    /// daemon) has them signed by this key: `push --skip-signed-by` left them to that key's cache
+    /// (repeatable)
+    #[arg(long = "skip-signed-by", value_name = "KEY_NAME")]
+    skip_signed_by: Vec<String>,
     /// Narinfos checked at once [default: 8]
     #[arg(long, short = 'j', value_name = "N", value_parser = crate::config::parse_jobs)]
     jobs: Option<usize>,
@@ -74,6 +79,26 @@ fn trusted_keys(values: &[String]) -> Result<Vec<PublicKey>> {
     Ok(keys)
 }
 
+/// For `--skip-signed-by`: a path is missing on purpose when the local store has it signed by one
+/// of the named keys.
+fn upstream_check(skip: &[String]) -> Result<Option<nixpush_cache::Upstream>> {
+    if skip.is_empty() {
+        return Ok(None);
+    }
+    let address = nixpush_store::StoreAddress::resolve(None)?;
+    let store = nixpush_store::Store::open(address)
+        .context("--skip-signed-by asks the local store which paths upstream keys signed")?;
+    let skip = skip.to_vec();
+    Ok(Some(Box::new(move |path| {
+        let info = store.path_info(path).ok()?;
+        let key = info
+            .sigs
+            .iter()
+            .find(|s| skip.iter().any(|k| k == s.key_name()))?;
+        Some(format!("signed by {}", key.key_name()))
+    })))
+}
+
 pub fn run(args: Args) -> Result<()> {
     let url: StoreUrl = args.store.parse()?;
     let trusted = trusted_keys(&args.trusted_public_keys)?;
@@ -94,10 +119,14 @@ pub fn run(args: Args) -> Result<()> {
         .build()?;
     let show = Show::new(Progress::detect(args.json), args.json);
     let started = Instant::now();
+    let upstream = upstream_check(&args.skip_signed_by)?;
     let summary = runtime.block_on(async {
-        let verifier = Verifier::open(&url, trusted)
+        let mut verifier = Verifier::open(&url, trusted)
             .await
             .with_context(|| format!("cannot open cache {target}"))?;
+        if let Some(upstream) = upstream {
+            verifier = verifier.with_upstream(upstream);
+        }
         verifier
             .run(scope, jobs, &|e| show.event(e))
             .await
@@ -124,6 +153,7 @@ pub fn run(args: Args) -> Result<()> {
             "file_bytes": summary.file_bytes,
             "nar_bytes": summary.nar_bytes,
             "signed_by": summary.signed_by,
+            "upstream": summary.upstream,
             "problems": problems,
             "seconds": elapsed.as_secs_f64(),
         });
@@ -214,8 +244,18 @@ impl Show {
                 .collect();
             format!("signed by {}", by.join(", "))
         };
+        let upstream = if s.upstream.is_empty() {
+            String::new()
+        } else {
+            let by: Vec<String> = s
+                .upstream
+                .iter()
+                .map(|(why, n)| format!("{n} {why}"))
+                .collect();
+            format!("; left to upstream caches: {}", by.join(", "))
+        };
         eprintln!(
-            "verified {} narinfos and {} NARs ({} stored, {} unpacked) in {target} in {:.2} s: {outcome}; {keys}",
+            "verified {} narinfos and {} NARs ({} stored, {} unpacked) in {target} in {:.2} s: {outcome}; {keys}{upstream}",
             s.narinfos,
             s.nars,
             human_bytes(s.file_bytes),

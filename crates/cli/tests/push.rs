@@ -470,6 +470,36 @@ fn paths_signed_by_an_upstream_key_are_skipped() {
         "{err}"
     );
     assert_eq!(bed.narinfos(), vec![format!("{}.narinfo", hash_part(&top))]);
+
+    // Regression: verify reported the reference left out as missing (exit 1) on a correct cache.
+    let verify = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nixpush"))
+            .args(["verify", "--store", &bed.s3.store_url("")])
+            .args(["--trusted-public-key", &bed.public, &top])
+            .args(extra)
+            .envs(bed.s3.credentials_env())
+            .env("NIX_REMOTE", bed.nix.store_url())
+            .output()
+            .unwrap()
+    };
+    let o = verify(&[]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let o = verify(&["--skip-signed-by", "upstream-1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("left to upstream caches: 1 signed by upstream-1"),
+        "{err}"
+    );
+    let all = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .args(["verify", "--store", &bed.s3.store_url(""), "--all"])
+        .args(["--trusted-public-key", &bed.public])
+        .args(["--skip-signed-by", "upstream-1"])
+        .envs(bed.s3.credentials_env())
+        .env("NIX_REMOTE", bed.nix.store_url())
+        .output()
+        .unwrap();
+    assert_eq!(all.status.code(), Some(0), "{all:?}");
 }
 
 #[test]

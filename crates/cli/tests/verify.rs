@@ -534,3 +534,47 @@ fn a_narinfo_url_outside_a_file_cache_is_refused_not_followed() {
         );
     }
 }
+
+/// An HTTP server that answers every request with `status` (and `body`), for as long as it lives.
+fn answering(status: &'static str) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
+                head.push(byte[0]);
+            }
+            let _ = conn.write_all(
+                format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            );
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Regression: over HTTP, 401 and 403 were read as "not in the cache", so a cache that refused us
+/// verified as empty (exit 1, every path missing) instead of as inaccessible (exit 2).
+#[test]
+fn a_cache_that_refuses_anonymous_reads_is_an_access_error() {
+    let bed = Bed::new();
+    for status in ["401 Unauthorized", "403 Forbidden"] {
+        let url = answering(status);
+        let o = verify(
+            &bed,
+            &url,
+            &["/nix/store/hcz0rpyq8sljlg33vz0pl29n35k4d2w3-x"],
+        );
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{status}: {err}");
+        let code = &status[..3];
+        assert!(
+            err.contains(&format!("answered HTTP {code}")) && err.contains("anonymous"),
+            "{status}: {err}"
+        );
+    }
+}

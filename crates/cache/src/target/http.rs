@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use reqwest::{Client, Response, StatusCode};
 
+use nixpush_format::cache_keys::NIX_CACHE_INFO;
+
 use super::{ChunkReader, ObjectReader};
 use crate::{CacheError, error_chain};
 
@@ -38,8 +40,10 @@ impl HttpTarget {
         format!("{}/{key}", self.base)
     }
 
-    /// Sends a request; `None` for 404 (and 403, which S3-backed sites answer for missing keys when
-    /// listing is not allowed).
+    /// Sends a request; `None` for 404, and for a 403 on an object (S3-backed sites answer 403 for
+    /// a missing key when listing is not allowed, and Nix reads it as "not there"). A 401, or a 403
+    /// on `nix-cache-info` (which every cache has), means the cache refuses us: an access error,
+    /// not a missing object.
     async fn send(
         &self,
         method: reqwest::Method,
@@ -54,7 +58,12 @@ impl HttpTarget {
             .map_err(|e| self.transport_error(&url, &e))?;
         match response.status() {
             s if s.is_success() => Ok(Some(response)),
-            StatusCode::NOT_FOUND | StatusCode::FORBIDDEN => Ok(None),
+            StatusCode::NOT_FOUND => Ok(None),
+            StatusCode::FORBIDDEN if key != NIX_CACHE_INFO => Ok(None),
+            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => Err(CacheError::HttpDenied {
+                url,
+                status: s.as_u16(),
+            }),
             s => Err(CacheError::Http {
                 url,
                 message: format!("HTTP {s}"),
