@@ -35,9 +35,86 @@ pub struct Args {
     /// The local store: `daemon`, `unix://SOCKET`, `local` or `auto` [default: $NIX_REMOTE, else auto]
     #[arg(long, value_name = "STORE")]
     store: Option<String>,
+    /// Where compressed NARs wait for upload [default: STATE_DIR/push if writable, else
+    /// /var/tmp/nixpush-push-UID; never $TMPDIR, often a RAM disk]
+    #[arg(long, value_name = "DIR")]
+    spool_dir: Option<PathBuf>,
     /// Print a JSON summary on stdout
     #[arg(long)]
     json: bool,
+}
+
+/// One push's private directory under the spool root: `spool/` for NARs, `multipart/` for the
+/// journal of multipart uploads in progress, and `target` naming the cache. Removed when the push
+/// ends, however it ends short of SIGKILL; a later push to the same cache aborts the uploads a
+/// killed one left behind.
+struct RunDir {
+    dir: PathBuf,
+}
+
+impl RunDir {
+    /// The spool root: `--spool-dir`, else the state directory's `push/` when it can be written
+    /// (root), else `/var/tmp/nixpush-push-UID`: on disk, where `$TMPDIR` is often a RAM disk that
+    /// a large NAR would fill.
+    fn root(explicit: Option<PathBuf>) -> PathBuf {
+        if let Some(d) = explicit {
+            return d;
+        }
+        let state = crate::config::Config::load()
+            .unwrap_or_default()
+            .state_dir()
+            .join("push");
+        let probe = state.join(format!(".probe-{}", std::process::id()));
+        if std::fs::create_dir_all(&state).is_ok() && std::fs::write(&probe, b"").is_ok() {
+            let _ = std::fs::remove_file(probe);
+            return state;
+        }
+        // SAFETY: getuid cannot fail and touches no memory.
+        PathBuf::from(format!("/var/tmp/nixpush-push-{}", unsafe {
+            libc::getuid()
+        }))
+    }
+
+    fn create(root: &std::path::Path, target: &str) -> Result<RunDir> {
+        let dir = root.join(std::process::id().to_string());
+        std::fs::create_dir_all(dir.join("spool"))
+            .and_then(|()| std::fs::create_dir_all(dir.join("multipart")))
+            .and_then(|()| std::fs::write(dir.join("target"), target))
+            .with_context(|| format!("cannot create the spool directory {}", dir.display()))?;
+        Ok(RunDir { dir })
+    }
+
+    fn spool(&self) -> PathBuf {
+        self.dir.join("spool")
+    }
+
+    fn journal(&self) -> PathBuf {
+        self.dir.join("multipart")
+    }
+
+    /// The directories of pushes to `target` that are no longer running.
+    fn abandoned(root: &std::path::Path, target: &str) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                // SAFETY: signal 0 only asks whether the process exists.
+                let alive = unsafe { libc::kill(pid, 0) } == 0
+                    || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+                let same = std::fs::read_to_string(e.path().join("target")).ok()? == target;
+                (pid != std::process::id() as i32 && !alive && same).then(|| e.path())
+            })
+            .collect()
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Most paths are small and their time is round trips to the cache, not CPU: many at once.
@@ -61,6 +138,31 @@ pub struct StoreSource(pub Arc<Store>);
 impl NarSource for StoreSource {
     fn write_nar(&self, path: &StorePath, out: &mut dyn std::io::Write) -> Result<(), SourceError> {
         self.0.nar(path, out).map(drop).map_err(Into::into)
+    }
+}
+
+/// Aborts the multipart uploads a killed push to the same cache journaled, then removes its
+/// directory; on failure the directory stays for the next push to try again.
+async fn clean_up_after(url: &StoreUrl, dead: &std::path::Path) {
+    let cache = match Cache::open_with_journal(url.clone(), Some(&dead.join("multipart"))).await {
+        Ok(c) => c,
+        Err(_) => return,
+    };
+    match cache.abort_stale_uploads().await {
+        Ok(n) => {
+            if n > 0 {
+                eprintln!(
+                    "aborted {n} multipart uploads left by an earlier push that was killed ({})",
+                    dead.display()
+                );
+            }
+            let _ = std::fs::remove_dir_all(dead);
+        }
+        Err(e) => eprintln!(
+            "warning: cannot abort the multipart uploads of an earlier push ({}): {}",
+            dead.display(),
+            nixpush_cache::error_chain(&e)
+        ),
     }
 }
 
@@ -91,26 +193,63 @@ pub fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()?;
     let target = url.display_base();
+    let root = RunDir::root(args.spool_dir);
+    let run_dir = RunDir::create(&root, &target)?;
     let reporter = Reporter::new(Progress::detect(args.json), url.compression.as_str());
-    let summary = runtime.block_on(async {
-        let cache = Cache::open(url)
+    let interrupted = runtime.block_on(async {
+        for dead in RunDir::abandoned(&root, &target) {
+            clean_up_after(&url, &dead).await;
+        }
+        let cache = Cache::open_with_journal(url, Some(&run_dir.journal()))
             .await
             .with_context(|| format!("cannot open cache {target}"))?;
         let opts = PushOptions {
             jobs,
             keys,
             skip_signed_by: args.skip_signed_by,
-            spool_dir: std::env::temp_dir(),
+            spool_dir: run_dir.spool(),
         };
         let source: Arc<dyn NarSource> = Arc::new(StoreSource(store));
-        anyhow::Ok(
-            cache
-                .push(closure.into_values().collect(), source, &opts, &|e| {
-                    reporter.event(e)
-                })
-                .await,
-        )
+        let on_event = |e| reporter.event(e);
+        let push = cache.push(closure.into_values().collect(), source, &opts, &on_event);
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut term, mut int) = (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        );
+        let signal = tokio::select! {
+            summary = push => return anyhow::Ok(Ok(summary)),
+            _ = int.recv() => ("SIGINT", 130),
+            _ = term.recv() => ("SIGTERM", 143),
+        };
+        // The push is dropped, and its uploads with it; the ones in parts were journaled, and an
+        // unfinished multipart upload is invisible but billed: abort them before leaving.
+        let aborted = cache.abort_stale_uploads().await;
+        anyhow::Ok(Err((signal, aborted)))
     })?;
+    let summary = match interrupted {
+        Ok(summary) => summary,
+        Err(((name, code), aborted)) => {
+            reporter.interrupted();
+            match &aborted {
+                Ok(n) => eprintln!(
+                    "nixpush: interrupted by {name}: nothing half-written is visible; aborted {n} multipart uploads"
+                ),
+                Err(e) => eprintln!(
+                    "nixpush: interrupted by {name}; could not abort its multipart uploads ({}); the next push to {target} will",
+                    nixpush_cache::error_chain(e)
+                ),
+            }
+            // The run directory goes; the journal stays when aborting failed, for the next push.
+            if aborted.is_ok() {
+                drop(run_dir);
+            } else {
+                std::mem::forget(run_dir);
+            }
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            std::process::exit(code);
+        }
+    };
     let elapsed = started.elapsed();
     reporter.finish(&target, &summary, elapsed);
     if args.json {

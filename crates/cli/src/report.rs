@@ -137,6 +137,13 @@ impl Reporter {
         }
     }
 
+    /// The push was stopped by a signal: clear the bar, so the message that follows stands alone.
+    pub fn interrupted(&self) {
+        if let Some(bar) = &self.bar {
+            bar.abandon();
+        }
+    }
+
     pub fn finish(&self, target: &str, summary: &PushSummary, elapsed: Duration) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();

@@ -673,3 +673,95 @@ fn truncated_nar_replaced(kind: S3Kind) {
     let (ok, err) = bed.substitute(&bed.s3.http_url, &out, &out);
     assert!(ok, "{err}");
 }
+
+/// Regression: `nixpush push` kept no journal of its multipart uploads, so Ctrl-C during a large
+/// upload left a billed, invisible upload behind for good; and it spooled to `$TMPDIR`.
+#[test]
+fn an_interrupted_or_killed_push_leaves_no_multipart_upload_behind() {
+    let bed = Bed::on(S3Kind::Garage);
+    let out = bed.nix.build(&derivation(
+        "interrupted",
+        "head -c 31457280 /dev/urandom > $out",
+    ));
+    // 30 MiB at 4 MB/s: several seconds of parts in flight.
+    let relay = Relay::start(
+        &bed.s3.endpoint,
+        RelayConfig {
+            upstream_bytes_per_sec: Some(4_000_000),
+            ..RelayConfig::default()
+        },
+    );
+    let url = bed.s3.store_url_at(
+        &relay.endpoint,
+        "compression=none&multipart-upload=true&multipart-threshold=5242880&multipart-chunk-size=5242880",
+    );
+    let spool = bed.dir.path().join("spool-root");
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_nixpush"))
+            .args(["push", "--store", &bed.nix.store_url(), "--to", &url])
+            .args(["--secret-key-file", &bed.secret, "--spool-dir"])
+            .arg(&spool)
+            .arg(&out[0])
+            .envs(bed.s3.credentials_env())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let journaled = |pid: u32| {
+        fs::read_dir(spool.join(pid.to_string()).join("multipart"))
+            .is_ok_and(|mut d| d.next().is_some())
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let limit = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !cond() {
+            assert!(
+                std::time::Instant::now() < limit,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+
+    // Ctrl-C: the push aborts its upload itself.
+    let mut push = start();
+    let pid = push.id();
+    wait("a multipart upload to start", &|| journaled(pid));
+    assert_eq!(bed.s3.multipart_uploads().len(), 1);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let o = push.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted by SIGINT") && err.contains("aborted 1 multipart"),
+        "{err}"
+    );
+    assert_eq!(bed.s3.multipart_uploads(), Vec::<String>::new());
+    assert!(
+        !spool.join(pid.to_string()).exists(),
+        "run directory left behind"
+    );
+    assert!(bed.narinfos().is_empty());
+
+    // SIGKILL: the upload stays until the next push to the same cache aborts it.
+    let mut push = start();
+    let pid = push.id();
+    wait("a multipart upload to start", &|| journaled(pid));
+    push.kill().unwrap();
+    push.wait().unwrap();
+    assert_eq!(bed.s3.multipart_uploads().len(), 1);
+    let o = start().wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("aborted 1 multipart uploads left by an earlier push"),
+        "{err}"
+    );
+    assert_eq!(bed.s3.multipart_uploads(), Vec::<String>::new());
+    assert_eq!(bed.narinfos().len(), 1);
+    assert_eq!(
+        fs::read_dir(&spool).unwrap().count(),
+        0,
+        "run directories left behind"
+    );
+}

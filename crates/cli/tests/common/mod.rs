@@ -77,6 +77,8 @@ impl Bed {
                 "--secret-key-file",
                 &self.secret,
             ])
+            .arg("--spool-dir")
+            .arg(self.dir.path().join("push"))
             .args(args)
             .envs(self.s3.credentials_env())
             .env_remove("CI")
