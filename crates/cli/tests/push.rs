@@ -723,7 +723,7 @@ fn an_interrupted_or_killed_push_leaves_no_multipart_upload_behind() {
     };
 
     // Ctrl-C: the push aborts its upload itself.
-    let mut push = start();
+    let push = start();
     let pid = push.id();
     wait("a multipart upload to start", &|| journaled(pid));
     assert_eq!(bed.s3.multipart_uploads().len(), 1);
