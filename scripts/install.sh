@@ -4,25 +4,29 @@
 # changes only what differs. `--uninstall` removes what it installed and keeps the configuration and
 # the queue.
 #
-# Usage: scripts/install.sh [--prefix DIR] [--from DIR] [--uninstall]
+# Usage: scripts/install.sh [--prefix DIR] [--from DIR] [--user NAME] [--uninstall]
 #   --prefix DIR  where bin/ and share/ go (default /usr/local). With /usr/local or /usr, the
 #                 configuration goes to /etc/nixpush, the queue to /var/lib/nixpush and the unit to
 #                 /etc/systemd/system; with any other prefix, all of them go under DIR (etc/nixpush,
 #                 var/lib/nixpush, lib/systemd/system), and the configuration and unit point there.
 #   --from DIR    take nixpush and nixpush-hook from DIR instead of building them
 #                 (`cargo build --release --locked`).
+#   --user NAME   run the daemon as NAME (an existing system user, never a nixbld build user): the
+#                 unit gets User= and Group=, and the queue and GC-root directories are NAME's.
+#                 The hook still runs as root; what it creates there is given to NAME.
 #   --uninstall   remove the files a previous run installed (listed in PREFIX/share/nixpush/installed).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-usage() { sed -n '2,15s/^# \{0,1\}//p' "$0"; exit 2; }
+usage() { sed -n '2,18s/^# \{0,1\}//p' "$0"; exit 2; }
 fail() { echo "install.sh: $*" >&2; exit 2; }
 
-PREFIX=/usr/local FROM="" UNINSTALL=""
+PREFIX=/usr/local FROM="" UNINSTALL="" RUN_AS=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) [ $# -ge 2 ] || fail "--prefix needs a directory"; PREFIX="$2"; shift 2 ;;
         --from) [ $# -ge 2 ] || fail "--from needs a directory"; FROM="$2"; shift 2 ;;
+        --user) [ $# -ge 2 ] || fail "--user needs a user name"; RUN_AS="$2"; shift 2 ;;
         --uninstall) UNINSTALL=1; shift ;;
         -h|--help) usage ;;
         *) fail "unknown argument \`$1\` (see --help)" ;;
@@ -37,6 +41,16 @@ if [ "$PREFIX" = /usr/local ] || [ "$PREFIX" = /usr ]; then
     ETC=/etc/nixpush STATE=/var/lib/nixpush UNIT_DIR=/etc/systemd/system PRIVATE=""
 else
     ETC="$PREFIX/etc/nixpush" STATE="$PREFIX/var/lib/nixpush" UNIT_DIR="$PREFIX/lib/systemd/system" PRIVATE=1
+fi
+if [ -n "$RUN_AS" ]; then
+    id -u "$RUN_AS" > /dev/null 2>&1 || fail "user \`$RUN_AS\` does not exist (create a system user first, e.g. useradd --system $RUN_AS)"
+    # Nix hands build users to builds: a daemon running as one shares its uid with untrusted build
+    # code, which could then rewrite the queue or read the credentials.
+    case " $(id -nG "$RUN_AS") " in
+        *" nixbld "*) fail "user \`$RUN_AS\` is a Nix build user (group nixbld); run the daemon as a user of its own" ;;
+    esac
+    [ "$(id -u "$RUN_AS")" != 0 ] || fail "--user $RUN_AS is root; leave --user out to run the daemon as root"
+    RUN_GROUP=$(id -gn "$RUN_AS")
 fi
 BIN="$PREFIX/bin"
 SHARE="$PREFIX/share"
@@ -115,6 +129,9 @@ sed "s|/usr/local/bin/nixpush|$BIN/nixpush|g" "$REPO/contrib/nixpush-daemon.serv
 if [ -n "$PRIVATE" ]; then
     sed -i "s|^Environment=NIXPUSH_LOG=info$|&\nEnvironment=NIXPUSH_CONFIG=$ETC/nixpush.toml|" "$STAGE/unit"
 fi
+if [ -n "$RUN_AS" ]; then
+    sed -i "s|^# User=.*$|User=$RUN_AS|; s|^# Group=.*$|Group=$RUN_GROUP|" "$STAGE/unit"
+fi
 put "$STAGE/unit" "$UNIT_DIR/nixpush-daemon.service" 644
 
 "$NIXPUSH" generate complete-bash > "$STAGE/bash"
@@ -151,6 +168,19 @@ if [ ! -d "$STATE" ]; then
     install -d -m 755 "$STATE"
     echo "created $STATE"
     CHANGED=$((CHANGED + 1))
+fi
+if [ -n "$RUN_AS" ]; then
+    # The daemon writes the queue and removes GC roots; the hook (root) gives it what it creates.
+    owned=("$STATE")
+    [ -n "$PRIVATE" ] || owned+=(/nix/var/nix/gcroots/nixpush)
+    for d in "${owned[@]}"; do
+        mkdir -p "$d"
+        if [ "$(stat -c %U:%G "$d")" != "$RUN_AS:$RUN_GROUP" ]; then
+            chown -R "$RUN_AS:$RUN_GROUP" "$d"
+            echo "gave $d to $RUN_AS:$RUN_GROUP"
+            CHANGED=$((CHANGED + 1))
+        fi
+    done
 fi
 
 printf '%s\n' "${INSTALLED[@]}" > "$STAGE/manifest"

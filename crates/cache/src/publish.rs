@@ -14,7 +14,7 @@ use nixpush_format::{NarInfo, PathInfo, SecretKey, StorePath};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::spool::{CompressOptions, NarSource, Spool, error_chain, spool_nar};
+use crate::spool::{CompressOptions, NarSource, PARALLEL_MIN_NAR, Spool, error_chain, spool_nar};
 use crate::target::Target;
 use crate::{CacheError, StoreUrl};
 
@@ -71,6 +71,45 @@ pub struct PushSummary {
 pub struct Cache {
     target: Arc<Target>,
     url: StoreUrl,
+    /// Compression threads, shared by every job of every push through this cache (see
+    /// [`compression_threads`]).
+    threads: Arc<ThreadBudget>,
+}
+
+/// The compression threads, and how many compressions wait for one: a large NAR borrows extra
+/// threads only when nobody waits, since one thread per NAR uses the cores fully with no
+/// multi-threading overhead (xz's parallel encoder idles threads on each NAR's last block).
+struct ThreadBudget {
+    permits: Arc<Semaphore>,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl ThreadBudget {
+    /// One thread, then up to `want - 1` more that are free and wanted by nobody else.
+    async fn acquire(&self, want: u32) -> tokio::sync::OwnedSemaphorePermit {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.waiting.fetch_add(1, SeqCst);
+        let acquired = self.permits.clone().acquire_owned().await;
+        self.waiting.fetch_sub(1, SeqCst);
+        let mut threads = acquired.expect("semaphore closed");
+        while threads.num_permits() < want as usize && self.waiting.load(SeqCst) == 0 {
+            match self.permits.clone().try_acquire_owned() {
+                Ok(more) => threads.merge(more),
+                Err(_) => break,
+            }
+        }
+        threads
+    }
+}
+
+/// How many compressors may run at once, in all: one per core (at least two). Each compression
+/// holds one thread of this budget while it runs, and a large NAR borrows more that are free, so
+/// threads and compressor memory are bounded by the machine, not by cores × jobs (16 jobs of xz at
+/// 64 threads each were ~1,000 threads and tens of GiB).
+pub fn compression_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(2)
 }
 
 impl Cache {
@@ -90,6 +129,10 @@ impl Cache {
         let cache = Cache {
             target: Arc::new(target),
             url,
+            threads: Arc::new(ThreadBudget {
+                permits: Arc::new(Semaphore::new(compression_threads())),
+                waiting: Default::default(),
+            }),
         };
         cache.ensure_cache_info().await?;
         Ok(cache)
@@ -122,9 +165,11 @@ impl Cache {
             .await
     }
 
+    /// The compressor's settings; `threads` is what a large NAR may use at most, as the budget
+    /// allows when it starts.
     fn compress_options(&self) -> CompressOptions {
         let threads = if self.url.parallel_compression {
-            std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+            compression_threads() as u32
         } else {
             1
         };
@@ -234,6 +279,7 @@ impl Cache {
             keys: opts.keys.clone(),
             spool_dir: opts.spool_dir.clone(),
             jobs: Semaphore::new(opts.jobs.max(1)),
+            threads: self.threads.clone(),
         });
         let mut done: HashMap<StorePath, watch::Receiver<Option<bool>>> = HashMap::new();
         let mut senders = Vec::new();
@@ -318,6 +364,7 @@ struct Ctx {
     keys: Vec<SecretKey>,
     spool_dir: PathBuf,
     jobs: Semaphore,
+    threads: Arc<ThreadBudget>,
 }
 
 struct Published {
@@ -342,10 +389,24 @@ impl Ctx {
         // path could wait on a reference that waits for a slot.
         let (mut narinfo, published) = {
             let _slot = self.jobs.acquire().await.expect("semaphore closed");
+            // One compression thread from the shared budget and, for a NAR large enough to
+            // compress in parallel, more when they are free (never waiting for them).
+            let want = if info.nar_size >= PARALLEL_MIN_NAR {
+                self.compress.threads
+            } else {
+                1
+            };
+            let threads = self.threads.acquire(want).await;
+            let compress = CompressOptions {
+                threads: threads.num_permits() as u32,
+                ..self.compress
+            };
             let this = self.clone();
             let job_info = info.clone();
             let spooled = tokio::task::spawn_blocking(move || {
-                spool_nar(&job_info, &*this.source, &this.compress, &this.spool_dir)
+                let spooled = spool_nar(&job_info, &*this.source, &compress, &this.spool_dir);
+                drop(threads);
+                spooled
             })
             .await
             .expect("NAR spooling panicked")?;
@@ -490,6 +551,76 @@ mod tests {
             sigs: vec![],
             ca: None,
         }
+    }
+
+    /// Counts how many NARs are being written (so compressed) at once.
+    struct Concurrency {
+        now: std::sync::atomic::AtomicUsize,
+        max: std::sync::atomic::AtomicUsize,
+    }
+
+    impl NarSource for Concurrency {
+        fn write_nar(
+            &self,
+            path: &StorePath,
+            out: &mut dyn std::io::Write,
+        ) -> Result<(), crate::SourceError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let n = self.now.fetch_add(1, SeqCst) + 1;
+            self.max.fetch_max(n, SeqCst);
+            // Long enough for every job to be compressing at once, were it allowed to.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let r = out.write_all(&nar_of(path.name()));
+            self.now.fetch_sub(1, SeqCst);
+            Ok(r?)
+        }
+    }
+
+    fn nar_of(name: &str) -> Vec<u8> {
+        let mut nar = Vec::new();
+        let file = nixpush_format::nar::Node::Regular {
+            executable: false,
+            contents: name.as_bytes().to_vec(),
+        };
+        nixpush_format::nar::write_node(&file, &mut nar).unwrap();
+        nar
+    }
+
+    /// Regression: every job compressed with its own threads, so threads (and compressor memory)
+    /// grew with cores × jobs. Compressions now share one budget of threads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn compressions_share_one_thread_budget_whatever_the_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let url: StoreUrl = format!("file://{}/cache", dir.path().display())
+            .parse()
+            .unwrap();
+        let cache = Cache::open(url).await.unwrap();
+        let closure: Vec<PathInfo> = (0..48)
+            .map(|i| {
+                let name = format!("budget-{i}");
+                let nar = nar_of(&name);
+                PathInfo {
+                    nar_hash: Sha256::digest(&nar),
+                    nar_size: nar.len() as u64,
+                    ..info(&name, &[])
+                }
+            })
+            .collect();
+        let source = Arc::new(Concurrency {
+            now: Default::default(),
+            max: Default::default(),
+        });
+        let opts = PushOptions {
+            jobs: 32,
+            keys: vec![],
+            skip_signed_by: vec![],
+            spool_dir: dir.path().to_owned(),
+        };
+        let summary = cache.push(closure, source.clone(), &opts, &|_| {}).await;
+        assert_eq!(summary.uploaded.len(), 48, "{:?}", summary.failed);
+        let max = source.max.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(max <= compression_threads(), "{max} compressions at once");
+        assert!(max >= 2, "the budget was never used in parallel");
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub struct CompressOptions {
 }
 
 /// Below this NAR size, starting compressor threads costs more than it saves.
-const PARALLEL_MIN_NAR: u64 = 8 << 20;
+pub const PARALLEL_MIN_NAR: u64 = 8 << 20;
 
 /// Compressed bytes kept in memory before the spool moves to a file.
 pub const MEMORY_SPOOL: usize = 1 << 20;

@@ -164,7 +164,39 @@ fn lock(state_dir: &Path) -> Result<File> {
     Ok(f)
 }
 
-fn bind(socket: &Path, group: Option<&str>) -> Result<UnixListener> {
+/// Who may queue paths through the socket: root (the hook runs as root under nix-daemon), the
+/// daemon's own user, and members of `socket-group`. The socket's mode already keeps others out;
+/// this holds even if the mode is loosened.
+#[derive(Clone, Copy)]
+struct Peers {
+    own_uid: u32,
+    group: Option<u32>,
+}
+
+impl Peers {
+    fn allow(&self, cred: &tokio::net::unix::UCred) -> bool {
+        if cred.uid() == 0 || cred.uid() == self.own_uid {
+            return true;
+        }
+        let Some(group) = self.group else {
+            return false;
+        };
+        if cred.gid() == group {
+            return true;
+        }
+        // Supplementary groups: the peer process's own list, as the kernel has it.
+        cred.pid()
+            .and_then(|pid| fs::read_to_string(format!("/proc/{pid}/status")).ok())
+            .is_some_and(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Groups:"))
+                    .is_some_and(|g| g.split_whitespace().any(|g| g.parse() == Ok(group)))
+            })
+    }
+}
+
+fn bind(socket: &Path, group: Option<&str>) -> Result<(UnixListener, Peers)> {
     if let Some(dir) = socket.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -181,6 +213,11 @@ fn bind(socket: &Path, group: Option<&str>) -> Result<UnixListener> {
     let listener = UnixListener::bind(socket);
     unsafe { libc::umask(old) };
     let listener = listener.with_context(|| format!("cannot listen on {}", socket.display()))?;
+    let mut peers = Peers {
+        // SAFETY: geteuid cannot fail and touches no memory.
+        own_uid: unsafe { libc::geteuid() },
+        group: None,
+    };
     if let Some(group) = group {
         let name = std::ffi::CString::new(group).context("bad socket-group")?;
         // SAFETY: getgrnam reads a NUL-terminated string and returns a pointer into static storage,
@@ -190,15 +227,16 @@ fn bind(socket: &Path, group: Option<&str>) -> Result<UnixListener> {
             bail!("socket-group `{group}` does not exist");
         }
         let gid = unsafe { (*gr).gr_gid };
+        peers.group = Some(gid);
         std::os::unix::fs::chown(socket, None, Some(gid))
             .with_context(|| format!("cannot give {} to group {group}", socket.display()))?;
         fs::set_permissions(socket, fs::Permissions::from_mode(0o660))?;
     }
-    Ok(listener)
+    Ok((listener, peers))
 }
 
 async fn serve(settings: Settings, queue: Queue) -> Result<()> {
-    let listener = bind(&settings.socket, settings.socket_group.as_deref())?;
+    let (listener, peers) = bind(&settings.socket, settings.socket_group.as_deref())?;
     // Hook requests and the worker share one connection. With two, a hook's commit that met the
     // worker's write lock waited in SQLite's busy handler, which sleeps in steps of milliseconds;
     // the mutex hands over as soon as the worker's transaction ends.
@@ -227,7 +265,7 @@ async fn serve(settings: Settings, queue: Queue) -> Result<()> {
                     accepted = listener.accept() => match accepted {
                         Ok((conn, _)) => {
                             let (intake, work) = (intake.clone(), work.clone());
-                            tokio::spawn(async move { handle_hook(conn, intake, work).await });
+                            tokio::spawn(async move { handle_hook(conn, peers, intake, work).await });
                         }
                         Err(e) => tracing::warn!(error = %e, "accept failed"),
                     },
@@ -250,13 +288,27 @@ async fn serve(settings: Settings, queue: Queue) -> Result<()> {
 }
 
 /// One hook request: read, validate, commit, then acknowledge.
-async fn handle_hook(conn: UnixStream, intake: Arc<Mutex<Queue>>, work: Arc<Notify>) {
+async fn handle_hook(conn: UnixStream, peers: Peers, intake: Arc<Mutex<Queue>>, work: Arc<Notify>) {
+    // Who is asking, decided before the request is read, answered after (a reply to an unread
+    // request would meet a closed pipe).
+    let refused = match conn.peer_cred() {
+        Ok(cred) if peers.allow(&cred) => None,
+        Ok(cred) => Some(format!("uid {} gid {}", cred.uid(), cred.gid())),
+        Err(e) => Some(format!("unknown peer ({e})")),
+    };
     let (read, mut write) = conn.into_split();
     let mut line = String::new();
-    let reply = match BufReader::new(read.take(MAX_REQUEST as u64))
+    let read_request = BufReader::new(read.take(MAX_REQUEST as u64))
         .read_line(&mut line)
-        .await
-    {
+        .await;
+    let reply = match read_request {
+        _ if refused.is_some() => {
+            let who = refused.unwrap_or_default();
+            tracing::warn!(peer = %who, "refused a request on the hook socket: not root, this user or socket-group");
+            Reply::Error {
+                error: format!("refused: {who} is not root, the daemon's user or in socket-group"),
+            }
+        }
         Err(e) => Reply::Error {
             error: format!("reading the request: {e}"),
         },

@@ -1104,6 +1104,118 @@ fn a_hook_facing_a_socket_that_accepts_nothing_records_directly() {
     assert_eq!(f.queue_items(), vec![(path.to_owned(), State::Queued)]);
 }
 
+/// `chown -R USER` of each path.
+fn give(user: &str, paths: &[&Path]) {
+    for p in paths {
+        nixpush_testbed::check(
+            "chown",
+            Command::new("chown")
+                .args(["-R", user])
+                .arg(p)
+                .output()
+                .unwrap(),
+        );
+    }
+}
+
+/// Regression: the daemon could not run as its own user while the hook (root) created the queue,
+/// and nothing checked who talked to its socket. Here the daemon runs as `nobody`; the hook, as
+/// root, records builds both with the daemon down (it creates the queue) and up; everything is
+/// published; a request from another user is refused even through a socket opened to everyone.
+#[test]
+fn the_daemon_runs_as_its_own_user_with_the_hook_as_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut f = Flow::new("");
+    let open = |p: &Path| fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+    open(f.dir.path());
+    open(f.nix.dir.path());
+    // The daemon's own directories, as `install.sh --user` makes them.
+    let run = f.dir.path().join("run");
+    let (state, spill) = (f.state.clone(), f.dir.path().join("spill"));
+    for d in [&run, &state, &spill] {
+        fs::create_dir_all(d).unwrap();
+    }
+    give(
+        "nobody:nogroup",
+        &[
+            &run,
+            &state,
+            &spill,
+            f.roots.path(),
+            &f.dir.path().join("sk"),
+        ],
+    );
+    let socket = run.join("hook.sock");
+    let config = fs::read_to_string(&f.config).unwrap().replace(
+        &f.socket.display().to_string(),
+        &socket.display().to_string(),
+    );
+    fs::write(&f.config, config).unwrap();
+    f.socket = socket;
+    // The binary where nobody can run it, wherever the checkout is.
+    let bin = f.dir.path().join("nixpush");
+    fs::copy(env!("CARGO_BIN_EXE_nixpush"), &bin).unwrap();
+
+    // Daemon down: the hook (root) creates the queue.
+    let (first, _) = f.build(&many(2, "own-user-down"));
+    let log = fs::File::create(&f.daemon_log).unwrap();
+    let daemon = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(&bin)
+        .args(["daemon", "--store", &f.nix.store_url()])
+        .env("NIXPUSH_CONFIG", &f.config)
+        .envs(f.s3.credentials_env())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    f.daemon = Some(daemon);
+    let socket = f.socket.clone();
+    wait_for("the daemon's socket", || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    f.wait_published(&first);
+    // Daemon up: through the socket.
+    let (second, log) = f.build(&many(2, "own-user-up"));
+    assert_eq!(log.matches("(daemon)").count(), 2, "{log}");
+    f.wait_published(&second);
+    wait_for("every item to be recorded done", || {
+        f.queue_items().iter().all(|(_, s)| *s == State::Done)
+    });
+    use std::os::unix::fs::MetadataExt;
+    let owner = fs::metadata(f.state.join("queue.sqlite")).unwrap().uid();
+    assert_eq!(owner, 65534, "the queue belongs to the daemon's user");
+
+    // Someone else, through a socket opened to everyone: refused by its credentials.
+    fs::set_permissions(&f.socket, fs::Permissions::from_mode(0o666)).unwrap();
+    let hook = f.dir.path().join("nixpush-hook");
+    fs::copy(hook_bin(), &hook).unwrap();
+    let o = Command::new("setpriv")
+        .args(["--reuid=daemon", "--regid=daemon", "--clear-groups"])
+        .arg(&hook)
+        .env("NIXPUSH_CONFIG", &f.config)
+        .env(
+            "OUT_PATHS",
+            "/nix/store/hcz0rpyq8sljlg33vz0pl29n35k4d2w3-intruder",
+        )
+        .env_remove("DRV_PATH")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(out.contains("daemon refused: refused: uid 1"), "{out}");
+    assert!(
+        !f.queue_items()
+            .iter()
+            .any(|(p, _)| p.ends_with("-intruder"))
+    );
+    assert!(
+        f.log().contains("refused a request on the hook socket"),
+        "{}",
+        f.log()
+    );
+}
+
 fn sixty_four_hooks(f: &Flow) {
     let children: Vec<(String, Child)> = (0..64)
         .map(|i| {

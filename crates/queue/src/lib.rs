@@ -36,6 +36,7 @@
 //! first_failure_at, last_error, updated_at, retry_waited_ms)`, times in Unix milliseconds; a
 //! partial unique index on `item` over the pending states enforces invariant 3.
 
+pub mod owner;
 mod queue;
 mod retry;
 pub mod spill;

@@ -160,7 +160,7 @@ const SUPERSEDED: &str =
 impl Queue {
     /// Opens (creating if needed) `state_dir/queue.sqlite`.
     pub fn open(state_dir: &Path) -> Result<Queue, QueueError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| QueueError::StateDir {
+        crate::owner::create_dir_all(state_dir).map_err(|source| QueueError::StateDir {
             path: state_dir.to_owned(),
             source,
         })?;
@@ -184,6 +184,13 @@ impl Queue {
         conn.execute_batch(SCHEMA).map_err(err)?;
         let mut queue = Queue { conn, path };
         queue.add_missing_columns()?;
+        // The hook (root) may create the database before a daemon running as its own user ever
+        // did: the daemon must still be able to write it.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = queue.path.clone().into_os_string();
+            file.push(suffix);
+            crate::owner::give_to_dir_owner(Path::new(&file));
+        }
         Ok(queue)
     }
 

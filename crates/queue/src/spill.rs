@@ -20,7 +20,7 @@ const SUFFIX: &str = ".items";
 /// Writes `items` to a new file in `dir` (created if missing); returns its path.
 pub fn write(dir: &Path, items: &[Item]) -> io::Result<PathBuf> {
     static SEQ: AtomicU32 = AtomicU32::new(0);
-    fs::create_dir_all(dir)?;
+    crate::owner::create_dir_all(dir)?;
     let name = format!(
         "{}-{}-{}",
         now_ms(),
