@@ -111,6 +111,16 @@ impl Flow {
         }
     }
 
+    /// Sends the daemon's requests through `relay`, with the store URL's parameters `params` (as
+    /// the Flow was made with).
+    fn route_through(&self, relay: &Relay, params: &str) {
+        let config = fs::read_to_string(&self.config).unwrap().replace(
+            &self.s3.store_url(params),
+            &self.s3.store_url_at(&relay.endpoint, params),
+        );
+        fs::write(&self.config, config).unwrap();
+    }
+
     /// Turns GC roots off in the config (for tests of what happens when paths are collected).
     fn without_gc_roots(&self) {
         let config = fs::read_to_string(&self.config).unwrap().replace(
@@ -390,9 +400,9 @@ fn throttling_is_retried_after_the_servers_retry_after() {
             ..RelayConfig::default()
         },
     );
+    f.route_through(&relay, "");
     let config = fs::read_to_string(&f.config)
         .unwrap()
-        .replace(&f.s3.store_url(""), &f.s3.store_url_at(&relay.endpoint, ""))
         .replace("retry-max-delay = 0.5", "retry-max-delay = 10");
     fs::write(&f.config, config).unwrap();
 
@@ -440,10 +450,7 @@ fn outcomes_that_cannot_be_recorded_are_recorded_once_the_queue_frees() {
             ..RelayConfig::default()
         },
     );
-    let config = fs::read_to_string(&f.config)
-        .unwrap()
-        .replace(&f.s3.store_url(""), &f.s3.store_url_at(&relay.endpoint, ""));
-    fs::write(&f.config, config).unwrap();
+    f.route_through(&relay, "");
     let (outs, _) = f.build(&derivation("unrecorded", "echo u > $out"));
     f.start_daemon();
     assert!(
@@ -595,6 +602,9 @@ fn sigkill_during_a_large_upload(kind: S3Kind) {
 
 /// How long the chaos test's relay misbehaves.
 const CHAOS: Duration = Duration::from_secs(60);
+/// The 40 MB path goes up in 5 MiB parts.
+const CHAOS_PARAMS: &str =
+    "multipart-upload=true&multipart-threshold=8388608&multipart-chunk-size=5242880";
 /// How soon after the faults stop (or the builds end, if later) everything must be published.
 const CHAOS_SETTLE: Duration = Duration::from_secs(240);
 
@@ -604,11 +614,7 @@ const CHAOS_SETTLE: Duration = Duration::from_secs(240);
 /// 4 minutes after the faults stop; a reader polling the bucket never sees a narinfo before its NAR
 /// and references; nothing ends `failed`; Nix 2.8 verifies and substitutes it all.
 fn chaos(kind: S3Kind) {
-    let mut f = Flow::on(
-        kind,
-        "multipart-upload=true&multipart-threshold=8388608&multipart-chunk-size=5242880",
-        true,
-    );
+    let mut f = Flow::on(kind, CHAOS_PARAMS, true);
     let relay = Relay::start(
         &f.s3.endpoint,
         RelayConfig {
@@ -624,17 +630,7 @@ fn chaos(kind: S3Kind) {
         },
     );
     let faults_end = Instant::now() + CHAOS;
-    let url = f.s3.store_url(
-        "multipart-upload=true&multipart-threshold=8388608&multipart-chunk-size=5242880",
-    );
-    let config = fs::read_to_string(&f.config).unwrap().replace(
-        &url,
-        &f.s3.store_url_at(
-            &relay.endpoint,
-            "multipart-upload=true&multipart-threshold=8388608&multipart-chunk-size=5242880",
-        ),
-    );
-    fs::write(&f.config, config).unwrap();
+    f.route_through(&relay, CHAOS_PARAMS);
     f.start_daemon();
     let watcher = Watcher::start(&f.s3);
     let (mut outs, _) = f.build(&many(1000, "chaos"));

@@ -260,18 +260,7 @@ impl S3Target {
     }
 
     pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
-        match self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(false),
-            Err(e) => Err(self.classify(e, "HEAD", key)),
-        }
+        Ok(self.size(key).await?.is_some())
     }
 
     pub async fn size(&self, key: &str) -> Result<Option<u64>, CacheError> {
