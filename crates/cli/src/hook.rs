@@ -15,7 +15,7 @@ use std::time::Duration;
 use nixpush_format::StorePath;
 
 use crate::config::Config;
-use crate::ipc::{Reply, Request, WireItem, WireKind};
+use nixpush_drain::ipc::{Reply, Request, WireItem, WireKind};
 
 /// How long to wait for the daemon before writing the queue directly.
 const DAEMON_TIMEOUT: Duration = Duration::from_secs(1);

@@ -6,7 +6,6 @@ mod daemon;
 pub mod exit;
 mod generate;
 pub mod hook;
-mod ipc;
 mod keygen;
 mod paths;
 mod push;

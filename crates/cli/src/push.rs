@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use nixpush_cache::{Cache, NarSource, PushOptions, SourceError, StoreUrl};
+use nixpush_cache::{Cache, NarSource, PushOptions, StoreUrl};
+use nixpush_drain::StoreSource;
 use nixpush_format::{SecretKey, StorePath};
 use nixpush_store::{Store, StoreAddress};
 use serde_json::json;
@@ -131,14 +132,6 @@ pub fn load_keys(files: &[PathBuf]) -> Result<Vec<SecretKey>> {
                 .with_context(|| format!("secret key file {}", f.display()))
         })
         .collect()
-}
-
-pub struct StoreSource(pub Arc<Store>);
-
-impl NarSource for StoreSource {
-    fn write_nar(&self, path: &StorePath, out: &mut dyn std::io::Write) -> Result<(), SourceError> {
-        self.0.nar(path, out).map(drop).map_err(Into::into)
-    }
 }
 
 /// Aborts the multipart uploads a killed push to the same cache journaled, then removes its

@@ -1,0 +1,98 @@
+//! Draining the durable queue into the cache, in the background: what `nixpush daemon` runs.
+//!
+//! - [`intake`]: the hook's socket; each request is committed to the queue before it is
+//!   acknowledged, and only root, the daemon's user and `socket-group` may send one.
+//! - [`worker`]: claims due items in batches, resolves derivations to outputs, pushes the closures
+//!   (see `nixpush_cache::Cache::push`) and records every item's outcome; imports what hooks
+//!   spilled; keeps GC roots in step with the queue.
+//! - [`decide`]: the decisions, as pure functions (gone, retry, reconnect, failed, root cause).
+//!
+//! SIGTERM/SIGINT: stop accepting, finish the batch in hand, return. The hook meanwhile writes the
+//! queue directly, so nothing built while the daemon is down is missed.
+
+pub mod decide;
+mod intake;
+pub mod ipc;
+mod source;
+mod worker;
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use nixpush_cache::StoreUrl;
+use nixpush_format::SecretKey;
+use nixpush_queue::{Queue, RetryPolicy};
+use nixpush_store::GcRoots;
+use tokio::sync::{Notify, watch};
+
+pub use source::StoreSource;
+
+use intake::{bind, handle_hook};
+use worker::Worker;
+
+/// What the daemon needs to know, from the configuration and its flags.
+pub struct Settings {
+    pub url: StoreUrl,
+    pub keys: Vec<SecretKey>,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub socket_group: Option<String>,
+    pub jobs: usize,
+    pub skip_signed_by: Vec<String>,
+    pub retry: RetryPolicy,
+    /// The local store's address (`--store`), or `None` for `$NIX_REMOTE`, else auto.
+    pub store: Option<String>,
+    pub roots: Option<GcRoots>,
+    pub roots_max: usize,
+    pub spill_dir: PathBuf,
+}
+
+/// Serves the hook's socket and drains the queue until SIGTERM or SIGINT.
+pub async fn serve(settings: Settings, queue: Queue) -> Result<()> {
+    let (listener, peers) = bind(&settings.socket, settings.socket_group.as_deref())?;
+    // Hook requests and the worker share one connection. With two, a hook's commit that met the
+    // worker's write lock waited in SQLite's busy handler, which sleeps in steps of milliseconds;
+    // the mutex hands over as soon as the worker's transaction ends.
+    let queue = Arc::new(Mutex::new(queue));
+    let intake = queue.clone();
+    let work = Arc::new(Notify::new());
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(t), Ok(i)) => (t, i),
+            _ => return,
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("stopping: finishing the work in hand");
+        let _ = stop_tx.send(true);
+    });
+    let acceptor = {
+        let (work, mut stop) = (work.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((conn, _)) => {
+                            let (intake, work) = (intake.clone(), work.clone());
+                            tokio::spawn(async move { handle_hook(conn, peers, intake, work).await });
+                        }
+                        Err(e) => tracing::warn!(error = %e, "accept failed"),
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    };
+    let mut worker = Worker::new(settings, queue);
+    worker.run(work, stop).await;
+    let _ = acceptor.await;
+    let _ = fs::remove_file(&worker.settings.socket);
+    tracing::info!("stopped");
+    Ok(())
+}
