@@ -119,6 +119,7 @@ fn run(out_paths: Option<OsString>, drv_path: Option<OsString>) -> String {
             config.socket().display()
         ));
     }
+    act_as_owner_of(&config.state_dir());
     if let Some(roots) = config.gc_roots() {
         problems.push_str(&protect(&roots, &input.items));
     }
@@ -158,6 +159,30 @@ fn run(out_paths: Option<OsString>, drv_path: Option<OsString>) -> String {
              they will not be uploaded unless pushed by hand (nixpush push){problems}",
             spill_dir.display()
         ),
+    }
+}
+
+/// The hook runs as root under nix-daemon; when the daemon runs as its own user, the directories
+/// the hook writes (queue, spill, GC roots) are that user's. For file access the hook then takes
+/// that user's identity (fsuid/fsgid, which only this process's file operations use), so that a
+/// symlink that user planted there cannot make root write anywhere else, and what the hook creates
+/// is the daemon's from the start. As root with a root-owned state directory, nothing changes.
+fn act_as_owner_of(state_dir: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let Ok(meta) = std::fs::metadata(state_dir) else {
+        return;
+    };
+    if meta.uid() != 0 {
+        // SAFETY: setfsgid/setfsuid change this thread's filesystem identity; the hook is single-
+        // threaded, and group first, while still root.
+        unsafe {
+            libc::setfsgid(meta.gid());
+            libc::setfsuid(meta.uid());
+        }
     }
 }
 

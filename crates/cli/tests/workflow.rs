@@ -1175,6 +1175,26 @@ fn the_daemon_runs_as_its_own_user_with_the_hook_as_root() {
     let (second, log) = f.build(&many(2, "own-user-up"));
     assert_eq!(log.matches("(daemon)").count(), 2, "{log}");
     f.wait_published(&second);
+
+    // The daemon's user plants a symlink where the hook (root) will make an item's roots, to make
+    // root write into a directory of root's. The hook works there as that user: it cannot.
+    let expr = derivation("own-user-planted", "echo p > $out");
+    let drv = f.nix.run("nix-instantiate", &["-E", &expr]);
+    let drv: nixpush_format::StorePath = drv.trim().parse().unwrap();
+    let victim = f.dir.path().join("root-only");
+    fs::create_dir(&victim).unwrap();
+    std::os::unix::fs::symlink(&victim, f.roots.path().join(drv.base_name())).unwrap();
+    let (planted, log) = f.build(&expr);
+    assert!(
+        log.contains("not protected from garbage collection"),
+        "{log}"
+    );
+    assert_eq!(
+        fs::read_dir(&victim).unwrap().count(),
+        0,
+        "root wrote through the symlink"
+    );
+    f.wait_published(&planted);
     wait_for("every item to be recorded done", || {
         f.queue_items().iter().all(|(_, s)| *s == State::Done)
     });

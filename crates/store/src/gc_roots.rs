@@ -75,7 +75,10 @@ impl GcRoots {
         let item_dir = self.dir.join(item.base_name());
         match fs::create_dir(&item_dir) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // Made anew as far as the sweep's grace goes: the hook is about to record it.
+                fs::File::open(&item_dir)?.set_modified(std::time::SystemTime::now())?;
+            }
             Err(e) => return Err(e),
         }
         for p in paths {
@@ -103,10 +106,12 @@ impl GcRoots {
     /// Lets the collector have `item`'s paths again. Releasing an item that has no roots is not an
     /// error.
     pub fn release(&self, item: &str) -> io::Result<()> {
-        let Some(base) = item.strip_prefix(nixpush_format::store_path::STORE_DIR) else {
+        // Only a store path's own name is joined: "/nix/store" or "/nix/store/../x" must never
+        // name the roots directory itself or anything outside it.
+        let Ok(item) = item.parse::<StorePath>() else {
             return Ok(());
         };
-        let item_dir = self.dir.join(base.trim_start_matches('/'));
+        let item_dir = self.dir.join(item.base_name());
         match fs::remove_dir_all(&item_dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -115,8 +120,8 @@ impl GcRoots {
 
     /// How long ago `item`'s roots were made, if it has any.
     pub fn age(&self, item: &str) -> Option<std::time::Duration> {
-        let base = item.strip_prefix(nixpush_format::store_path::STORE_DIR)?;
-        let made = fs::symlink_metadata(self.dir.join(base.trim_start_matches('/')))
+        let item = item.parse::<StorePath>().ok()?;
+        let made = fs::symlink_metadata(self.dir.join(item.base_name()))
             .ok()?
             .modified()
             .ok()?;
@@ -175,7 +180,16 @@ mod tests {
         assert_eq!(items, vec![a.to_string(), b.to_string()]);
         roots.release(&a.to_string()).unwrap();
         roots.release(&a.to_string()).unwrap();
-        roots.release("not a store path").unwrap();
+        // Never the roots directory itself, nor anything outside it.
+        for bad in [
+            "not a store path",
+            "/nix/store",
+            "/nix/store/",
+            "/nix/store/../../x",
+        ] {
+            roots.release(bad).unwrap();
+        }
+        assert!(d.path().join("roots").is_dir());
         assert_eq!(roots.items().unwrap(), vec![b.to_string()]);
     }
 }
