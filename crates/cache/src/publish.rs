@@ -81,10 +81,21 @@ pub struct Cache {
 /// multi-threading overhead (xz's parallel encoder idles threads on each NAR's last block).
 struct ThreadBudget {
     permits: Arc<Semaphore>,
+    /// What one NAR may hold at most: half the budget, so a large xz NAR (minutes of work) never
+    /// holds every thread while small paths queue behind it.
+    most: usize,
     waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl ThreadBudget {
+    fn new(threads: usize) -> Self {
+        ThreadBudget {
+            permits: Arc::new(Semaphore::new(threads)),
+            most: (threads / 2).max(1),
+            waiting: Default::default(),
+        }
+    }
+
     /// One thread, then up to `want - 1` more that are free and wanted by nobody else.
     async fn acquire(&self, want: u32) -> tokio::sync::OwnedSemaphorePermit {
         use std::sync::atomic::Ordering::SeqCst;
@@ -92,7 +103,8 @@ impl ThreadBudget {
         let acquired = self.permits.clone().acquire_owned().await;
         self.waiting.fetch_sub(1, SeqCst);
         let mut threads = acquired.expect("semaphore closed");
-        while threads.num_permits() < want as usize && self.waiting.load(SeqCst) == 0 {
+        let want = (want as usize).min(self.most);
+        while threads.num_permits() < want && self.waiting.load(SeqCst) == 0 {
             match self.permits.clone().try_acquire_owned() {
                 Ok(more) => threads.merge(more),
                 Err(_) => break,
@@ -129,13 +141,16 @@ impl Cache {
         let cache = Cache {
             target: Arc::new(target),
             url,
-            threads: Arc::new(ThreadBudget {
-                permits: Arc::new(Semaphore::new(compression_threads())),
-                waiting: Default::default(),
-            }),
+            threads: Arc::new(ThreadBudget::new(compression_threads())),
         };
         cache.ensure_cache_info().await?;
         Ok(cache)
+    }
+
+    /// Compresses with at most `threads` threads in all, instead of [`compression_threads`].
+    pub fn with_compression_threads(mut self, threads: usize) -> Self {
+        self.threads = Arc::new(ThreadBudget::new(threads.max(1)));
+        self
     }
 
     /// Aborts the multipart uploads this process's journal recorded and did not finish.
@@ -594,7 +609,7 @@ mod tests {
         let url: StoreUrl = format!("file://{}/cache", dir.path().display())
             .parse()
             .unwrap();
-        let cache = Cache::open(url).await.unwrap();
+        let cache = Cache::open(url).await.unwrap().with_compression_threads(3);
         let closure: Vec<PathInfo> = (0..48)
             .map(|i| {
                 let name = format!("budget-{i}");
@@ -619,7 +634,7 @@ mod tests {
         let summary = cache.push(closure, source.clone(), &opts, &|_| {}).await;
         assert_eq!(summary.uploaded.len(), 48, "{:?}", summary.failed);
         let max = source.max.load(std::sync::atomic::Ordering::SeqCst);
-        assert!(max <= compression_threads(), "{max} compressions at once");
+        assert!(max <= 3, "{max} compressions at once with a budget of 3");
         assert!(max >= 2, "the budget was never used in parallel");
     }
 

@@ -54,32 +54,47 @@ struct RunDir {
 }
 
 impl RunDir {
-    /// The spool root: `--spool-dir`, else the state directory's `push/` when it can be written
-    /// (root), else `/var/tmp/nixpush-push-UID`: on disk, where `$TMPDIR` is often a RAM disk that
-    /// a large NAR would fill.
-    fn root(explicit: Option<PathBuf>) -> PathBuf {
+    /// The spool root: `--spool-dir`, else the state directory's `push/` when this user owns the
+    /// state directory (root, usually), else `/var/tmp/nixpush-push-UID`: on disk, where `$TMPDIR`
+    /// is often a RAM disk that a large NAR would fill. A default root must be a real directory of
+    /// this user's, mode 0700, in a directory nobody else can rename it in: another user's
+    /// directory or a planted symlink would let that user read the spool, plant journal entries
+    /// (aborting our uploads), or redirect our writes.
+    fn root(explicit: Option<PathBuf>) -> Result<PathBuf> {
         if let Some(d) = explicit {
-            return d;
+            return Ok(d);
         }
         let state = crate::config::Config::load()
             .unwrap_or_default()
-            .state_dir()
-            .join("push");
-        let probe = state.join(format!(".probe-{}", std::process::id()));
-        if std::fs::create_dir_all(&state).is_ok() && std::fs::write(&probe, b"").is_ok() {
-            let _ = std::fs::remove_file(probe);
-            return state;
+            .state_dir();
+        if owned(&state) && private_dir(&state.join("push")) {
+            return Ok(state.join("push"));
         }
-        // SAFETY: getuid cannot fail and touches no memory.
-        PathBuf::from(format!("/var/tmp/nixpush-push-{}", unsafe {
-            libc::getuid()
-        }))
+        // SAFETY: geteuid cannot fail and touches no memory.
+        let tmp = PathBuf::from(format!("/var/tmp/nixpush-push-{}", unsafe {
+            libc::geteuid()
+        }));
+        if private_dir(&tmp) {
+            return Ok(tmp);
+        }
+        anyhow::bail!(
+            "{} is not a private directory of this user's (mode 0700, not a symlink): remove it, or pass --spool-dir",
+            tmp.display()
+        )
     }
 
     fn create(root: &std::path::Path, target: &str) -> Result<RunDir> {
-        let dir = root.join(std::process::id().to_string());
-        std::fs::create_dir_all(dir.join("spool"))
-            .and_then(|()| std::fs::create_dir_all(dir.join("multipart")))
+        // The process id first (for `abandoned`), then the time: a recycled pid never reuses a
+        // killed push's directory.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let dir = root.join(format!("{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(root)
+            .and_then(|()| std::fs::create_dir(&dir))
+            .and_then(|()| std::fs::create_dir(dir.join("spool")))
+            .and_then(|()| std::fs::create_dir(dir.join("multipart")))
             .and_then(|()| std::fs::write(dir.join("target"), target))
             .with_context(|| format!("cannot create the spool directory {}", dir.display()))?;
         Ok(RunDir { dir })
@@ -101,7 +116,7 @@ impl RunDir {
         entries
             .flatten()
             .filter_map(|e| {
-                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                let pid: i32 = e.file_name().to_str()?.split('-').next()?.parse().ok()?;
                 // SAFETY: signal 0 only asks whether the process exists.
                 let alive = unsafe { libc::kill(pid, 0) } == 0
                     || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
@@ -110,6 +125,21 @@ impl RunDir {
             })
             .collect()
     }
+}
+
+/// Whether `dir` is a directory (not a symlink) owned by this user.
+fn owned(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid cannot fail and touches no memory.
+    std::fs::symlink_metadata(dir)
+        .is_ok_and(|m| m.is_dir() && m.uid() == unsafe { libc::geteuid() })
+}
+
+/// Makes `dir` (mode 0700) if missing; whether it is then a private directory of this user's.
+fn private_dir(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(dir);
+    owned(dir) && std::fs::symlink_metadata(dir).is_ok_and(|m| m.mode() & 0o077 == 0)
 }
 
 impl Drop for RunDir {
@@ -186,7 +216,7 @@ pub fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()?;
     let target = url.display_base();
-    let root = RunDir::root(args.spool_dir);
+    let root = RunDir::root(args.spool_dir)?;
     let run_dir = RunDir::create(&root, &target)?;
     let reporter = Reporter::new(Progress::detect(args.json), url.compression.as_str());
     let interrupted = runtime.block_on(async {
@@ -216,8 +246,19 @@ pub fn run(args: Args) -> Result<()> {
             _ = term.recv() => ("SIGTERM", 143),
         };
         // The push is dropped, and its uploads with it; the ones in parts were journaled, and an
-        // unfinished multipart upload is invisible but billed: abort them before leaving.
-        let aborted = cache.abort_stale_uploads().await;
+        // unfinished multipart upload is invisible but billed: abort them before leaving, within
+        // a minute, and at once on a second signal (the journal then stays for the next push).
+        let aborted: Result<usize, String> = tokio::select! {
+            a = tokio::time::timeout(std::time::Duration::from_secs(60), cache.abort_stale_uploads()) => {
+                match a {
+                    Ok(Ok(n)) => Ok(n),
+                    Ok(Err(e)) => Err(nixpush_cache::error_chain(&e)),
+                    Err(_) => Err("aborting took more than 60 s".into()),
+                }
+            }
+            _ = int.recv() => Err("interrupted again".into()),
+            _ = term.recv() => Err("terminated again".into()),
+        };
         anyhow::Ok(Err((signal, aborted)))
     })?;
     let summary = match interrupted {
@@ -229,8 +270,7 @@ pub fn run(args: Args) -> Result<()> {
                     "nixpush: interrupted by {name}: nothing half-written is visible; aborted {n} multipart uploads"
                 ),
                 Err(e) => eprintln!(
-                    "nixpush: interrupted by {name}; could not abort its multipart uploads ({}); the next push to {target} will",
-                    nixpush_cache::error_chain(e)
+                    "nixpush: interrupted by {name}; could not abort its multipart uploads ({e}); the next push to {target} will"
                 ),
             }
             // The run directory goes; the journal stays when aborting failed, for the next push.

@@ -106,7 +106,8 @@ fn a_file_cache_is_readable_by_another_user_whatever_the_umask() {
     fs::create_dir(&parent).unwrap();
     fs::set_permissions(bed.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     fs::set_permissions(&parent, fs::Permissions::from_mode(0o755)).unwrap();
-    let dir = parent.join("cache");
+    // Two levels that do not exist yet: both must be made readable.
+    let dir = parent.join("new").join("cache");
     let url = format!("file://{}", dir.display());
     let o = Command::new("sh")
         .args(["-c", "umask 077 && exec \"$@\"", "sh"])
@@ -707,9 +708,21 @@ fn an_interrupted_or_killed_push_leaves_no_multipart_upload_behind() {
             .spawn()
             .unwrap()
     };
+    // A push's run directory is named `PID-NANOS`.
+    let run_dir = |pid: u32| {
+        fs::read_dir(&spool)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pid}-")))
+            })
+    };
     let journaled = |pid: u32| {
-        fs::read_dir(spool.join(pid.to_string()).join("multipart"))
-            .is_ok_and(|mut d| d.next().is_some())
+        run_dir(pid).is_some_and(|d| {
+            fs::read_dir(d.join("multipart")).is_ok_and(|mut d| d.next().is_some())
+        })
     };
     let wait = |what: &str, cond: &dyn Fn() -> bool| {
         let limit = std::time::Instant::now() + std::time::Duration::from_secs(120);
@@ -737,10 +750,7 @@ fn an_interrupted_or_killed_push_leaves_no_multipart_upload_behind() {
         "{err}"
     );
     assert_eq!(bed.s3.multipart_uploads(), Vec::<String>::new());
-    assert!(
-        !spool.join(pid.to_string()).exists(),
-        "run directory left behind"
-    );
+    assert!(run_dir(pid).is_none(), "run directory left behind");
     assert!(bed.narinfos().is_empty());
 
     // SIGKILL: the upload stays until the next push to the same cache aborts it.

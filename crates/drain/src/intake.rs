@@ -16,6 +16,8 @@ use tokio::time::Duration;
 
 use crate::ipc::{MAX_REQUEST, Reply, Request, WireKind};
 
+/// How long a peer may take to send its request line.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 /// After a hook's request, more builds usually follow: wait until hooks pause this long (or
 /// [`GATHER_MAX`] passes) and upload them as one batch. One batch shares its closure walk, cache
 /// probes and queue transactions, and does not compete with each build for the CPU, which on a
@@ -110,9 +112,19 @@ pub(crate) async fn handle_hook(
     };
     let (read, mut write) = conn.into_split();
     let mut line = String::new();
-    let read_request = BufReader::new(read.take(MAX_REQUEST as u64))
-        .read_line(&mut line)
-        .await;
+    // A peer that sends nothing (or never ends its line) must not hold a task and a descriptor
+    // for good: the hook sends its one line at once.
+    let read_request = tokio::time::timeout(
+        REQUEST_DEADLINE,
+        BufReader::new(read.take(MAX_REQUEST as u64)).read_line(&mut line),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no complete request within 10 s",
+        ))
+    });
     let reply = match read_request {
         _ if refused.is_some() => {
             let who = refused.unwrap_or_default();

@@ -162,13 +162,26 @@ impl Worker {
         let dir = self.settings.spill_dir.clone();
         let q = self.queue.clone();
         let imported = tokio::task::spawn_blocking(move || {
-            nixpush_queue::spill::import(&dir, &mut q.lock().unwrap_or_else(|e| e.into_inner()))
+            // What the socket accepts, and no more: a spill file is an input too.
+            let accept = |i: &nixpush_queue::Item| {
+                i.name
+                    .parse::<StorePath>()
+                    .is_ok_and(|p| i.kind == Kind::Path || p.is_derivation())
+            };
+            nixpush_queue::spill::import(
+                &dir,
+                &mut q.lock().unwrap_or_else(|e| e.into_inner()),
+                accept,
+            )
         })
         .await;
         match imported {
-            Ok(Ok(n)) => {
-                if n > 0 {
-                    tracing::info!(items = n, dir = %self.settings.spill_dir.display(), "queued items the hook had to spill");
+            Ok(Ok(imported)) => {
+                if imported.added > 0 {
+                    tracing::info!(items = imported.added, dir = %self.settings.spill_dir.display(), "queued items the hook had to spill");
+                }
+                for (file, why) in imported.set_aside {
+                    tracing::error!(file = %file.display(), why, "set aside a spill file that cannot be imported");
                 }
                 *last_error = None;
             }
@@ -194,10 +207,19 @@ impl Worker {
             .filter(|(_, o)| !matches!(o, Outcome::RetryIn { .. }))
             .map(|(c, _)| c.item.name.clone())
             .collect();
+        // An item queued again since (a rebuild whose hook came while it was in flight) keeps the
+        // roots its hook just made.
+        let pending: HashSet<String> = match self.with_queue(|q| q.pending()).await {
+            Ok(p) => p.into_iter().map(|i| i.name).collect(),
+            Err(_) => return,
+        };
         let dir = roots.dir().to_owned();
         let released = tokio::task::spawn_blocking(move || {
             let roots = GcRoots::new(dir);
-            finished.iter().try_for_each(|item| roots.release(item))
+            finished
+                .iter()
+                .filter(|item| !pending.contains(*item))
+                .try_for_each(|item| roots.release(item))
         })
         .await;
         if let Ok(Err(e)) = released {
@@ -220,8 +242,14 @@ impl Worker {
             }
         };
         let (dir, max) = (roots.dir().to_owned(), self.settings.roots_max);
-        let swept =
-            tokio::task::spawn_blocking(move || sweep(&GcRoots::new(dir), &pending, max)).await;
+        // Items waiting in the spill directory are not in the queue yet: while there are any, roots
+        // are only added, never removed.
+        let spill = self.settings.spill_dir.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            let release = nixpush_queue::spill::pending(&spill).is_ok_and(|f| f.is_empty());
+            sweep(&GcRoots::new(dir), &pending, max, release)
+        })
+        .await;
         match swept {
             Ok(Ok((added, removed, beyond))) => {
                 if added + removed > 0 {
@@ -419,11 +447,15 @@ fn sweep(
     roots: &GcRoots,
     pending: &[nixpush_queue::Item],
     max: usize,
+    release: bool,
 ) -> std::io::Result<(usize, usize, usize)> {
     let keep: HashSet<&str> = pending.iter().take(max).map(|i| i.name.as_str()).collect();
     let rooted: HashSet<String> = roots.items()?.into_iter().collect();
     let mut removed = 0;
-    for item in rooted.iter().filter(|r| !keep.contains(r.as_str())) {
+    for item in rooted
+        .iter()
+        .filter(|r| release && !keep.contains(r.as_str()))
+    {
         if roots.age(item).is_some_and(|age| age < ROOTS_GRACE) {
             continue;
         }

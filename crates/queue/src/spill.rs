@@ -76,8 +76,8 @@ pub fn pending(dir: &Path) -> io::Result<Vec<PathBuf>> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpillError {
-    #[error("reading spill file {}", path.display())]
-    Read {
+    #[error("spill directory {}", path.display())]
+    Dir {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -86,37 +86,63 @@ pub enum SpillError {
     Queue(#[from] QueueError),
 }
 
+/// What an import did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Imported {
+    /// Items new to the queue.
+    pub added: usize,
+    /// Files that could not be read or held an item `accept` refused, set aside under a `.bad-`
+    /// name (never read again), with why.
+    pub set_aside: Vec<(PathBuf, String)>,
+}
+
 /// Moves every spill file in `dir` into `queue`: each file's items are committed, then the file is
-/// removed. Returns how many items were new to the queue. A file that cannot be committed stays for
+/// removed. A file that cannot be read, or holds an item `accept` refuses, is set aside rather than
+/// blocking the others. A queue that cannot take the items stops the import; the files stay for
 /// the next call.
-pub fn import(dir: &Path, queue: &mut Queue) -> Result<usize, SpillError> {
-    let mut added = 0;
-    let files = pending(dir).map_err(|source| SpillError::Read {
+pub fn import(
+    dir: &Path,
+    queue: &mut Queue,
+    accept: impl Fn(&Item) -> bool,
+) -> Result<Imported, SpillError> {
+    let dir_err = |source| SpillError::Dir {
         path: dir.to_owned(),
         source,
-    })?;
-    for path in files {
-        let text = fs::read_to_string(&path).map_err(|source| SpillError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let items: Vec<Item> = text
-            .lines()
-            .filter_map(|l| {
-                let (kind, name) = l.split_once(' ')?;
-                Some(Item {
-                    name: name.to_owned(),
-                    kind: Kind::parse(kind),
-                })
-            })
-            .collect();
-        added += queue.enqueue(&items)?;
-        fs::remove_file(&path).map_err(|source| SpillError::Read {
-            path: path.clone(),
-            source,
-        })?;
+    };
+    let mut imported = Imported::default();
+    for path in pending(dir).map_err(dir_err)? {
+        let items: Result<Vec<Item>, String> = fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                text.lines()
+                    .map(|l| {
+                        let (kind, name) = l.split_once(' ').ok_or(format!("bad line {l:?}"))?;
+                        let item = Item {
+                            name: name.to_owned(),
+                            kind: Kind::parse(kind),
+                        };
+                        if accept(&item) {
+                            Ok(item)
+                        } else {
+                            Err(format!("not a store path of its kind: {l:?}"))
+                        }
+                    })
+                    .collect()
+            });
+        match items {
+            Ok(items) => {
+                imported.added += queue.enqueue(&items)?;
+                fs::remove_file(&path).map_err(dir_err)?;
+            }
+            Err(why) => {
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                let aside = dir.join(format!(".bad-{name}"));
+                fs::rename(&path, &aside).map_err(dir_err)?;
+                imported.set_aside.push((aside, why));
+            }
+        }
     }
-    Ok(added)
+    Ok(imported)
 }
 
 #[cfg(test)]
@@ -140,11 +166,17 @@ mod tests {
         // A file being written (temporary name) is not read.
         fs::write(spill.join(".123-1-0"), "path /nix/store/x").unwrap();
         assert_eq!(pending(&spill).unwrap().len(), 2);
+        // One bad file (not UTF-8) and one with an item refused: both set aside, the rest imported.
+        fs::write(spill.join("0-1-0.items"), b"path \xff\n").unwrap();
+        fs::write(spill.join("0-1-1.items"), "path /nix/store/../../etc\n").unwrap();
         let mut q = Queue::open(&d.path().join("state")).unwrap();
-        assert_eq!(import(&spill, &mut q).unwrap(), 2);
+        let accept = |i: &Item| !i.name.contains("..");
+        let imported = import(&spill, &mut q, accept).unwrap();
+        assert_eq!(imported.added, 2);
+        assert_eq!(imported.set_aside.len(), 2, "{imported:?}");
         assert!(pending(&spill).unwrap().is_empty());
         let pending_items = q.pending().unwrap();
         assert_eq!(pending_items, vec![a, b]);
-        assert_eq!(import(&spill, &mut q).unwrap(), 0);
+        assert_eq!(import(&spill, &mut q, accept).unwrap(), Imported::default());
     }
 }

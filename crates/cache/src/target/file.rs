@@ -56,19 +56,25 @@ impl FileTarget {
     }
 
     pub async fn create(dir: &Path) -> Result<Self, CacheError> {
-        // Only directories created here get DIR_MODE whatever the umask; an existing one keeps the
-        // mode its owner chose (0750 with a web server's group, say).
-        for d in [dir.to_owned(), dir.join("nar")] {
-            if !d.exists() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(DIR_MODE)
-                    .create(&d)
-                    .and_then(|()| {
-                        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(DIR_MODE))
-                    })
-                    .map_err(err("creating cache directory", &d))?;
-            }
+        // Directories created here (the parents too) get DIR_MODE whatever the umask; an existing
+        // one keeps the mode its owner chose (0750 with a web server's group, say).
+        let nar = dir.join("nar");
+        let missing: Vec<&Path> = nar.ancestors().take_while(|d| !d.exists()).collect();
+        for d in missing.into_iter().rev() {
+            std::fs::DirBuilder::new()
+                .mode(DIR_MODE)
+                .create(d)
+                .or_else(|e| {
+                    if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .and_then(|()| {
+                    std::fs::set_permissions(d, std::fs::Permissions::from_mode(DIR_MODE))
+                })
+                .map_err(err("creating cache directory", d))?;
         }
         Ok(FileTarget {
             dir: dir.to_owned(),
