@@ -59,6 +59,8 @@ pub struct Config {
     pub gc_roots_dir: Option<PathBuf>,
     pub gc_roots_max: Option<usize>,
     pub spill_dir: Option<PathBuf>,
+    pub metrics_textfile: Option<PathBuf>,
+    pub metrics_listen: Option<String>,
 }
 
 /// The keys that say where things are recorded, which the hook must honour even in a file that

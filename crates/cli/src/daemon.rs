@@ -64,6 +64,8 @@ pub fn run(args: Args) -> Result<()> {
         roots: cfg.gc_roots(),
         roots_max: cfg.gc_roots_max(),
         spill_dir: cfg.spill_dir(),
+        metrics_textfile: cfg.metrics_textfile.clone(),
+        metrics_listen: cfg.metrics_listen.clone(),
     };
     fs::create_dir_all(&settings.state_dir).with_context(|| {
         format!(

@@ -435,6 +435,119 @@ fn throttling_is_retried_after_the_servers_retry_after() {
     );
 }
 
+/// The daemon's metrics, served over HTTP and written for the textfile collector, read back with a
+/// Prometheus text parser: they say what the test did (three items published, their bytes, the
+/// retries that a 503 SlowDown caused).
+#[test]
+fn the_metrics_say_what_the_daemon_did() {
+    let mut f = Flow::with_hook("", false);
+    let relay = Relay::start(
+        &f.s3.endpoint,
+        RelayConfig {
+            faults: Faults {
+                limit: Some(3),
+                ..Faults::always(Fault::SlowDown)
+            },
+            ..RelayConfig::default()
+        },
+    );
+    f.route_through(&relay, "");
+    let textfile = f.dir.path().join("nixpush.prom");
+    let mut config = fs::read_to_string(&f.config).unwrap();
+    config.push_str(&format!(
+        "metrics-listen = \"127.0.0.1:0\"\nmetrics-textfile = \"{}\"\n",
+        textfile.display()
+    ));
+    fs::write(&f.config, config).unwrap();
+    let (outs, _) = f.build(&many(3, "metrics"));
+    for p in &outs {
+        assert!(f.hook(Some(std::ffi::OsStr::new(p)), None).status.success());
+    }
+    f.start_daemon();
+    f.wait_published(&outs);
+    wait_for("every item to be recorded done", || {
+        f.queue_items().iter().all(|(_, s)| *s == State::Done)
+    });
+    let parse = |text: &str| {
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+            .expect("Prometheus text format")
+    };
+    let value = |scrape: &prometheus_parse::Scrape, metric: &str, label: Option<(&str, &str)>| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == metric && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                other => panic!("{metric}: {other:?}"),
+            })
+    };
+    // The file is written after each batch: wait for the one that saw all three done.
+    wait_for("the metrics file to count three items done", || {
+        fs::read_to_string(&textfile).is_ok_and(|t| {
+            value(&parse(&t), "nixpush_queue_items", Some(("state", "done"))) == Some(3.0)
+        })
+    });
+    let addr = f
+        .log()
+        .lines()
+        .find_map(|l| l.split("serving metrics addr=").nth(1).map(str::to_owned))
+        .expect("the daemon says where it serves metrics");
+    let scraped = {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(addr.trim()).unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response.split_once("\r\n\r\n").unwrap().1.to_owned()
+    };
+    for text in [scraped, fs::read_to_string(&textfile).unwrap()] {
+        let m = parse(&text);
+        assert_eq!(
+            value(&m, "nixpush_queue_items", Some(("state", "done"))),
+            Some(3.0)
+        );
+        assert_eq!(
+            value(&m, "nixpush_queue_items", Some(("state", "failed"))),
+            Some(0.0)
+        );
+        // Every NAR's FileSize, as the narinfos record them.
+        let bytes: u64 = outs
+            .iter()
+            .map(|p| {
+                let h = p.parse::<StorePath>().unwrap().hash_part().to_owned();
+                let info: NarInfo = String::from_utf8(f.s3.get(&format!("{h}.narinfo")).unwrap())
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                info.file_size.unwrap()
+            })
+            .sum();
+        assert_eq!(
+            value(&m, "nixpush_uploaded_bytes_total", None),
+            Some(bytes as f64)
+        );
+        let throttled = value(&m, "nixpush_retries_total", Some(("class", "throttle")));
+        assert!(throttled.is_some_and(|n| n >= 1.0), "{throttled:?}\n{text}");
+        assert!(value(&m, "nixpush_last_publish_timestamp_seconds", None).is_some_and(|t| t > 0.0));
+        let lag = m
+            .samples
+            .iter()
+            .find(|s| s.metric == "nixpush_publish_lag_seconds")
+            .expect("the lag histogram");
+        match &lag.value {
+            prometheus_parse::Value::Histogram(buckets) => {
+                assert_eq!(buckets.last().map(|b| b.count), Some(3.0), "{buckets:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
 /// Regression: when recording a batch's outcomes failed (a full disk, the queue locked by another
 /// process), its items stayed `in_flight` until the daemon was restarted, while the log said they
 /// "will be retried".

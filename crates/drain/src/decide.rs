@@ -18,6 +18,8 @@ pub struct Failure {
     pub permanent: bool,
     /// The server asked for this wait (S3's `Retry-After`).
     pub retry_after: Option<Duration>,
+    /// For the retry metric: throttle, network, auth, server, corrupt, store or other.
+    pub class: &'static str,
 }
 
 impl Failure {
@@ -26,6 +28,7 @@ impl Failure {
             message,
             permanent: false,
             retry_after: None,
+            class: "other",
         }
     }
 }
@@ -66,6 +69,27 @@ pub fn failure_of(e: &CacheError) -> Failure {
             CacheError::Throttled { retry_after, .. } => retry_after.map(Duration::from_secs),
             _ => None,
         },
+        class: class_of(e),
+    }
+}
+
+/// The kind of trouble a cache error is, as the retry metric counts it.
+pub fn class_of(e: &CacheError) -> &'static str {
+    match e {
+        CacheError::Throttled { .. } => "throttle",
+        CacheError::Unreachable { .. } | CacheError::Http { .. } => "network",
+        CacheError::AccessDenied { .. }
+        | CacheError::NoCredentials { .. }
+        | CacheError::HttpDenied { .. }
+        | CacheError::WrongRegion { .. }
+        | CacheError::NoSuchBucket { .. } => "auth",
+        CacheError::S3 {
+            status: Some(500..=599),
+            ..
+        } => "server",
+        CacheError::NarMismatch { .. } | CacheError::SpoolChanged { .. } => "corrupt",
+        CacheError::Source { .. } => "store",
+        _ => "other",
     }
 }
 
@@ -131,7 +155,13 @@ pub fn outcome(
 ) -> Outcome {
     match a.resolved {
         Err(e) if store_verdict(e) == StoreVerdict::Gone => Outcome::Gone(error_chain(e)),
-        Err(e) => retry(c, Failure::transient(error_chain(e))),
+        Err(e) => retry(
+            c,
+            Failure {
+                class: "store",
+                ..Failure::transient(error_chain(e))
+            },
+        ),
         Ok(_) if a.batch_error.is_some() => retry(c, a.batch_error.cloned().expect("checked")),
         Ok(roots) => match roots.iter().find(|p| !a.ok.contains(p)) {
             None => Outcome::Done,

@@ -13,6 +13,7 @@
 pub mod decide;
 mod intake;
 pub mod ipc;
+pub mod metrics;
 mod source;
 mod worker;
 
@@ -20,7 +21,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use nixpush_cache::StoreUrl;
 use nixpush_format::SecretKey;
 use nixpush_queue::{Queue, RetryPolicy};
@@ -47,6 +48,10 @@ pub struct Settings {
     pub roots: Option<GcRoots>,
     pub roots_max: usize,
     pub spill_dir: PathBuf,
+    /// Where to write the metrics for node_exporter's textfile collector.
+    pub metrics_textfile: Option<PathBuf>,
+    /// Where to serve the metrics over HTTP (`127.0.0.1:9464`, say).
+    pub metrics_listen: Option<String>,
 }
 
 /// Serves the hook's socket and drains the queue until SIGTERM or SIGINT.
@@ -89,7 +94,18 @@ pub async fn serve(settings: Settings, queue: Queue) -> Result<()> {
             }
         })
     };
-    let mut worker = Worker::new(settings, queue);
+    let metrics = Arc::new(metrics::Metrics::default());
+    if let Some(addr) = &settings.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr} (metrics-listen)"))?;
+        // The address as bound: with port 0, the one the kernel chose.
+        if let Ok(bound) = listener.local_addr() {
+            tracing::info!(addr = %bound, "serving metrics");
+        }
+        tokio::spawn(metrics::serve(listener, metrics.clone()));
+    }
+    let mut worker = Worker::new(settings, queue, metrics);
     worker.run(work, stop).await;
     let _ = acceptor.await;
     let _ = fs::remove_file(&worker.settings.socket);

@@ -16,6 +16,7 @@ use tokio::sync::{Notify, watch};
 use crate::Settings;
 use crate::decide::{self, Failure, StoreVerdict, failure_of, store_verdict};
 use crate::intake::gather;
+use crate::metrics::Metrics;
 use crate::source::StoreSource;
 
 /// Items claimed at once: one closure computation and one push for all of them.
@@ -23,6 +24,8 @@ const BATCH: usize = 1000;
 /// Recording a batch's outcomes that failed is tried again after this, doubling up to the maximum.
 const RECORD_RETRY_MIN: Duration = Duration::from_secs(1);
 const RECORD_RETRY_MAX: Duration = Duration::from_secs(60);
+/// The metrics file is rewritten this often, and after every batch.
+const METRICS_EVERY: Duration = Duration::from_secs(15);
 /// GC roots are made to match the queue at start and this often (see [`Worker::sweep_roots`]).
 const ROOTS_SWEEP: Duration = Duration::from_secs(300);
 /// Roots younger than this are never swept away: the hook makes them just before it records the
@@ -37,15 +40,30 @@ pub(crate) struct Worker {
     /// Opened on first use, and again after a connection broke.
     store: Option<Arc<Store>>,
     cache: Option<Arc<Cache>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Worker {
-    pub(crate) fn new(settings: Settings, queue: Arc<Mutex<Queue>>) -> Self {
+    pub(crate) fn new(settings: Settings, queue: Arc<Mutex<Queue>>, metrics: Arc<Metrics>) -> Self {
         Worker {
             settings,
             queue,
             store: None,
             cache: None,
+            metrics,
+        }
+    }
+
+    /// Refreshes the queue's figures and writes the metrics file, if one is configured.
+    async fn report(&self) {
+        let now = nixpush_queue::now_ms();
+        if let Ok(status) = self.with_queue(|q| q.status(0)).await {
+            self.metrics.set_queue(&status, now);
+        }
+        if let Some(path) = &self.settings.metrics_textfile
+            && let Err(e) = self.metrics.write_file(path)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the metrics file");
         }
     }
 
@@ -64,6 +82,7 @@ impl Worker {
 
     pub(crate) async fn run(&mut self, work: Arc<Notify>, mut stop: watch::Receiver<bool>) {
         let mut swept = None::<Instant>;
+        let mut reported = None::<Instant>;
         let mut imported = None::<Instant>;
         let mut spill_error = None::<String>;
         loop {
@@ -77,6 +96,10 @@ impl Worker {
             if swept.is_none_or(|t| t.elapsed() >= ROOTS_SWEEP) {
                 self.sweep_roots().await;
                 swept = Some(Instant::now());
+            }
+            if reported.is_none_or(|t| t.elapsed() >= METRICS_EVERY) {
+                self.report().await;
+                reported = Some(Instant::now());
             }
             let claimed = match self
                 .with_queue(|q| q.claim(nixpush_queue::now_ms(), BATCH))
@@ -131,7 +154,15 @@ impl Worker {
                 })
                 .await;
             let Err(e) = recorded else {
+                let now = nixpush_queue::now_ms();
+                for (c, o) in batch.0.iter().zip(&batch.1) {
+                    if *o == Outcome::Done {
+                        let lag = Duration::from_millis((now - c.enqueued_at).max(0) as u64);
+                        self.metrics.published(lag, now);
+                    }
+                }
                 self.release(&batch.0, &batch.1).await;
+                self.report().await;
                 return;
             };
             if *stop.borrow() {
@@ -388,6 +419,7 @@ impl Worker {
             let summary = cache
                 .push(closure.into_values().collect(), source, &opts, &log_event)
                 .await;
+            self.metrics.uploaded(summary.file_bytes);
             let ok: HashSet<StorePath> = summary
                 .uploaded
                 .iter()
@@ -437,7 +469,12 @@ impl Worker {
     fn retry(&self, c: &Claimed, f: Failure) -> Outcome {
         // Full jitter needs a uniform number in [0, 1): the top 53 bits of a random u64.
         let unit = getrandom::u64().map_or(0.5, |r| (r >> 11) as f64 / (1u64 << 53) as f64);
-        decide::retry(&self.settings.retry, c, f, unit)
+        let class = f.class;
+        let outcome = decide::retry(&self.settings.retry, c, f, unit);
+        if matches!(outcome, Outcome::RetryIn { .. }) {
+            self.metrics.retried(class);
+        }
+        outcome
     }
 }
 
