@@ -18,7 +18,20 @@ pub struct StatusArgs {
     /// Print JSON on stdout
     #[arg(long)]
     json: bool,
+    /// List every failed item with its reason (not only the most recent errors)
+    #[arg(long)]
+    failed: bool,
+    /// For monitoring: exit 1 when items failed or the oldest pending item is older than
+    /// --max-age (exit 2 when the queue cannot be read)
+    #[arg(long)]
+    check: bool,
+    /// With --check: how old the oldest pending item may be, as `90s`, `30m`, `2h` [default: 1h]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "check")]
+    max_age: Option<Duration>,
 }
+
+/// `status --check`'s default bound on the oldest pending item's age.
+const DEFAULT_MAX_AGE: Duration = Duration::from_secs(3600);
 
 /// Queue failed items again
 #[derive(clap::Args)]
@@ -59,8 +72,13 @@ fn open(state_dir: Option<PathBuf>) -> Result<Queue> {
 }
 
 pub fn status(args: StatusArgs) -> Result<()> {
-    let q = open(args.state_dir)?;
+    let q = open(args.state_dir.clone())?;
     let s = q.status(10)?;
+    let failed = if args.failed || args.check {
+        q.failed()?
+    } else {
+        Vec::new()
+    };
     // Builds the hook could only record in the spill directory (the queue had no room).
     let spill_dir = Config::load().unwrap_or_default().spill_dir();
     let spilled = nixpush_queue::spill::pending(&spill_dir)
@@ -88,10 +106,13 @@ pub fn status(args: StatusArgs) -> Result<()> {
             "counts": counts,
             "oldest_pending_seconds": age.map(|a| a.as_secs()),
             "spilled_files": spilled,
+            "failed": failed.iter().map(|(item, attempts, error, at)| {
+                json!({"item": item, "attempts": attempts, "error": error, "at_ms": at})
+            }).collect::<Vec<_>>(),
             "recent_errors": errors,
         });
         println!("{report}");
-        return Ok(());
+        return check(&args, &failed, age);
     }
     println!("queue: {}", q.path().display());
     let counts: Vec<String> = s
@@ -121,7 +142,43 @@ pub fn status(args: StatusArgs) -> Result<()> {
             println!("  {item}: {what}: {err}");
         }
     }
-    Ok(())
+    if args.failed {
+        println!("failed items ({}):", failed.len());
+        for (item, attempts, error, _) in &failed {
+            println!("  {item} (after {attempts} attempts): {error}");
+        }
+    }
+    check(&args, &failed, age)
+}
+
+/// `--check`: a problem is an error with exit code 1, for monitoring systems.
+fn check(
+    args: &StatusArgs,
+    failed: &[(String, u32, String, i64)],
+    age: Option<Duration>,
+) -> Result<()> {
+    if !args.check {
+        return Ok(());
+    }
+    let max_age = args.max_age.unwrap_or(DEFAULT_MAX_AGE);
+    let mut problems = Vec::new();
+    if !failed.is_empty() {
+        problems.push(format!(
+            "{} items failed (nixpush status --failed; nixpush retry)",
+            failed.len()
+        ));
+    }
+    if let Some(a) = age.filter(|a| *a > max_age) {
+        problems.push(format!(
+            "the oldest pending item is {} old, more than {}",
+            human_duration(a),
+            humantime::format_duration(max_age)
+        ));
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(crate::exit::PartialFailure(problems.join("; ")).into())
 }
 
 pub fn retry(args: RetryArgs) -> Result<()> {

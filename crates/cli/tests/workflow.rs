@@ -376,6 +376,18 @@ fn an_endpoint_outage_delays_uploads_and_loses_nothing() {
             .any(|e| e.2 >= 2 && e.3.contains("cannot reach"))
     });
     assert!(outs.iter().all(|p| !f.published(p)));
+    // Monitoring sees the backlog age; nothing has failed.
+    let check = f
+        .nixpush()
+        .args(["status", "--check", "--max-age", "1ms"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the oldest pending item is") && !err.contains("failed"),
+        "{err}"
+    );
     f.s3.resume();
     f.wait_published(&outs);
     // The daemon records an item done just after publishing it.
@@ -1431,6 +1443,19 @@ fn a_corrupt_path_fails_with_its_reason_and_can_be_retried() {
     let json = f.nixpush().args(["status", "--json"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["counts"]["failed"], 1);
+    // For monitoring: --check fails, naming why; --failed lists the item with its reason.
+    let check = f.nixpush().args(["status", "--check"]).output().unwrap();
+    assert_eq!(check.status.code(), Some(1), "{check:?}");
+    assert!(String::from_utf8_lossy(&check.stderr).contains("1 items failed"));
+    let listed = f.nixpush().args(["status", "--failed"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains(&format!(
+            "{} (after 1 attempts): refusing to upload",
+            outs[0]
+        )),
+        "{listed}"
+    );
 
     // Repaired (here: the original contents back), `retry PATH` publishes it; naming another path
     // requeues nothing.
@@ -1441,6 +1466,15 @@ fn a_corrupt_path_fails_with_its_reason_and_can_be_retried() {
     let o = f.nixpush().args(["retry", &outs[0]]).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stdout).contains("1 failed items queued again"));
     f.wait_published(&outs);
+    wait_for("the item to be recorded done", || {
+        f.queue_items().iter().all(|(_, s)| *s == State::Done)
+    });
+    let check = f
+        .nixpush()
+        .args(["status", "--check", "--max-age", "10m"])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
 }
 
 #[test]

@@ -437,6 +437,22 @@ impl Queue {
         Ok(status)
     }
 
+    /// Every failed item that no newer row supersedes: (item, attempts, error, updated_at), most
+    /// recent first.
+    pub fn failed(&self) -> Result<Vec<(String, u32, String, i64)>, QueueError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT item, attempts, COALESCE(last_error, ''), updated_at FROM items
+                 WHERE state = 'failed' AND NOT {SUPERSEDED} ORDER BY updated_at DESC, id DESC"
+            ))
+            .map_err(self.err())?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .map_err(self.err())?
+            .collect::<Result<_, _>>()
+            .map_err(self.err())
+    }
+
     /// The items queued or in flight, oldest first.
     pub fn pending(&self) -> Result<Vec<Item>, QueueError> {
         let mut stmt = self
