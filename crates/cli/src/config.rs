@@ -61,6 +61,7 @@ pub struct Config {
     pub spill_dir: Option<PathBuf>,
     pub metrics_textfile: Option<PathBuf>,
     pub metrics_listen: Option<String>,
+    pub yield_to_builds: Option<bool>,
 }
 
 /// The keys that say where things are recorded, which the hook must honour even in a file that

@@ -91,11 +91,41 @@ pub fn run(args: Args) -> Result<()> {
             "no signing key: paths are published with only the signatures the store already has"
         );
     }
+    if cfg.yield_to_builds.unwrap_or(true) {
+        yield_to_builds();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(nixpush_drain::serve(settings, queue))
 }
+
+/// Lowers the daemon's CPU priority (nice 10) and I/O priority (best effort, lowest level), so that
+/// compressing and hashing uploads yields to the builds running beside it. Done before the runtime
+/// starts: Linux keeps both per thread, and threads inherit them from the one that creates them.
+fn yield_to_builds() {
+    const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+    const IOPRIO_CLASS_BE: libc::c_int = 2;
+    const IOPRIO_CLASS_SHIFT: libc::c_int = 13;
+    // SAFETY: both calls change only this thread's scheduling attributes.
+    let (cpu, io) = unsafe {
+        (
+            libc::setpriority(libc::PRIO_PROCESS, 0, NICE),
+            libc::syscall(
+                libc::SYS_ioprio_set,
+                IOPRIO_WHO_PROCESS,
+                0,
+                (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 7,
+            ),
+        )
+    };
+    if cpu != 0 || io != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot lower the daemon's priority");
+    }
+}
+
+/// The daemon's nice value when it yields to builds.
+const NICE: libc::c_int = 10;
 
 /// Holds the state directory's lock for the daemon's lifetime.
 fn lock(state_dir: &Path) -> Result<File> {

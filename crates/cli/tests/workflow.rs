@@ -337,6 +337,39 @@ fn daemon_down_then_up(kind: S3Kind) {
     assert!(f.signal_daemon(libc::SIGTERM).success());
 }
 
+/// (nice, I/O priority) of a process, as the kernel has them.
+fn priorities(pid: u32) -> (i64, i64) {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Field 19 is the nice value; fields are counted after the parenthesised command name.
+    let nice = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(16)
+        .unwrap();
+    // SAFETY: ioprio_get only reads the scheduling attributes of a process.
+    let io = unsafe { libc::syscall(libc::SYS_ioprio_get, 1, pid as libc::c_int) };
+    (nice.parse().unwrap(), io)
+}
+
+/// The daemon yields to builds: nice 10 and the lowest best-effort I/O priority, unless told not to.
+#[test]
+fn the_daemon_yields_to_builds_unless_told_not_to() {
+    let mut f = Flow::with_hook("", false);
+    f.start_daemon();
+    let pid = f.daemon.as_ref().unwrap().id();
+    assert_eq!(priorities(pid), (10, (2 << 13) | 7));
+    assert!(f.signal_daemon(libc::SIGTERM).success());
+    let mut config = fs::read_to_string(&f.config).unwrap();
+    config.push_str("yield-to-builds = false\n");
+    fs::write(&f.config, config).unwrap();
+    f.start_daemon();
+    let pid = f.daemon.as_ref().unwrap().id();
+    // What it was started with: this test's own.
+    assert_eq!(priorities(pid).0, priorities(std::process::id()).0);
+}
+
 #[test]
 fn hooks_that_come_in_a_burst_are_uploaded_as_one_batch() {
     let mut f = Flow::with_hook("", false);
