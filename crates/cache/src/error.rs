@@ -103,3 +103,18 @@ pub enum CacheError {
     )]
     StoreDirMismatch { found: String, expected: String },
 }
+
+/// "outer: inner: innermost", the way errors are shown everywhere in nixpush.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let msg = inner.to_string();
+        if !s.ends_with(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = inner.source();
+    }
+    s
+}

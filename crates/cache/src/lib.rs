@@ -11,19 +11,18 @@
 //! - **Memory does not grow with NAR size**: NARs stream through hashing and compression into a spool
 //!   file and are uploaded from it in bounded parts.
 
+mod cache;
 mod error;
-mod publish;
+mod source;
 mod spool;
 mod target;
 mod url;
 mod verify;
 
-pub use error::CacheError;
-pub use publish::{Cache, Event, PushOptions, PushSummary};
-pub use spool::{
-    CompressOptions, MEMORY_SPOOL, NarSource, SourceError, Spool, SpooledNar, error_chain,
-    spool_nar,
-};
+pub use cache::{Cache, Event, PushOptions, PushSummary};
+pub use error::{CacheError, error_chain};
+pub use source::{NarSource, SourceError};
+pub use spool::{CompressOptions, MEMORY_SPOOL, Spool, SpooledNar, spool_nar};
 pub use url::{AddressingStyle, Location, StoreUrl, UrlError};
 pub use verify::{
     Finding, Problem, Scope, Subject, Upstream, Verifier, VerifyEvent, VerifySummary,

@@ -11,18 +11,11 @@ use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
 use nixpush_format::hash::HashingWriter;
-use nixpush_format::{Compression, PathInfo, Sha256, StorePath};
+use nixpush_format::{Compression, PathInfo, Sha256};
 use tempfile::NamedTempFile;
 
-use crate::CacheError;
-
-/// Where NARs come from: the store, in production; anything that can write a path's NAR.
-pub trait NarSource: Send + Sync {
-    /// Writes the NAR of `path` to `out`.
-    fn write_nar(&self, path: &StorePath, out: &mut dyn Write) -> Result<(), SourceError>;
-}
-
-pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
+use crate::source::NarSource;
+use crate::{CacheError, error_chain};
 
 #[derive(Debug, Clone, Copy)]
 pub struct CompressOptions {
@@ -266,24 +259,11 @@ impl<W: Write> Write for Recording<W> {
     }
 }
 
-/// "outer: inner: innermost", the way errors are shown everywhere in nixpush.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        let msg = inner.to_string();
-        if !s.ends_with(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = inner.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::SourceError;
+    use nixpush_format::StorePath;
     use std::io::Read;
 
     /// Pretends to be the store: its "NAR" is whatever bytes it holds.

@@ -76,21 +76,20 @@ pub struct StoreUrl {
     pub priority: Option<u32>,
 }
 
+/// `%XX` escapes decoded; `None` for a `%` not followed by two hex digits (which the crate would
+/// pass through as it is) or bytes that are not UTF-8.
 fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
+    let well_formed = s.match_indices('%').all(|(i, _)| {
+        s.get(i + 1..i + 3)
+            .is_some_and(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+    });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(out).ok()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|d| d.into_owned())
 }
 
 fn bad(name: &str, value: &str, why: impl Into<String>) -> UrlError {

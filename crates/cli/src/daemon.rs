@@ -2,7 +2,6 @@
 //! what a crash left, and runs [`nixpush_drain::serve`], which does the work.
 
 use std::fs::{self, File};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -131,8 +130,7 @@ const NICE: libc::c_int = 10;
 fn lock(state_dir: &Path) -> Result<File> {
     let path = state_dir.join("daemon.lock");
     let f = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if f.try_lock().is_err() {
         bail!(
             "another nixpush daemon is running for {} (lock {} is held)",
             state_dir.display(),

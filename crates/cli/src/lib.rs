@@ -10,6 +10,7 @@ mod keygen;
 mod paths;
 mod push;
 mod report;
+mod retry;
 mod status;
 mod verify;
 
@@ -38,7 +39,7 @@ enum Command {
     Push(push::Args),
     Daemon(daemon::Args),
     Status(status::StatusArgs),
-    Retry(status::RetryArgs),
+    Retry(retry::RetryArgs),
     Verify(verify::Args),
     #[command(hide = true)]
     Generate(generate::Args),
@@ -66,7 +67,7 @@ pub fn main() -> ExitCode {
         Command::Push(args) => push::run(args),
         Command::Daemon(args) => daemon::run(args),
         Command::Status(args) => status::status(args),
-        Command::Retry(args) => status::retry(args),
+        Command::Retry(args) => retry::retry(args),
         Command::Verify(args) => verify::run(args),
         Command::Generate(args) => generate::run(args),
     };

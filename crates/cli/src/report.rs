@@ -32,18 +32,7 @@ impl Progress {
 }
 
 pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
+    indicatif::HumanBytes(n).to_string()
 }
 
 pub struct Reporter {
@@ -200,7 +189,7 @@ mod tests {
     #[test]
     fn bytes_read_well() {
         assert_eq!(human_bytes(0), "0 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(100 * 1024 * 1024), "100.0 MiB");
+        assert_eq!(human_bytes(1536), "1.50 KiB");
+        assert_eq!(human_bytes(100 * 1024 * 1024), "100.00 MiB");
     }
 }

@@ -1,4 +1,4 @@
-//! `nixpush status` and `nixpush retry`: the queue, read and mended without the daemon.
+//! `nixpush status`: the queue, read without the daemon.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -33,31 +33,11 @@ pub struct StatusArgs {
 /// `status --check`'s default bound on the oldest pending item's age.
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(3600);
 
-/// Queue failed items again
-#[derive(clap::Args)]
-pub struct RetryArgs {
-    /// Queue directory (overrides `state-dir`)
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-    /// Every failed item
-    #[arg(long, conflicts_with = "paths")]
-    all: bool,
-    /// The failed items to retry (store paths or .drv paths, as `status` shows them)
-    #[arg(value_name = "PATH", required_unless_present = "all")]
-    paths: Vec<String>,
-}
-
 pub fn human_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m {}s", s / 60, s % 60),
-        3600..86400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
-    }
+    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
 }
 
-fn open(state_dir: Option<PathBuf>) -> Result<Queue> {
+pub(crate) fn open(state_dir: Option<PathBuf>) -> Result<Queue> {
     let dir = match state_dir {
         Some(d) => d,
         None => Config::load()?.state_dir(),
@@ -181,21 +161,19 @@ fn check(
     Err(crate::exit::PartialFailure(problems.join("; ")).into())
 }
 
-pub fn retry(args: RetryArgs) -> Result<()> {
-    let mut q = open(args.state_dir)?;
-    let names = (!args.all).then_some(args.paths.as_slice());
-    let n = q.retry_failed(names)?;
-    println!("{n} failed items queued again");
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
     fn durations_read_well() {
         use std::time::Duration;
         assert_eq!(super::human_duration(Duration::from_secs(5)), "5s");
-        assert_eq!(super::human_duration(Duration::from_secs(312)), "5m 12s");
-        assert_eq!(super::human_duration(Duration::from_secs(90061)), "1d 1h");
+        assert_eq!(
+            super::human_duration(Duration::from_millis(312_400)),
+            "5m 12s"
+        );
+        assert_eq!(
+            super::human_duration(Duration::from_secs(90061)),
+            "1day 1h 1m 1s"
+        );
     }
 }

@@ -424,7 +424,7 @@ fn large_path_round_trip(kind: S3Kind) {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("24.0 MiB NAR"), "{err}");
+    assert!(err.contains("24.00 MiB NAR"), "{err}");
     assert!(
         err.contains("multipart upload") && err.contains("parts=5"),
         "{err}"

@@ -80,14 +80,9 @@ pub(crate) fn bind(socket: &Path, group: Option<&str>) -> Result<(UnixListener, 
         group: None,
     };
     if let Some(group) = group {
-        let name = std::ffi::CString::new(group).context("bad socket-group")?;
-        // SAFETY: getgrnam reads a NUL-terminated string and returns a pointer into static storage,
-        // read at once.
-        let gr = unsafe { libc::getgrnam(name.as_ptr()) };
-        if gr.is_null() {
+        let Some(gid) = uzers::get_group_by_name(group).map(|g| g.gid()) else {
             bail!("socket-group `{group}` does not exist");
-        }
-        let gid = unsafe { (*gr).gr_gid };
+        };
         peers.group = Some(gid);
         std::os::unix::fs::chown(socket, None, Some(gid))
             .with_context(|| format!("cannot give {} to group {group}", socket.display()))?;

@@ -35,11 +35,7 @@ impl Sha256 {
     }
 
     pub fn to_base16(&self) -> String {
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            s.push_str(&format!("{b:02x}"));
-        }
-        s
+        hex::encode(self.0)
     }
 
     pub fn to_base64(&self) -> String {

@@ -651,7 +651,7 @@ impl Intercept for SignedPayloadHash {
 
 /// Upload ids are opaque and may hold `/`; the journal's file names must not.
 fn journal_name(upload_id: &str) -> String {
-    upload_id.bytes().map(|b| format!("{b:02x}")).collect()
+    hex::encode(upload_id)
 }
 
 async fn file_body(

@@ -14,7 +14,9 @@ use nixpush_format::{NarInfo, PathInfo, SecretKey, StorePath};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::spool::{CompressOptions, NarSource, PARALLEL_MIN_NAR, Spool, error_chain, spool_nar};
+use crate::error_chain;
+use crate::source::NarSource;
+use crate::spool::{CompressOptions, PARALLEL_MIN_NAR, Spool, spool_nar};
 use crate::target::Target;
 use crate::{CacheError, StoreUrl};
 
