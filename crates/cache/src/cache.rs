@@ -227,7 +227,7 @@ impl Cache {
         }
 
         // Ask the cache what it has, many at once: on S3 each question is a round trip.
-        let probes = Arc::new(Semaphore::new((opts.jobs * 4).max(16)));
+        let probes = Arc::new(Semaphore::new((opts.jobs * 4).max(SMALL_IN_FLIGHT)));
         let mut set = JoinSet::new();
         for info in candidates {
             let (target, probes) = (self.target.clone(), probes.clone());
@@ -296,6 +296,7 @@ impl Cache {
             keys: opts.keys.clone(),
             spool_dir: opts.spool_dir.clone(),
             jobs: Semaphore::new(opts.jobs.max(1)),
+            small: Semaphore::new(SMALL_IN_FLIGHT),
             threads: self.threads.clone(),
         });
         let mut done: HashMap<StorePath, watch::Receiver<Option<bool>>> = HashMap::new();
@@ -352,6 +353,12 @@ impl Cache {
     }
 }
 
+/// A NAR this small (uncompressed) is spooled in memory and sent in one request: its time is round
+/// trips, so up to [`SMALL_IN_FLIGHT`] of them go at once, whatever `jobs` says. Memory stays
+/// bounded: at most that many times this size.
+const SMALL_NAR: u64 = crate::spool::MEMORY_SPOOL as u64;
+const SMALL_IN_FLIGHT: usize = 64;
+
 /// NARs at least this large (compressed) are only uploaded after asking whether the cache has them.
 const ASK_BEFORE_PUT: u64 = 1 << 20;
 
@@ -381,6 +388,8 @@ struct Ctx {
     keys: Vec<SecretKey>,
     spool_dir: PathBuf,
     jobs: Semaphore,
+    /// Slots for small NARs, see [`SMALL_NAR`].
+    small: Semaphore,
     threads: Arc<ThreadBudget>,
 }
 
@@ -405,7 +414,14 @@ impl Ctx {
         // The job slot covers the NAR only; waiting for references below must not hold one, or a
         // path could wait on a reference that waits for a slot.
         let (mut narinfo, published) = {
-            let _slot = self.jobs.acquire().await.expect("semaphore closed");
+            // Small NARs (most of any closure) are latency, not bandwidth or CPU: a round trip
+            // each, many at once, outside the `jobs` that bound large ones.
+            let slots = if info.nar_size <= SMALL_NAR {
+                &self.small
+            } else {
+                &self.jobs
+            };
+            let _slot = slots.acquire().await.expect("semaphore closed");
             // One compression thread from the shared budget and, for a NAR large enough to
             // compress in parallel, more when they are free (never waiting for them).
             let want = if info.nar_size >= PARALLEL_MIN_NAR {
