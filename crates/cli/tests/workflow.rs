@@ -121,6 +121,25 @@ impl Flow {
         fs::write(&self.config, config).unwrap();
     }
 
+    /// Routes the daemon through a relay that answers the first three connections 503 SlowDown
+    /// with `Retry-After: retry_after`: as many as the SDK's own attempts at one request, so the
+    /// daemon sees the throttling itself.
+    fn throttled(&self, retry_after: u32) -> Relay {
+        let relay = Relay::start(
+            &self.s3.endpoint,
+            RelayConfig {
+                faults: Faults {
+                    limit: Some(3),
+                    retry_after_secs: retry_after,
+                    ..Faults::always(Fault::SlowDown)
+                },
+                ..RelayConfig::default()
+            },
+        );
+        self.route_through(&relay, "");
+        relay
+    }
+
     /// Turns GC roots off in the config (for tests of what happens when paths are collected).
     fn without_gc_roots(&self) {
         let config = fs::read_to_string(&self.config).unwrap().replace(
@@ -432,20 +451,8 @@ fn an_endpoint_outage_delays_uploads_and_loses_nothing() {
 #[test]
 fn throttling_is_retried_after_the_servers_retry_after() {
     let mut f = Flow::with_hook("", false);
-    // The first connections are answered 503 SlowDown, Retry-After: 3, more than the SDK's own
-    // attempts at one request (3), so the daemon sees the throttling itself.
-    let relay = Relay::start(
-        &f.s3.endpoint,
-        RelayConfig {
-            faults: Faults {
-                limit: Some(3),
-                retry_after_secs: 3,
-                ..Faults::always(Fault::SlowDown)
-            },
-            ..RelayConfig::default()
-        },
-    );
-    f.route_through(&relay, "");
+    // Retry-After: 3, more than the SDK's own attempts at one request (3).
+    let relay = f.throttled(3);
     let config = fs::read_to_string(&f.config)
         .unwrap()
         .replace("retry-max-delay = 0.5", "retry-max-delay = 10");
@@ -486,17 +493,7 @@ fn throttling_is_retried_after_the_servers_retry_after() {
 #[test]
 fn the_metrics_say_what_the_daemon_did() {
     let mut f = Flow::with_hook("", false);
-    let relay = Relay::start(
-        &f.s3.endpoint,
-        RelayConfig {
-            faults: Faults {
-                limit: Some(3),
-                ..Faults::always(Fault::SlowDown)
-            },
-            ..RelayConfig::default()
-        },
-    );
-    f.route_through(&relay, "");
+    let relay = f.throttled(1);
     let textfile = f.dir.path().join("nixpush.prom");
     let mut config = fs::read_to_string(&f.config).unwrap();
     config.push_str(&format!(
@@ -576,6 +573,7 @@ fn the_metrics_say_what_the_daemon_did() {
             value(&m, "nixpush_uploaded_bytes_total", None),
             Some(bytes as f64)
         );
+        assert_eq!(relay.injected().get(&Fault::SlowDown), Some(&3));
         let throttled = value(&m, "nixpush_retries_total", Some(("class", "throttle")));
         assert!(throttled.is_some_and(|n| n >= 1.0), "{throttled:?}\n{text}");
         assert!(value(&m, "nixpush_last_publish_timestamp_seconds", None).is_some_and(|t| t > 0.0));
