@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use crate::error_chain;
 use crate::source::NarSource;
 use crate::spool::{CompressOptions, PARALLEL_MIN_NAR, Spool, spool_nar};
-use crate::target::Target;
+use crate::target::{RequestObserver, Target};
 use crate::{CacheError, StoreUrl};
 
 /// What happened to each path, as it happens. The CLI turns these into log lines, a progress bar
@@ -139,7 +139,16 @@ impl Cache {
         url: StoreUrl,
         journal: Option<&std::path::Path>,
     ) -> Result<Self, CacheError> {
-        let target = Target::open(&url, journal).await?;
+        Self::open_observed(url, journal, None).await
+    }
+
+    /// Like [`Cache::open_with_journal`], telling `observer` of every S3 request attempt.
+    pub async fn open_observed(
+        url: StoreUrl,
+        journal: Option<&std::path::Path>,
+        observer: Option<RequestObserver>,
+    ) -> Result<Self, CacheError> {
+        let target = Target::open(&url, journal, observer).await?;
         let cache = Cache {
             target: Arc::new(target),
             url,

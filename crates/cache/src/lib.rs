@@ -23,6 +23,7 @@ pub use cache::{Cache, Event, PushOptions, PushSummary};
 pub use error::{CacheError, error_chain};
 pub use source::{NarSource, SourceError};
 pub use spool::{CompressOptions, MEMORY_SPOOL, Spool, SpooledNar, spool_nar};
+pub use target::RequestObserver;
 pub use url::{AddressingStyle, Location, StoreUrl, UrlError};
 pub use verify::{
     Finding, Problem, Scope, Subject, Upstream, Verifier, VerifyEvent, VerifySummary,

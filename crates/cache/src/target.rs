@@ -22,6 +22,10 @@ pub(crate) enum Target {
     Http(http::HttpTarget),
 }
 
+/// Told of every attempt at an S3 request: its operation (`PutObject`, `HeadObject`, …) and how it
+/// ended (`2xx` to `5xx` by status class, or `error` when no answer came: a timeout, a reset).
+pub type RequestObserver = std::sync::Arc<dyn Fn(&str, &str) + Send + Sync>;
+
 /// An object in a listing: its key and size in bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectEntry {
@@ -39,11 +43,15 @@ pub struct IncompleteUpload {
 
 impl Target {
     /// Opens a cache to write to. A directory is created if missing.
-    pub async fn open(url: &StoreUrl, journal: Option<&Path>) -> Result<Self, CacheError> {
+    pub async fn open(
+        url: &StoreUrl,
+        journal: Option<&Path>,
+        observer: Option<RequestObserver>,
+    ) -> Result<Self, CacheError> {
         Ok(match &url.location {
-            Location::S3 { bucket } => {
-                Target::S3(Box::new(s3::S3Target::open(url, bucket, journal).await?))
-            }
+            Location::S3 { bucket } => Target::S3(Box::new(
+                s3::S3Target::open(url, bucket, journal, observer).await?,
+            )),
             Location::File { dir } => Target::File(file::FileTarget::create(dir).await?),
             Location::Http { .. } => {
                 return Err(CacheError::ReadOnly {
@@ -57,7 +65,7 @@ impl Target {
     pub async fn open_read(url: &StoreUrl) -> Result<Self, CacheError> {
         Ok(match &url.location {
             Location::S3 { bucket } => {
-                Target::S3(Box::new(s3::S3Target::open(url, bucket, None).await?))
+                Target::S3(Box::new(s3::S3Target::open(url, bucket, None, None).await?))
             }
             Location::File { dir } => Target::File(file::FileTarget::existing(dir).await?),
             Location::Http { base } => Target::Http(http::HttpTarget::open(base)?),

@@ -574,6 +574,27 @@ fn the_metrics_say_what_the_daemon_did() {
             Some(bytes as f64)
         );
         assert_eq!(relay.injected().get(&Fault::SlowDown), Some(&3));
+        // The three 503s were the first attempts at opening the bucket; each item's NAR and
+        // narinfo went up with a 2xx.
+        let requests = |op: &str, outcome: &str| {
+            m.samples
+                .iter()
+                .find(|s| {
+                    s.metric == "nixpush_s3_requests_total"
+                        && s.labels.get("operation") == Some(op)
+                        && s.labels.get("outcome") == Some(outcome)
+                })
+                .map(|s| match s.value {
+                    // The parser reads OpenMetrics-style `_total` samples as untyped.
+                    prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                    ref other => panic!("{other:?}"),
+                })
+        };
+        assert_eq!(requests("HeadBucket", "5xx"), Some(3.0), "{text}");
+        assert!(
+            requests("PutObject", "2xx").is_some_and(|n| n >= 6.0),
+            "{text}"
+        );
         let throttled = value(&m, "nixpush_retries_total", Some(("class", "throttle")));
         assert!(throttled.is_some_and(|n| n >= 1.0), "{throttled:?}\n{text}");
         assert!(value(&m, "nixpush_last_publish_timestamp_seconds", None).is_some_and(|t| t > 0.0));

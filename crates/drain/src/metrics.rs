@@ -24,6 +24,7 @@ pub struct Metrics {
     lag: Histogram,
     uploaded_bytes: Counter,
     retries: Family<Labels, Counter>,
+    s3_requests: Family<Vec<(&'static str, String)>, Counter>,
     last_publish: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Serialises writers of the text file.
     write: Mutex<()>,
@@ -59,6 +60,12 @@ impl Default for Metrics {
             "Failed attempts that will be retried, by class (throttle, network, auth, server, corrupt, store, other)",
             retries.clone(),
         );
+        let s3_requests = Family::<Vec<(&'static str, String)>, Counter>::default();
+        registry.register(
+            "nixpush_s3_requests",
+            "S3 request attempts (retries included) by operation and outcome (2xx to 5xx, or error when no answer came)",
+            s3_requests.clone(),
+        );
         let last_publish = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "nixpush_last_publish_timestamp_seconds",
@@ -72,6 +79,7 @@ impl Default for Metrics {
             lag,
             uploaded_bytes,
             retries,
+            s3_requests,
             last_publish,
             write: Mutex::new(()),
         }
@@ -104,6 +112,15 @@ impl Metrics {
 
     pub fn retried(&self, class: &'static str) {
         self.retries.get_or_create(&vec![("class", class)]).inc();
+    }
+
+    pub fn s3_request(&self, operation: &str, outcome: &str) {
+        self.s3_requests
+            .get_or_create(&vec![
+                ("operation", operation.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .inc();
     }
 
     pub fn render(&self) -> String {
@@ -180,6 +197,7 @@ mod tests {
         );
         m.uploaded(1234);
         m.retried("throttle");
+        m.s3_request("PutObject", "2xx");
         m.published(Duration::from_millis(250), 5_000);
         let text = m.render();
         for line in [
@@ -188,6 +206,7 @@ mod tests {
             "nixpush_queue_oldest_pending_seconds 10.0",
             "nixpush_uploaded_bytes_total 1234",
             "nixpush_retries_total{class=\"throttle\"} 1",
+            "nixpush_s3_requests_total{operation=\"PutObject\",outcome=\"2xx\"} 1",
             "nixpush_publish_lag_seconds_count 1",
             "nixpush_last_publish_timestamp_seconds 5.0",
         ] {

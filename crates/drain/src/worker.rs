@@ -319,8 +319,12 @@ impl Worker {
             return Ok(c.clone());
         }
         let journal = self.settings.state_dir.join("multipart");
-        let cache =
-            Arc::new(Cache::open_with_journal(self.settings.url.clone(), Some(&journal)).await?);
+        let metrics = self.metrics.clone();
+        let observer: nixpush_cache::RequestObserver =
+            Arc::new(move |operation, outcome| metrics.s3_request(operation, outcome));
+        let cache = Arc::new(
+            Cache::open_observed(self.settings.url.clone(), Some(&journal), Some(observer)).await?,
+        );
         match cache.abort_stale_uploads().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(

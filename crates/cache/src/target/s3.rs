@@ -16,14 +16,16 @@ use tokio::task::JoinSet;
 use aws_runtime::auth::PayloadSigningOverride;
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
-use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextMut;
+use aws_smithy_runtime_api::client::interceptors::context::{
+    BeforeTransmitInterceptorContextMut, FinalizerInterceptorContextRef,
+};
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
 use nixpush_format::Sha256;
 
 use super::{
-    ChunkReader, IncompleteUpload, ObjectEntry, ObjectReader, PieceDigest, content_md5,
-    spool_digests,
+    ChunkReader, IncompleteUpload, ObjectEntry, ObjectReader, PieceDigest, RequestObserver,
+    content_md5, spool_digests,
 };
 use crate::url::AddressingStyle;
 use crate::{CacheError, StoreUrl};
@@ -90,6 +92,7 @@ impl S3Target {
         url: &StoreUrl,
         bucket: &str,
         journal: Option<&Path>,
+        observer: Option<RequestObserver>,
     ) -> Result<Self, CacheError> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(url.region.clone()))
@@ -132,6 +135,9 @@ impl S3Target {
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         if let Some(e) = &endpoint {
             config = config.endpoint_url(e);
+        }
+        if let Some(observer) = observer {
+            config = config.interceptor(CountRequests(observer));
         }
         let target = S3Target {
             journal: journal.map(Path::to_owned),
@@ -645,6 +651,41 @@ impl Intercept for SignedPayloadHash {
     ) -> Result<(), BoxError> {
         cfg.interceptor_state()
             .store_put(PayloadSigningOverride::Precomputed(self.0.clone()));
+        Ok(())
+    }
+}
+
+/// Tells a [`RequestObserver`] of every attempt, retries included.
+struct CountRequests(RequestObserver);
+
+impl std::fmt::Debug for CountRequests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CountRequests")
+    }
+}
+
+impl Intercept for CountRequests {
+    fn name(&self) -> &'static str {
+        "CountRequests"
+    }
+
+    fn read_after_attempt(
+        &self,
+        context: &FinalizerInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let operation = cfg
+            .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
+            .map_or("unknown", |m| m.name());
+        let outcome = match context.response().map(|r| r.status().as_u16() / 100) {
+            Some(2) => "2xx",
+            Some(3) => "3xx",
+            Some(4) => "4xx",
+            Some(5) => "5xx",
+            _ => "error",
+        };
+        (self.0)(operation, outcome);
         Ok(())
     }
 }
