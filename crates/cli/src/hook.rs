@@ -136,8 +136,8 @@ fn run(out_paths: Option<OsString>, drv_path: Option<OsString>) -> String {
         Err(e) => e,
     };
     let queue_items: Vec<_> = items.iter().map(WireItem::to_item).collect();
-    let direct =
-        nixpush_queue::Queue::open(&config.state_dir()).and_then(|mut q| q.enqueue(&queue_items));
+    let direct = nixpush_queue::Queue::open(&config.state_dir())
+        .and_then(|mut q| q.enqueue_via(&queue_items, Some("queue")));
     let queue_error = match direct {
         Ok(_) => {
             return format!(

@@ -574,6 +574,11 @@ fn the_metrics_say_what_the_daemon_did() {
             Some(bytes as f64)
         );
         assert_eq!(relay.injected().get(&Fault::SlowDown), Some(&3));
+        // The hooks ran before the daemon: each wrote the queue itself.
+        assert_eq!(
+            value(&m, "nixpush_hook_fallback_items", Some(("via", "queue"))),
+            Some(3.0)
+        );
         // The three 503s were the first attempts at opening the bucket; each item's NAR and
         // narinfo went up with a 2xx.
         let requests = |op: &str, outcome: &str| {

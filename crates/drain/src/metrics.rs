@@ -24,6 +24,7 @@ pub struct Metrics {
     lag: Histogram,
     uploaded_bytes: Counter,
     retries: Family<Labels, Counter>,
+    fallbacks: Family<Vec<(&'static str, String)>, Gauge>,
     s3_requests: Family<Vec<(&'static str, String)>, Counter>,
     last_publish: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Serialises writers of the text file.
@@ -60,6 +61,12 @@ impl Default for Metrics {
             "Failed attempts that will be retried, by class (throttle, network, auth, server, corrupt, store, other)",
             retries.clone(),
         );
+        let fallbacks = Family::<Vec<(&'static str, String)>, Gauge>::default();
+        registry.register(
+            "nixpush_hook_fallback_items",
+            "Items the hook recorded without the daemon: via=queue (it wrote the queue itself), via=spill (in the spill directory)",
+            fallbacks.clone(),
+        );
         let s3_requests = Family::<Vec<(&'static str, String)>, Counter>::default();
         registry.register(
             "nixpush_s3_requests",
@@ -79,6 +86,7 @@ impl Default for Metrics {
             lag,
             uploaded_bytes,
             retries,
+            fallbacks,
             s3_requests,
             last_publish,
             write: Mutex::new(()),
@@ -98,6 +106,15 @@ impl Metrics {
             .oldest_pending
             .map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0);
         self.oldest_pending.set(age);
+    }
+
+    /// How many items each of the hook's fallbacks recorded, as the queue counts them.
+    pub fn set_fallbacks(&self, counts: &[(String, u64)]) {
+        for (via, n) in counts {
+            self.fallbacks
+                .get_or_create(&vec![("via", via.clone())])
+                .set(*n as i64);
+        }
     }
 
     /// An item published `lag` after it was queued, at Unix time `now_ms`.

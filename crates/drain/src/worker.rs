@@ -60,6 +60,9 @@ impl Worker {
         if let Ok(status) = self.with_queue(|q| q.status(0)).await {
             self.metrics.set_queue(&status, now);
         }
+        if let Ok(fallbacks) = self.with_queue(|q| q.fallbacks()).await {
+            self.metrics.set_fallbacks(&fallbacks);
+        }
         if let Some(path) = &self.settings.metrics_textfile
             && let Err(e) = self.metrics.write_file(path)
         {

@@ -141,7 +141,8 @@ CREATE TABLE IF NOT EXISTS items (
     first_failure_at INTEGER,
     last_error TEXT,
     updated_at INTEGER NOT NULL,
-    retry_waited_ms INTEGER NOT NULL DEFAULT 0
+    retry_waited_ms INTEGER NOT NULL DEFAULT 0,
+    via TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS items_pending ON items(item) WHERE state IN ('queued', 'in_flight');
 CREATE INDEX IF NOT EXISTS items_due ON items(state, next_attempt_at);
@@ -150,7 +151,10 @@ CREATE INDEX IF NOT EXISTS items_by_name ON items(item, id);
 
 /// Columns added after the first release (also in [`SCHEMA`]), with their definitions; added to
 /// older databases on open.
-const ADDED_COLUMNS: &[(&str, &str)] = &[("retry_waited_ms", "INTEGER NOT NULL DEFAULT 0")];
+const ADDED_COLUMNS: &[(&str, &str)] = &[
+    ("retry_waited_ms", "INTEGER NOT NULL DEFAULT 0"),
+    ("via", "TEXT"),
+];
 
 /// A failed row that a newer row of the same item supersedes (it was queued again, and is pending
 /// or finished) is history, not a failure to act on.
@@ -254,18 +258,38 @@ impl Queue {
 
     /// Records items durably; returns how many were new (not already pending).
     pub fn enqueue(&mut self, items: &[Item]) -> Result<usize, QueueError> {
+        self.enqueue_via(items, None)
+    }
+
+    /// [`Queue::enqueue`], noting how the items came when it was not through the daemon's socket:
+    /// `via` names the hook's fallback (it wrote the queue itself, or the daemon imported its spill).
+    pub fn enqueue_via(&mut self, items: &[Item], via: Option<&str>) -> Result<usize, QueueError> {
         let now = now_ms();
         self.write(|tx| {
             let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO items (item, kind, state, enqueued_at, next_attempt_at, updated_at)
-                 VALUES (?1, ?2, 'queued', ?3, ?3, ?3)",
+                "INSERT OR IGNORE INTO items (item, kind, state, enqueued_at, next_attempt_at, updated_at, via)
+                 VALUES (?1, ?2, 'queued', ?3, ?3, ?3, ?4)",
             )?;
             let mut added = 0;
             for it in items {
-                added += insert.execute(params![it.name, it.kind.as_str(), now])?;
+                added += insert.execute(params![it.name, it.kind.as_str(), now, via])?;
             }
             Ok(added)
         })
+    }
+
+    /// How many items each of the hook's fallbacks recorded (see [`Queue::enqueue_via`]).
+    pub fn fallbacks(&self) -> Result<Vec<(String, u64)>, QueueError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT via, COUNT(*) FROM items WHERE via IS NOT NULL GROUP BY via ORDER BY via",
+            )
+            .map_err(self.err())?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+            .map_err(self.err())?
+            .collect::<Result<_, _>>()
+            .map_err(self.err())
     }
 
     /// Hands out up to `limit` queued items due by `now` (Unix ms), marking them in flight. An item

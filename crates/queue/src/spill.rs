@@ -131,7 +131,7 @@ pub fn import(
             });
         match items {
             Ok(items) => {
-                imported.added += queue.enqueue(&items)?;
+                imported.added += queue.enqueue_via(&items, Some("spill"))?;
                 fs::remove_file(&path).map_err(dir_err)?;
             }
             Err(why) => {
