@@ -140,6 +140,19 @@ impl Flow {
         relay
     }
 
+    /// Waits until the queue records an error that `matches` (attempts so far, error message).
+    fn wait_for_error(&self, what: &str, matches: impl Fn(u32, &str) -> bool) {
+        wait_for(what, || {
+            Queue::open(&self.state)
+                .unwrap()
+                .status(10)
+                .unwrap()
+                .recent_errors
+                .iter()
+                .any(|e| matches(e.2, &e.3))
+        });
+    }
+
     /// Turns GC roots off in the config (for tests of what happens when paths are collected).
     fn without_gc_roots(&self) {
         let config = fs::read_to_string(&self.config).unwrap().replace(
@@ -417,15 +430,8 @@ fn an_endpoint_outage_delays_uploads_and_loses_nothing() {
     f.s3.pause();
     let (outs, _) = f.build(&many(4, "outage"));
     // The daemon has tried and failed at least twice while the endpoint was down.
-    let q = f.state.clone();
-    wait_for("failed attempts to be recorded", || {
-        Queue::open(&q)
-            .unwrap()
-            .status(10)
-            .unwrap()
-            .recent_errors
-            .iter()
-            .any(|e| e.2 >= 2 && e.3.contains("cannot reach"))
+    f.wait_for_error("failed attempts to be recorded", |attempts, error| {
+        attempts >= 2 && error.contains("cannot reach")
     });
     assert!(outs.iter().all(|p| !f.published(p)));
     // Monitoring sees the backlog age; nothing has failed.
@@ -1116,15 +1122,8 @@ fn a_full_spool_is_reported_with_its_cause() {
         "spool-full",
         "head -c 3145728 /dev/urandom > $out",
     ));
-    let q = f.state.clone();
-    wait_for("the failure to be recorded", || {
-        Queue::open(&q)
-            .unwrap()
-            .status(10)
-            .unwrap()
-            .recent_errors
-            .iter()
-            .any(|e| e.3.contains("spool"))
+    f.wait_for_error("the failure to be recorded", |_, error| {
+        error.contains("spool")
     });
     let status = f.nixpush().args(["status"]).output().unwrap();
     let status = String::from_utf8_lossy(&status.stdout);
