@@ -2,12 +2,15 @@
 # Benchmark (not a test) of the post-build-hook path.
 #   1. nixpush-hook latency, p50/p99 over N runs, with the daemon up and with it down;
 #   2. 100 trivial builds through a private nix-daemon with post-build-hook set to /bin/true (the
-#      floor), to nixpush-hook (daemon up), and to the documented recipe (`nix copy` in the hook).
-# Usage: bench/hook.sh [RUNS] [BUILDS] [ROUNDS]
+#      floor), to nixpush-hook (daemon up), and to the documented recipe (`nix copy` in the hook);
+#   3. the publish lag (hook to narinfo acknowledged, as the queue records it), p50/p99, of a burst
+#      of BURST hook calls for built paths, 16 at a time, with the daemon up.
+# Usage: bench/hook.sh [RUNS] [BUILDS] [ROUNDS] [BURST]
 source "$(dirname "$0")/../scripts/lib.sh"
 RUNS="${1:-1000}"
 BUILDS="${2:-100}"
 ROUNDS="${3:-3}"
+BURST="${4:-1000}"
 ensure_bed_deps
 build_nixpush
 HOOK="$NIXPUSH_HOOK"
@@ -149,3 +152,39 @@ row("nixpush-hook (daemon up, uploading)", up)
 row("recipe: nix copy in the hook (1 run)", [recipe])
 PY
 cat "$WORK/lat-down" "$WORK/lat-up"
+
+say "publish lag of a burst of $BURST hook calls"
+BUILDS="$BURST" builds burst /bin/true > /dev/null
+start_daemon
+python3 - "$HOOK" "$WORK/builds-burst/out" <<'PY'
+import os, sys
+hook, outs = sys.argv[1], open(sys.argv[2]).read().split()
+running = []
+for p in outs:
+    if len(running) == 16:
+        _, status = os.waitpid(running.pop(0), 0)
+        assert status == 0, status
+    running.append(os.posix_spawn(hook, [hook], dict(os.environ, OUT_PATHS=p),
+        file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]))
+for pid in running:
+    assert os.waitpid(pid, 0)[1] == 0
+PY
+cat > "$WORK/burst.py" <<'PY'
+# burst.py QUEUE OUTS done|lag: whether every path of the burst is recorded done (just after its
+# narinfo was acknowledged), or the publish lags the queue recorded for them.
+import sqlite3, sys
+db, outs = sqlite3.connect(sys.argv[1]), open(sys.argv[2]).read().split()
+marks = ",".join("?" * len(outs))
+lags = sorted(r[0] for r in db.execute(
+    f"SELECT updated_at - enqueued_at FROM items WHERE state = 'done' AND item IN ({marks})", outs))
+if sys.argv[3] == "done":
+    sys.exit(0 if len(lags) == len(outs) else 1)
+p = lambda q: lags[min(len(lags) - 1, int(q * len(lags)))]
+print(f"burst of {len(lags)} hook calls (16 at a time): publish lag p50 {p(0.5) / 1000:.2f} s, "
+      f"p99 {p(0.99) / 1000:.2f} s, max {lags[-1] / 1000:.2f} s")
+PY
+burst() { python3 "$WORK/burst.py" "$WORK/state/queue.sqlite" "$WORK/builds-burst/out" "$1"; }
+for _ in $(seq 1 600); do burst done 2>/dev/null && break; sleep 0.5; done
+burst done || { echo "the burst was not published within 5 minutes" >&2; exit 1; }
+stop_daemon
+burst lag

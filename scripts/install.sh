@@ -169,6 +169,13 @@ if [ ! -d "$STATE" ]; then
     echo "created $STATE"
     CHANGED=$((CHANGED + 1))
 fi
+# The GC roots of queued items: the unit's ProtectSystem=strict leaves the daemon this directory of
+# /nix writable only if it exists when the daemon starts.
+if [ -z "$PRIVATE" ] && [ ! -d /nix/var/nix/gcroots/nixpush ]; then
+    install -d -m 755 /nix/var/nix/gcroots/nixpush
+    echo "created /nix/var/nix/gcroots/nixpush"
+    CHANGED=$((CHANGED + 1))
+fi
 if [ -n "$RUN_AS" ]; then
     # The daemon writes the queue and removes GC roots; the hook (root) gives it what it creates.
     owned=("$STATE")

@@ -87,6 +87,8 @@ pub enum CacheError {
         path: StorePath,
         reference: StorePath,
     },
+    #[error("the upload of {path} was abandoned: the push that had it in hand was cancelled")]
+    Abandoned { path: StorePath },
     #[error(
         "{url} answered HTTP {status}: the cache refuses anonymous reads (nixpush reads http(s) \
          caches without credentials; use the s3:// URL with credentials instead)"

@@ -13,14 +13,16 @@
 
 mod cache;
 mod error;
+mod publisher;
 mod source;
 mod spool;
 mod target;
 mod url;
 mod verify;
 
-pub use cache::{Cache, Event, PushOptions, PushSummary};
+pub use cache::Cache;
 pub use error::{CacheError, error_chain};
+pub use publisher::{Event, Publisher, PushOptions, PushSummary};
 pub use source::{NarSource, SourceError};
 pub use spool::{CompressOptions, MEMORY_SPOOL, Spool, SpooledNar, spool_nar};
 pub use target::RequestObserver;

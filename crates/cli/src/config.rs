@@ -13,6 +13,10 @@ pub const DEFAULT_SOCKET: &str = "/run/nixpush/hook.sock";
 pub const DEFAULT_SPILL_DIR: &str = "/run/nixpush/spill";
 pub const DEFAULT_GC_ROOTS_DIR: &str = "/nix/var/nix/gcroots/nixpush";
 pub const DEFAULT_GC_ROOTS_MAX: usize = 10_000;
+/// How long a stopping daemon waits for the uploads in hand (below the unit's TimeoutStopSec).
+pub const DEFAULT_STOP_TIMEOUT: f64 = 60.0;
+/// How long finished items stay in the queue: a week of `status` history.
+pub const DEFAULT_KEEP_FINISHED: f64 = 7.0 * 86400.0;
 
 /// More concurrent paths than this is a typo, not a plan: each one holds a connection, buffers and
 /// a share of the compression threads.
@@ -62,6 +66,8 @@ pub struct Config {
     pub metrics_textfile: Option<PathBuf>,
     pub metrics_listen: Option<String>,
     pub yield_to_builds: Option<bool>,
+    pub stop_timeout: Option<f64>,
+    pub keep_finished: Option<f64>,
 }
 
 /// The keys that say where things are recorded, which the hook must honour even in a file that
@@ -144,6 +150,8 @@ impl Config {
             ("retry-base-delay", c.retry_base_delay, MIN_BASE_DELAY),
             ("retry-max-delay", c.retry_max_delay, MIN_BASE_DELAY),
             ("retry-give-up-after", c.retry_give_up_after, 0.0),
+            ("stop-timeout", c.stop_timeout, 0.0),
+            ("keep-finished", c.keep_finished, MIN_BASE_DELAY),
         ] {
             if let Some(v) = v {
                 anyhow::ensure!(
@@ -191,6 +199,14 @@ impl Config {
 
     pub fn gc_roots_max(&self) -> usize {
         self.gc_roots_max.unwrap_or(DEFAULT_GC_ROOTS_MAX)
+    }
+
+    pub fn stop_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT))
+    }
+
+    pub fn keep_finished(&self) -> Duration {
+        Duration::from_secs_f64(self.keep_finished.unwrap_or(DEFAULT_KEEP_FINISHED))
     }
 
     pub fn retry_policy(&self) -> RetryPolicy {

@@ -65,6 +65,8 @@ pub fn run(args: Args) -> Result<()> {
         spill_dir: cfg.spill_dir(),
         metrics_textfile: cfg.metrics_textfile.clone(),
         metrics_listen: cfg.metrics_listen.clone(),
+        stop_timeout: cfg.stop_timeout(),
+        keep_finished: cfg.keep_finished(),
     };
     fs::create_dir_all(&settings.state_dir).with_context(|| {
         format!(

@@ -53,15 +53,28 @@ pub fn main() -> ExitCode {
     } else {
         "warn"
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        // Logs often go to journald or a CI log, where escape codes are noise.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NIXPUSH_LOG")
                 .unwrap_or_else(|_| default_level.into()),
-        )
-        .init();
+        );
+    // JSON lines on request, for log pipelines that parse fields rather than text.
+    match std::env::var("NIXPUSH_LOG_FORMAT").as_deref() {
+        Ok("json") => logs.json().with_ansi(false).init(),
+        format => {
+            // Logs often go to journald or a CI log, where escape codes are noise.
+            logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .init();
+            if let Ok(other) = format
+                && other != "text"
+            {
+                tracing::warn!(
+                    "NIXPUSH_LOG_FORMAT={other:?} is neither `json` nor `text`; logging text"
+                );
+            }
+        }
+    }
     let result = match cli.command {
         Command::Keygen(args) => keygen::run(args),
         Command::Push(args) => push::run(args),

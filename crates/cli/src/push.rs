@@ -209,7 +209,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let started = Instant::now();
     let closure = store
-        .closure(&roots, jobs)
+        .closure(&roots, jobs, |_| false)
         .context("cannot compute the closure")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

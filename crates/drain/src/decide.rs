@@ -3,6 +3,7 @@
 //! so how each attempt on an item ends.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nixpush_cache::{CacheError, error_chain};
@@ -94,10 +95,10 @@ pub fn class_of(e: &CacheError) -> &'static str {
 }
 
 /// Follows "its reference … could not be published" to the path that actually failed.
-pub fn root_cause(path: &StorePath, failed: &HashMap<StorePath, CacheError>) -> Failure {
+pub fn root_cause(path: &StorePath, failed: &HashMap<StorePath, Arc<CacheError>>) -> Failure {
     let mut cur = path;
     for _ in 0..failed.len() + 1 {
-        match failed.get(cur) {
+        match failed.get(cur).map(|e| &**e) {
             Some(CacheError::ReferenceFailed { reference, .. })
                 if failed.contains_key(reference) =>
             {
@@ -135,16 +136,17 @@ pub fn retry(policy: &RetryPolicy, c: &Claimed, f: Failure, unit: f64) -> Outcom
     }
 }
 
-/// What one attempt at a batch produced for one of its items.
+/// What one attempt at an item produced.
 pub struct Attempt<'a> {
     /// The paths the item stands for (itself, or a derivation's outputs), or why they are unknown.
     pub resolved: &'a Result<Vec<StorePath>, StoreError>,
     /// Paths published, present or left to an upstream cache.
     pub ok: &'a HashSet<StorePath>,
     /// Paths that failed, with why.
-    pub failed: &'a HashMap<StorePath, CacheError>,
-    /// A failure of the whole attempt (the closure could not be computed, the cache not opened).
-    pub batch_error: Option<&'a Failure>,
+    pub failed: &'a HashMap<StorePath, Arc<CacheError>>,
+    /// A failure of the attempt before any path was tried (the closure could not be computed, the
+    /// cache not opened).
+    pub error: Option<&'a Failure>,
 }
 
 /// How the attempt ended for `c`; `retry` decides the failed ones (see [`retry`]).
@@ -162,7 +164,7 @@ pub fn outcome(
                 ..Failure::transient(error_chain(e))
             },
         ),
-        Ok(_) if a.batch_error.is_some() => retry(c, a.batch_error.cloned().expect("checked")),
+        Ok(_) if a.error.is_some() => retry(c, a.error.cloned().expect("checked")),
         Ok(roots) => match roots.iter().find(|p| !a.ok.contains(p)) {
             None => Outcome::Done,
             Some(p) if a.failed.contains_key(p) => retry(c, root_cause(p, a.failed)),
@@ -279,7 +281,7 @@ mod tests {
     #[test]
     fn the_root_cause_is_the_dependency_that_failed_itself() {
         let (top, mid, bottom) = (path("top"), path("mid"), path("bottom"));
-        let failed: HashMap<StorePath, CacheError> = [
+        let failed: HashMap<StorePath, Arc<CacheError>> = [
             (
                 top.clone(),
                 CacheError::ReferenceFailed {
@@ -304,6 +306,7 @@ mod tests {
             ),
         ]
         .into_iter()
+        .map(|(p, e)| (p, Arc::new(e)))
         .collect();
         let f = root_cause(&top, &failed);
         assert!(
@@ -363,19 +366,19 @@ mod tests {
     fn an_item_is_done_only_when_all_its_paths_are_published() {
         let (a, b) = (path("a"), path("b"));
         let ok: HashSet<StorePath> = [a.clone()].into_iter().collect();
-        let failed: HashMap<StorePath, CacheError> =
-            [(b.clone(), s3_error(500))].into_iter().collect();
+        let failed: HashMap<StorePath, Arc<CacheError>> =
+            [(b.clone(), Arc::new(s3_error(500)))].into_iter().collect();
         let retry_any = |_: &Claimed, f: Failure| Outcome::RetryIn {
             wait: Duration::ZERO,
             error: f.message,
         };
         let c = claimed(0, Duration::ZERO);
-        let run = |resolved: Result<Vec<StorePath>, StoreError>, batch_error: Option<&Failure>| {
+        let run = |resolved: Result<Vec<StorePath>, StoreError>, error: Option<&Failure>| {
             let attempt = Attempt {
                 resolved: &resolved,
                 ok: &ok,
                 failed: &failed,
-                batch_error,
+                error,
             };
             outcome(&c, &attempt, retry_any)
         };
@@ -392,9 +395,9 @@ mod tests {
             run(Err(StoreError::NotValid(a.clone())), None),
             Outcome::Gone(_)
         ));
-        let batch = Failure::transient("cache unreachable".into());
+        let unreachable = Failure::transient("cache unreachable".into());
         assert_eq!(
-            run(Ok(vec![a.clone()]), Some(&batch)),
+            run(Ok(vec![a.clone()]), Some(&unreachable)),
             Outcome::RetryIn {
                 wait: Duration::ZERO,
                 error: "cache unreachable".into()

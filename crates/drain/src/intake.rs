@@ -11,19 +11,13 @@ use nixpush_format::StorePath;
 use nixpush_queue::Queue;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tokio::time::Duration;
 
 use crate::ipc::{MAX_REQUEST, Reply, Request, WireKind};
 
 /// How long a peer may take to send its request line.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
-/// After a hook's request, more builds usually follow: wait until hooks pause this long (or
-/// [`GATHER_MAX`] passes) and upload them as one batch. One batch shares its closure walk, cache
-/// probes and queue transactions, and does not compete with each build for the CPU, which on a
-/// small builder slows the build loop itself.
-const GATHER_QUIET: Duration = Duration::from_millis(100);
-const GATHER_MAX: Duration = Duration::from_secs(1);
 
 /// Who may queue paths through the socket: root (the hook runs as root under nix-daemon), the
 /// daemon's own user, and members of `socket-group`. The socket's mode already keeps others out;
@@ -172,17 +166,4 @@ pub(crate) async fn handle_hook(
     let mut out = serde_json::to_vec(&reply).unwrap_or_default();
     out.push(b'\n');
     let _ = write.write_all(&out).await;
-}
-
-/// Waits for hook requests to pause; see [`GATHER_QUIET`].
-pub(crate) async fn gather(work: &Notify, stop: &mut watch::Receiver<bool>) {
-    let deadline = tokio::time::Instant::now() + GATHER_MAX;
-    loop {
-        tokio::select! {
-            _ = work.notified() => {}
-            _ = tokio::time::sleep(GATHER_QUIET) => return,
-            _ = tokio::time::sleep_until(deadline) => return,
-            _ = stop.changed() => return,
-        }
-    }
 }

@@ -2,19 +2,24 @@
 //!
 //! - [`intake`]: the hook's socket; each request is committed to the queue before it is
 //!   acknowledged, and only root, the daemon's user and `socket-group` may send one.
-//! - [`worker`]: claims due items in batches, resolves derivations to outputs, pushes the closures
-//!   (see `nixpush_cache::Cache::push`) and records every item's outcome; imports what hooks
-//!   spilled; keeps GC roots in step with the queue.
+//! - [`worker`]: claims due items as they come, runs an attempt for each at once, and records
+//!   each item's outcome as soon as its attempt ends; imports what hooks spilled; keeps GC roots in
+//!   step with the queue.
+//! - [`item`]: one attempt at one item: resolve derivations to outputs, walk the closure up to
+//!   what the cache is known to hold, publish it (see `nixpush_cache::Publisher`), decide.
 //! - [`decide`]: the decisions, as pure functions (gone, retry, reconnect, failed, root cause).
 //!
-//! SIGTERM/SIGINT: stop accepting, finish the batch in hand, return. The hook meanwhile writes the
-//! queue directly, so nothing built while the daemon is down is missed.
+//! SIGTERM/SIGINT: stop accepting and claiming, let the attempts in hand finish for
+//! `stop-timeout`, put the rest back in the queue, return. The hook meanwhile writes the queue
+//! directly, so nothing built while the daemon is down is missed.
 
 pub mod decide;
 mod intake;
 pub mod ipc;
+mod item;
 pub mod metrics;
 mod source;
+mod systemd;
 mod worker;
 
 use std::fs;
@@ -52,6 +57,10 @@ pub struct Settings {
     pub metrics_textfile: Option<PathBuf>,
     /// Where to serve the metrics over HTTP (`127.0.0.1:9464`, say).
     pub metrics_listen: Option<String>,
+    /// How long a stop waits for the uploads in hand before putting them back in the queue.
+    pub stop_timeout: std::time::Duration,
+    /// How long finished items stay in the queue (for `status`) before they are pruned.
+    pub keep_finished: std::time::Duration,
 }
 
 /// Serves the hook's socket and drains the queue until SIGTERM or SIGINT.
@@ -74,7 +83,8 @@ pub async fn serve(settings: Settings, queue: Queue) -> Result<()> {
             _ => return,
         };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::info!("stopping: finishing the work in hand");
+        tracing::info!("stopping");
+        systemd::stopping();
         let _ = stop_tx.send(true);
     });
     let acceptor = {
@@ -105,6 +115,7 @@ pub async fn serve(settings: Settings, queue: Queue) -> Result<()> {
         }
         tokio::spawn(metrics::serve(listener, metrics.clone()));
     }
+    systemd::ready();
     let mut worker = Worker::new(settings, queue, metrics);
     worker.run(work, stop).await;
     let _ = acceptor.await;

@@ -1,62 +1,78 @@
-//! The worker: claims due items, resolves derivations to outputs, pushes the closures, and records
-//! each item's outcome (see [`crate::decide`]); meanwhile it imports spilled hook records and keeps
-//! the GC roots of queued items in step with the queue.
+//! The worker: claims due items as they come and runs an attempt for each (see [`crate::item`]),
+//! at most [`IN_FLIGHT`] at once; records each outcome as soon as it is known; meanwhile imports
+//! spilled hook records and keeps the GC roots of queued items in step with the queue. On stop it
+//! lets the attempts in hand finish for `stop-timeout`, then puts the rest back in the queue.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use nixpush_cache::{Cache, CacheError, Event, NarSource, PushOptions, error_chain};
 use nixpush_format::StorePath;
 use nixpush_queue::{Claimed, Kind, Outcome, Queue};
-use nixpush_store::{GcRoots, Store, StoreAddress, StoreError};
+use nixpush_store::GcRoots;
 use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
 
 use crate::Settings;
-use crate::decide::{self, Failure, StoreVerdict, failure_of, store_verdict};
-use crate::intake::gather;
+use crate::decide::Failure;
+use crate::item::Attempts;
 use crate::metrics::Metrics;
-use crate::source::StoreSource;
+use crate::systemd;
 
-/// Items claimed at once: one closure computation and one push for all of them.
-const BATCH: usize = 1000;
-/// Recording a batch's outcomes that failed is tried again after this, doubling up to the maximum.
+/// Items whose attempts run at once. Each holds its closure's path infos while it runs; a backlog
+/// larger than this waits in the queue, in order.
+const IN_FLIGHT: usize = 1000;
+/// Outcomes are committed together when they come faster than this: one durable write each would
+/// compete with the hooks' enqueues for the queue.
+const RECORD_EVERY: Duration = Duration::from_millis(50);
+/// Recording outcomes that failed is tried again after this, doubling up to the maximum.
 const RECORD_RETRY_MIN: Duration = Duration::from_secs(1);
 const RECORD_RETRY_MAX: Duration = Duration::from_secs(60);
-/// The metrics file is rewritten this often, and after every batch.
+/// The metrics file is rewritten this often, and at most once a second after outcomes.
 const METRICS_EVERY: Duration = Duration::from_secs(15);
+const METRICS_AFTER_OUTCOMES: Duration = Duration::from_secs(1);
 /// GC roots are made to match the queue at start and this often (see [`Worker::sweep_roots`]).
 const ROOTS_SWEEP: Duration = Duration::from_secs(300);
 /// Roots younger than this are never swept away: the hook makes them just before it records the
 /// item, so the queue may not show it yet.
 const ROOTS_GRACE: Duration = Duration::from_secs(60);
+/// Finished rows older than `keep-finished` are pruned at start and this often (or as often as the
+/// retention, if shorter).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Hooks that cannot reach the daemon write the queue directly; look for such work this often.
 const POLL: Duration = Duration::from_secs(1);
 
 pub(crate) struct Worker {
-    pub(crate) settings: Settings,
+    pub(crate) settings: Arc<Settings>,
     queue: Arc<Mutex<Queue>>,
-    /// Opened on first use, and again after a connection broke.
-    store: Option<Arc<Store>>,
-    cache: Option<Arc<Cache>>,
+    attempts: Arc<Attempts>,
     metrics: Arc<Metrics>,
+}
+
+/// The outcomes not yet recorded, and when to try recording them.
+struct Unrecorded {
+    outcomes: Vec<(Claimed, Outcome)>,
+    /// Not before this: the last record was just now, or failed.
+    not_before: Option<Instant>,
+    /// The wait after a failed record, doubling.
+    backoff: Duration,
 }
 
 impl Worker {
     pub(crate) fn new(settings: Settings, queue: Arc<Mutex<Queue>>, metrics: Arc<Metrics>) -> Self {
+        let settings = Arc::new(settings);
         Worker {
+            attempts: Arc::new(Attempts::new(settings.clone(), metrics.clone())),
             settings,
             queue,
-            store: None,
-            cache: None,
             metrics,
         }
     }
 
     /// Refreshes the queue's figures and writes the metrics file, if one is configured.
     async fn report(&self) {
-        // Nobody reads them: spare the queue the queries (a batch ends every 100 ms in a burst).
+        // Nobody reads them: spare the queue the queries.
         if self.settings.metrics_textfile.is_none() && self.settings.metrics_listen.is_none() {
             return;
         }
@@ -88,14 +104,22 @@ impl Worker {
     }
 
     pub(crate) async fn run(&mut self, work: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+        let mut running: JoinSet<(Claimed, Outcome)> = JoinSet::new();
+        // What is running, by task: put back in the queue if the daemon stops first.
+        let mut in_hand: HashMap<tokio::task::Id, Claimed> = HashMap::new();
+        let mut unrecorded = Unrecorded {
+            outcomes: Vec::new(),
+            not_before: None,
+            backoff: RECORD_RETRY_MIN,
+        };
         let mut swept = None::<Instant>;
+        let mut pruned = None::<Instant>;
         let mut reported = None::<Instant>;
         let mut imported = None::<Instant>;
         let mut spill_error = None::<String>;
-        loop {
-            if *stop.borrow() {
-                break;
-            }
+        let mut watchdog = systemd::Watchdog::new();
+        while !*stop.borrow() {
+            watchdog.alive();
             if imported.is_none_or(|t| t.elapsed() >= POLL) {
                 self.import_spill(&mut spill_error).await;
                 imported = Some(Instant::now());
@@ -104,94 +128,189 @@ impl Worker {
                 self.sweep_roots().await;
                 swept = Some(Instant::now());
             }
+            if pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY.min(self.settings.keep_finished)) {
+                self.prune().await;
+                pruned = Some(Instant::now());
+            }
+            let mut wait = POLL.min(watchdog.within().unwrap_or(POLL));
+            let room = IN_FLIGHT - running.len();
+            if room > 0 {
+                let claimed = match self
+                    .with_queue(move |q| q.claim(nixpush_queue::now_ms(), room))
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "cannot read the queue");
+                        Vec::new()
+                    }
+                };
+                if claimed.len() < room {
+                    let now = nixpush_queue::now_ms();
+                    if let Ok(Some(t)) = self.with_queue(move |q| q.next_due(now)).await {
+                        wait = wait.min(Duration::from_millis((t - now).max(0) as u64));
+                    }
+                }
+                for c in claimed {
+                    let task = running.spawn(self.attempts.clone().attempt(c.clone()));
+                    in_hand.insert(task.id(), c);
+                }
+            }
+            if !unrecorded.outcomes.is_empty() {
+                match unrecorded.not_before {
+                    Some(t) if t > Instant::now() => wait = wait.min(t - Instant::now()),
+                    _ => {
+                        self.record(&mut unrecorded, false).await;
+                        if unrecorded.outcomes.is_empty()
+                            && reported.is_none_or(|t| t.elapsed() >= METRICS_AFTER_OUTCOMES)
+                        {
+                            self.report().await;
+                            reported = Some(Instant::now());
+                        }
+                    }
+                }
+            }
             if reported.is_none_or(|t| t.elapsed() >= METRICS_EVERY) {
                 self.report().await;
                 reported = Some(Instant::now());
             }
-            let claimed = match self
-                .with_queue(|q| q.claim(nixpush_queue::now_ms(), BATCH))
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "cannot read the queue");
-                    Vec::new()
+            tokio::select! {
+                Some(joined) = running.join_next_with_id(), if !running.is_empty() => {
+                    let mut next = Some(joined);
+                    // Everything that ended meanwhile, recorded together.
+                    while let Some(joined) = next {
+                        self.finished(joined, &mut in_hand, &mut unrecorded);
+                        next = running.try_join_next_with_id();
+                    }
                 }
-            };
-            if claimed.is_empty() {
-                let now = nixpush_queue::now_ms();
-                let next = self
-                    .with_queue(move |q| q.next_due(now))
-                    .await
-                    .ok()
-                    .flatten();
-                let wait = next.map_or(POLL, |t| {
-                    Duration::from_millis((t - now).max(0) as u64).min(POLL)
-                });
-                tokio::select! {
-                    _ = work.notified() => gather(&work, &mut stop).await,
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.changed() => {}
-                }
-                continue;
+                _ = work.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => {}
             }
-            let outcomes = self.attempt(&claimed).await;
-            self.record(claimed, outcomes, &mut stop).await;
+        }
+        self.drain(running, in_hand, unrecorded).await;
+    }
+
+    /// Takes an attempt that ended out of hand, its outcome to be recorded. One that panicked (a
+    /// bug) is retried like any failure; one cancelled (the daemon stopped) stays in hand, to be
+    /// put back in the queue.
+    fn finished(
+        &self,
+        joined: Result<(tokio::task::Id, (Claimed, Outcome)), tokio::task::JoinError>,
+        in_hand: &mut HashMap<tokio::task::Id, Claimed>,
+        unrecorded: &mut Unrecorded,
+    ) {
+        match joined {
+            Ok((task, (c, outcome))) => {
+                in_hand.remove(&task);
+                unrecorded.outcomes.push((c, outcome));
+            }
+            Err(e) if e.is_panic() => {
+                if let Some(c) = in_hand.remove(&e.id()) {
+                    let f = Failure::transient(format!("the upload attempt panicked: {e}"));
+                    let outcome = self.attempts.retry(&c, f);
+                    unrecorded.outcomes.push((c, outcome));
+                }
+            }
+            Err(_) => {}
         }
     }
 
-    /// Records a batch's outcomes, trying again until it succeeds (a full disk, a queue locked by
-    /// another process): the work is done, and losing its record would leave the items in flight
-    /// until the next restart. When the daemon is told to stop meanwhile, the items are left in
-    /// flight, and the next start queues them again.
-    async fn record(
+    /// Lets the attempts in hand finish for `stop-timeout`, records what ended, and puts the rest
+    /// back in the queue as they were.
+    async fn drain(
         &self,
-        claimed: Vec<Claimed>,
-        outcomes: Vec<Outcome>,
-        stop: &mut watch::Receiver<bool>,
+        mut running: JoinSet<(Claimed, Outcome)>,
+        mut in_hand: HashMap<tokio::task::Id, Claimed>,
+        mut unrecorded: Unrecorded,
     ) {
-        let batch = Arc::new((claimed, outcomes));
-        let mut wait = RECORD_RETRY_MIN;
+        if !running.is_empty() {
+            tracing::info!(
+                items = running.len(),
+                timeout = ?self.settings.stop_timeout,
+                "stopping: waiting for the uploads in hand"
+            );
+        }
+        let deadline = tokio::time::Instant::now() + self.settings.stop_timeout;
         loop {
-            let b = batch.clone();
-            let recorded = self
-                .with_queue(move |q| {
-                    let done: Vec<_> = b.0.iter().zip(&b.1).collect();
-                    q.complete_all(&done)
-                })
-                .await;
-            let Err(e) = recorded else {
-                let now = nixpush_queue::now_ms();
-                for (c, o) in batch.0.iter().zip(&batch.1) {
-                    if *o == Outcome::Done {
-                        let lag = Duration::from_millis((now - c.enqueued_at).max(0) as u64);
-                        self.metrics.published(lag, now);
-                    }
-                }
-                self.release(&batch.0, &batch.1).await;
-                self.report().await;
-                return;
-            };
-            if *stop.borrow() {
+            tokio::select! {
+                joined = running.join_next_with_id() => match joined {
+                    Some(joined) => self.finished(joined, &mut in_hand, &mut unrecorded),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        running.abort_all();
+        while let Some(joined) = running.join_next_with_id().await {
+            self.finished(joined, &mut in_hand, &mut unrecorded);
+        }
+        self.record(&mut unrecorded, true).await;
+        if !in_hand.is_empty() {
+            let ids: Vec<i64> = in_hand.values().map(|c| c.id).collect();
+            match self.with_queue(move |q| q.requeue(&ids)).await {
+                Ok(n) => tracing::info!(
+                    items = n,
+                    "stopped before these were published; they stay queued"
+                ),
+                Err(e) => tracing::error!(
+                    error = %format!("{e:#}"),
+                    items = in_hand.len(),
+                    "cannot put unfinished items back in the queue; the next start will"
+                ),
+            }
+        }
+        self.report().await;
+    }
+
+    /// Records the outcomes in one transaction. When that fails (a full disk, a queue locked by
+    /// another process) they are kept and tried again after a backoff: the work is done, and losing
+    /// its record would leave the items in flight until the next restart. `last`: the daemon is
+    /// stopping; the items stay in flight, and the next start queues them again.
+    async fn record(&self, unrecorded: &mut Unrecorded, last: bool) {
+        if unrecorded.outcomes.is_empty() {
+            return;
+        }
+        let batch = Arc::new(std::mem::take(&mut unrecorded.outcomes));
+        let b = batch.clone();
+        let recorded = self
+            .with_queue(move |q| {
+                let done: Vec<_> = b.iter().map(|(c, o)| (c, o)).collect();
+                q.complete_all(&done)
+            })
+            .await;
+        let batch = Arc::try_unwrap(batch).unwrap_or_else(|b| (*b).clone());
+        if let Err(e) = recorded {
+            let items = batch.len();
+            if last {
                 tracing::error!(
                     error = %format!("{e:#}"),
-                    items = batch.0.len(),
+                    items,
                     "cannot record results; the items stay in flight and are queued again at the next start"
                 );
                 return;
             }
             tracing::error!(
                 error = %format!("{e:#}"),
-                items = batch.0.len(),
-                retry_in = ?wait,
+                items,
+                retry_in = ?unrecorded.backoff,
                 "cannot record results; trying again"
             );
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stop.changed() => {}
-            }
-            wait = (wait * 2).min(RECORD_RETRY_MAX);
+            unrecorded.outcomes = batch;
+            unrecorded.not_before = Some(Instant::now() + unrecorded.backoff);
+            unrecorded.backoff = (unrecorded.backoff * 2).min(RECORD_RETRY_MAX);
+            return;
         }
+        unrecorded.not_before = Some(Instant::now() + RECORD_EVERY);
+        unrecorded.backoff = RECORD_RETRY_MIN;
+        let now = nixpush_queue::now_ms();
+        for (c, o) in &batch {
+            if *o == Outcome::Done {
+                let lag = Duration::from_millis((now - c.enqueued_at).max(0) as u64);
+                self.metrics.published(lag, now);
+            }
+        }
+        self.release(&batch).await;
     }
 
     /// Queues what hooks recorded in the spill directory when the queue could not take it; says so
@@ -234,21 +353,36 @@ impl Worker {
         }
     }
 
+    /// Forgets finished items older than `keep-finished`, so the queue does not grow forever.
+    async fn prune(&self) {
+        let keep = i64::try_from(self.settings.keep_finished.as_millis()).unwrap_or(i64::MAX);
+        let before = nixpush_queue::now_ms().saturating_sub(keep);
+        match self.with_queue(move |q| q.prune(before)).await {
+            Ok(0) => {}
+            Ok(rows) => tracing::info!(rows, "pruned finished items from the queue"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot prune the queue"),
+        }
+    }
+
     /// Lets the collector have the paths of items that reached a final outcome.
-    async fn release(&self, claimed: &[Claimed], outcomes: &[Outcome]) {
+    async fn release(&self, recorded: &[(Claimed, Outcome)]) {
         let Some(roots) = &self.settings.roots else {
             return;
         };
-        let finished: Vec<String> = claimed
+        let finished: Vec<String> = recorded
             .iter()
-            .zip(outcomes)
             .filter(|(_, o)| !matches!(o, Outcome::RetryIn { .. }))
             .map(|(c, _)| c.item.name.clone())
             .collect();
-        // An item queued again since (a rebuild whose hook came while it was in flight) keeps the
-        // roots its hook just made.
-        let pending: HashSet<String> = match self.with_queue(|q| q.pending()).await {
-            Ok(p) => p.into_iter().map(|i| i.name).collect(),
+        if finished.is_empty() {
+            return;
+        }
+        // An item queued again since (a rebuild whose hook came after its outcome) keeps the roots
+        // its hook just made.
+        let names = finished.clone();
+        let pending: HashSet<String> = match self.with_queue(move |q| q.pending_among(&names)).await
+        {
+            Ok(p) => p.into_iter().collect(),
             Err(_) => return,
         };
         let dir = roots.dir().to_owned();
@@ -305,188 +439,6 @@ impl Worker {
             Err(e) => tracing::warn!(error = %e, "GC root sweep panicked"),
         }
     }
-
-    async fn store(&mut self) -> Result<Arc<Store>, String> {
-        if let Some(s) = &self.store {
-            return Ok(s.clone());
-        }
-        let address =
-            StoreAddress::resolve(self.settings.store.as_deref()).map_err(|e| e.to_string())?;
-        let store = tokio::task::spawn_blocking(move || Store::open(address))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot open the Nix store: {}", error_chain(&e)))?;
-        let store = Arc::new(store);
-        self.store = Some(store.clone());
-        Ok(store)
-    }
-
-    async fn cache(&mut self) -> Result<Arc<Cache>, CacheError> {
-        if let Some(c) = &self.cache {
-            return Ok(c.clone());
-        }
-        let journal = self.settings.state_dir.join("multipart");
-        let metrics = self.metrics.clone();
-        let observer: nixpush_cache::RequestObserver =
-            Arc::new(move |operation, outcome| metrics.s3_request(operation, outcome));
-        let cache = Arc::new(
-            Cache::open_observed(self.settings.url.clone(), Some(&journal), Some(observer)).await?,
-        );
-        match cache.abort_stale_uploads().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                aborted = n,
-                "aborted multipart uploads left by an earlier run"
-            ),
-            Err(e) => tracing::warn!(error = %e, "cannot abort earlier multipart uploads"),
-        }
-        self.cache = Some(cache.clone());
-        Ok(cache)
-    }
-
-    /// One attempt at a batch; returns an outcome for every claimed item, in order.
-    async fn attempt(&mut self, claimed: &[Claimed]) -> Vec<Outcome> {
-        let started = Instant::now();
-        let store = match self.store().await {
-            Ok(s) => s,
-            Err(e) => return self.all_retry(claimed, Failure::transient(e)),
-        };
-        // Resolve each item to the paths it stands for; gone ones end here.
-        let items: Vec<(String, Kind)> = claimed
-            .iter()
-            .map(|c| (c.item.name.clone(), c.item.kind))
-            .collect();
-        let resolve_store = store.clone();
-        let resolved = tokio::task::spawn_blocking(move || {
-            items
-                .iter()
-                .map(|(name, kind)| resolve(&resolve_store, name, *kind))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        if resolved.len() != claimed.len() {
-            return self.all_retry(claimed, Failure::transient("resolving paths failed".into()));
-        }
-        if resolved.iter().any(|r| {
-            r.as_ref()
-                .is_err_and(|e| store_verdict(e) == StoreVerdict::Reconnect)
-        }) {
-            // The connection to nix-daemon broke: open a new one next time.
-            self.store = None;
-        }
-        let mut roots: Vec<StorePath> = Vec::new();
-        for r in resolved.iter().flatten() {
-            roots.extend(r.iter().cloned());
-        }
-        roots.sort();
-        roots.dedup();
-        let closure = if roots.is_empty() {
-            Ok(Default::default())
-        } else {
-            let (store, roots, jobs) = (store.clone(), roots.clone(), self.settings.jobs);
-            tokio::task::spawn_blocking(move || store.closure(&roots, jobs))
-                .await
-                .unwrap_or_else(|e| Err(StoreError::Protocol(e.to_string())))
-        };
-        let closure = match closure {
-            Ok(c) => c,
-            Err(e) => {
-                self.store = None;
-                return self.finish(
-                    claimed,
-                    &resolved,
-                    &HashSet::new(),
-                    &HashMap::new(),
-                    Some(Failure::transient(error_chain(&e))),
-                );
-            }
-        };
-        let (ok, failed) = if closure.is_empty() {
-            (HashSet::new(), HashMap::new())
-        } else {
-            let cache = match self.cache().await {
-                Ok(c) => c,
-                Err(e) => {
-                    let f = failure_of(&e);
-                    tracing::warn!(error = %f.message, "cannot open the cache; will retry");
-                    // Keeps the server's Retry-After when opening was throttled.
-                    return self.finish(
-                        claimed,
-                        &resolved,
-                        &HashSet::new(),
-                        &HashMap::new(),
-                        Some(f),
-                    );
-                }
-            };
-            let opts = PushOptions {
-                jobs: self.settings.jobs,
-                keys: self.settings.keys.clone(),
-                skip_signed_by: self.settings.skip_signed_by.clone(),
-                spool_dir: self.settings.state_dir.join("spool"),
-            };
-            let source: Arc<dyn NarSource> = Arc::new(StoreSource(store));
-            let summary = cache
-                .push(closure.into_values().collect(), source, &opts, &log_event)
-                .await;
-            self.metrics.uploaded(summary.file_bytes);
-            let ok: HashSet<StorePath> = summary
-                .uploaded
-                .iter()
-                .chain(&summary.present)
-                .chain(&summary.skipped)
-                .cloned()
-                .collect();
-            let failed: HashMap<StorePath, CacheError> = summary.failed.into_iter().collect();
-            (ok, failed)
-        };
-        tracing::debug!(items = claimed.len(), elapsed = ?started.elapsed(), "batch done");
-        self.finish(claimed, &resolved, &ok, &failed, None)
-    }
-
-    fn finish(
-        &self,
-        claimed: &[Claimed],
-        resolved: &[Result<Vec<StorePath>, StoreError>],
-        ok: &HashSet<StorePath>,
-        failed: &HashMap<StorePath, CacheError>,
-        batch_error: Option<Failure>,
-    ) -> Vec<Outcome> {
-        claimed
-            .iter()
-            .zip(resolved)
-            .map(|(c, resolved)| {
-                let attempt = decide::Attempt {
-                    resolved,
-                    ok,
-                    failed,
-                    batch_error: batch_error.as_ref(),
-                };
-                let outcome = decide::outcome(c, &attempt, |c, f| self.retry(c, f));
-                if matches!(outcome, Outcome::Gone(_)) {
-                    tracing::info!(item = %c.item.name, "gone from the store; nothing to upload");
-                }
-                outcome
-            })
-            .collect()
-    }
-
-    fn all_retry(&self, claimed: &[Claimed], f: Failure) -> Vec<Outcome> {
-        tracing::warn!(error = %f.message, "batch failed; will retry");
-        claimed.iter().map(|c| self.retry(c, f.clone())).collect()
-    }
-
-    fn retry(&self, c: &Claimed, f: Failure) -> Outcome {
-        // Full jitter needs a uniform number in [0, 1): the top 53 bits of a random u64.
-        let unit = getrandom::u64().map_or(0.5, |r| (r >> 11) as f64 / (1u64 << 53) as f64);
-        let class = f.class;
-        let outcome = decide::retry(&self.settings.retry, c, f, unit);
-        if matches!(outcome, Outcome::RetryIn { .. }) {
-            self.metrics.retried(class);
-        }
-        outcome
-    }
 }
 
 /// See [`Worker::sweep_roots`]. Returns (items rooted, items released, pending items left
@@ -522,45 +474,4 @@ fn sweep(
         }
     }
     Ok((added, removed, pending.len().saturating_sub(max)))
-}
-
-fn resolve(store: &Store, name: &str, kind: Kind) -> Result<Vec<StorePath>, StoreError> {
-    let path: StorePath = name
-        .parse()
-        .map_err(|e| StoreError::Protocol(format!("queued item {name:?}: {e}")))?;
-    match kind {
-        Kind::Path => store.path_info(&path).map(|_| vec![path]),
-        Kind::Derivation => {
-            // Outputs collected since the build (one of several, say) are reported; the others
-            // are still worth publishing.
-            let (built, missing) = store.built_outputs(&path)?;
-            if !missing.is_empty() {
-                tracing::warn!(drv = %path, missing = %missing.join(", "), "outputs gone from the store; publishing the others");
-            }
-            Ok(built)
-        }
-    }
-}
-
-fn log_event(e: Event) {
-    match e {
-        Event::Uploaded {
-            path,
-            nar_size,
-            file_size,
-            ..
-        } => {
-            tracing::info!(%path, nar_size, file_size, "uploaded")
-        }
-        Event::Failed { path, error } => tracing::warn!(%path, %error, "not published"),
-        Event::Planned {
-            upload,
-            present,
-            skipped,
-            nar_bytes,
-        } => {
-            tracing::info!(upload, present, skipped, nar_bytes, "pushing")
-        }
-        Event::AlreadyPresent { .. } | Event::Skipped { .. } => {}
-    }
 }

@@ -381,6 +381,64 @@ impl Queue {
             .map_err(self.err())
     }
 
+    /// Puts claimed items back in the queue, due now and with no attempt counted: the daemon
+    /// stopped before their attempt ended. Returns how many were still in flight.
+    pub fn requeue(&mut self, ids: &[i64]) -> Result<usize, QueueError> {
+        let now = now_ms();
+        self.write(|tx| {
+            let mut update = tx.prepare_cached(
+                "UPDATE items SET state = 'queued', next_attempt_at = ?2, updated_at = ?2
+                 WHERE id = ?1 AND state = 'in_flight'",
+            )?;
+            ids.iter().map(|id| update.execute(params![id, now])).sum()
+        })
+    }
+
+    /// Forgets finished history: `done` and `gone` rows last updated before `before` (Unix ms), and
+    /// failed rows that a newer row of their item supersedes (first, so that removing the newer row
+    /// cannot make an old failure count again). In transactions of at most 10,000 rows, so hooks
+    /// are never held up for long. Returns how many rows went.
+    pub fn prune(&mut self, before: i64) -> Result<usize, QueueError> {
+        const AT_ONCE: i64 = 10_000;
+        let mut pruned = 0;
+        for sql in [
+            format!(
+                "DELETE FROM items WHERE id IN
+                 (SELECT id FROM items WHERE state = 'failed' AND {SUPERSEDED} LIMIT ?2)"
+            ),
+            "DELETE FROM items WHERE id IN
+             (SELECT id FROM items WHERE state IN ('done', 'gone') AND updated_at < ?1 LIMIT ?2)"
+                .to_owned(),
+        ] {
+            loop {
+                let n =
+                    self.write(|tx| tx.prepare_cached(&sql)?.execute(params![before, AT_ONCE]))?;
+                pruned += n;
+                if (n as i64) < AT_ONCE {
+                    break;
+                }
+            }
+        }
+        Ok(pruned)
+    }
+
+    /// Which of `names` are queued or in flight (each looked up by the index, whatever the backlog).
+    pub fn pending_among(&self, names: &[String]) -> Result<Vec<String>, QueueError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM items WHERE item = ?1 AND state IN ('queued', 'in_flight') LIMIT 1",
+            )
+            .map_err(self.err())?;
+        let mut pending = Vec::new();
+        for name in names {
+            if stmt.exists([name]).map_err(self.err())? {
+                pending.push(name.clone());
+            }
+        }
+        Ok(pending)
+    }
+
     /// Requeues failed items (all of them, or those named), due now, with their attempt count reset.
     /// A failed row that a newer row of its item supersedes is left alone: that item is pending
     /// again (the pending row will do the work) or was published since.

@@ -87,6 +87,72 @@ fn claims_are_exclusive_and_recovery_returns_them() {
     assert_eq!(q2.claim(far_future(), 10).unwrap().len(), 3);
 }
 
+/// A daemon that stops before its attempts end puts exactly those items back, due at once and with
+/// no attempt counted; the ones it finished stay finished.
+#[test]
+fn requeued_items_are_due_again_without_an_attempt_counted() {
+    let d = tempfile::tempdir().unwrap();
+    let mut q = Queue::open(d.path()).unwrap();
+    q.enqueue(&[item("a"), item("b"), item("c")]).unwrap();
+    let claimed = q.claim(now_ms(), 10).unwrap();
+    q.complete(&claimed[0], &Outcome::Done).unwrap();
+    let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+    assert_eq!(q.requeue(&ids).unwrap(), 2, "the done one is not requeued");
+    let again = q.claim(now_ms(), 10).unwrap();
+    assert_eq!(again.len(), 2);
+    assert!(again.iter().all(|c| c.attempts == 0));
+    let names = ["a", "b", "c", "d"].map(String::from);
+    let mut pending = q.pending_among(&names).unwrap();
+    pending.sort();
+    assert_eq!(pending, ["b", "c"]);
+}
+
+/// Pruning forgets old finished rows and superseded failures, and nothing that still matters:
+/// pending items, failures to act on, recent history.
+#[test]
+fn pruning_forgets_old_history_and_keeps_what_matters() {
+    let d = tempfile::tempdir().unwrap();
+    let mut q = Queue::open(d.path()).unwrap();
+    q.enqueue(&[
+        item("done"),
+        item("gone"),
+        item("failed"),
+        item("superseded"),
+    ])
+    .unwrap();
+    let claimed = q.claim(now_ms(), 10).unwrap();
+    let outcome = |name: &str| match name {
+        "done" => Outcome::Done,
+        "gone" => Outcome::Gone("collected".into()),
+        _ => Outcome::Failed("broken".into()),
+    };
+    for c in &claimed {
+        q.complete(c, &outcome(&c.item.name)).unwrap();
+    }
+    // Queued again and published: its failure is history.
+    q.enqueue(&[item("superseded"), item("pending")]).unwrap();
+    let again = q.claim(now_ms(), 10).unwrap();
+    let superseded = again.iter().find(|c| c.item.name == "superseded").unwrap();
+    q.complete(superseded, &Outcome::Done).unwrap();
+
+    // Nothing is old enough yet: only the superseded failure goes.
+    assert_eq!(q.prune(0).unwrap(), 1);
+    let failed = q.failed().unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].0, "failed");
+    // Everything finished before now goes; the failure and the pending item stay.
+    assert_eq!(q.prune(now_ms() + 1).unwrap(), 3);
+    let mut left: Vec<(String, State)> = q.items().unwrap();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            ("failed".to_owned(), State::Failed),
+            ("pending".to_owned(), State::InFlight)
+        ]
+    );
+}
+
 #[test]
 fn retries_wait_their_turn_and_failures_can_be_retried() {
     let d = tempfile::tempdir().unwrap();

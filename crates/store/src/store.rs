@@ -94,6 +94,12 @@ impl Store {
         result
     }
 
+    /// Closes the idle connections, so the next requests connect afresh: after one broke, the
+    /// others may be just as stale (nix-daemon restarted, say).
+    pub fn drop_idle(&self) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     pub fn path_info(&self, path: &StorePath) -> Result<PathInfo, StoreError> {
         self.with_connection(|c| c.query_path_info(path))?
             .ok_or_else(|| StoreError::NotValid(path.clone()))
@@ -146,12 +152,15 @@ impl Store {
         Ok((built, missing))
     }
 
-    /// Path infos of `roots` and everything they reference, transitively. Each layer of the walk is
-    /// queried over up to `jobs` connections at once.
+    /// Path infos of `roots` and everything they reference, transitively, except what lies past a
+    /// reference for which `stop` holds (one known to be in the cache with its closure already):
+    /// neither it nor what only it leads to is queried or returned. Each layer of the walk is queried
+    /// over up to `jobs` connections at once.
     pub fn closure(
         &self,
         roots: &[StorePath],
         jobs: usize,
+        stop: impl Fn(&StorePath) -> bool,
     ) -> Result<BTreeMap<StorePath, PathInfo>, StoreError> {
         let mut infos = BTreeMap::new();
         let mut frontier: BTreeSet<StorePath> = roots.iter().cloned().collect();
@@ -159,7 +168,7 @@ impl Store {
             let batch: Vec<StorePath> = std::mem::take(&mut frontier).into_iter().collect();
             for info in self.path_infos(&batch, jobs)? {
                 for r in &info.references {
-                    if !infos.contains_key(r) && *r != info.path {
+                    if !infos.contains_key(r) && *r != info.path && !stop(r) {
                         frontier.insert(r.clone());
                     }
                 }

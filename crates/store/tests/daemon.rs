@@ -54,7 +54,7 @@ fn path_info_closure_and_nar_agree_with_nix() {
     assert_eq!(store.path_info(&root).unwrap().nar_size, size);
 
     let roots_sp: Vec<StorePath> = roots.iter().map(|r| r.parse().unwrap()).collect();
-    let closure = store.closure(&roots_sp, 4).unwrap();
+    let closure = store.closure(&roots_sp, 4, |_| false).unwrap();
     let ours: BTreeSet<String> = closure.keys().map(ToString::to_string).collect();
     let mut theirs = BTreeSet::new();
     for r in &roots {
@@ -64,6 +64,14 @@ fn path_info_closure_and_nar_agree_with_nix() {
     }
     assert_eq!(ours, theirs);
     assert_eq!(ours.len(), 7, "chain of 3 and diamond of 4");
+    // Stopped at every reference (all known to be in a cache, say): only the roots are queried.
+    let stopped = store
+        .closure(&roots_sp, 4, |p| !roots_sp.contains(p))
+        .unwrap();
+    assert_eq!(
+        stopped.keys().cloned().collect::<BTreeSet<_>>(),
+        roots_sp.iter().cloned().collect()
+    );
 }
 
 #[test]

@@ -105,6 +105,10 @@ pub struct RelayConfig {
     /// Client → server pacing; `None` relays as fast as the link goes.
     pub upstream_bytes_per_sec: Option<u64>,
     pub faults: Faults,
+    /// Adds `Connection: close` to each connection's first request, so that the server closes it
+    /// after answering, as servers and proxies that keep no connection alive do: every request
+    /// then comes on a new connection, and faults, decided per connection, hit requests.
+    pub one_request_per_connection: bool,
 }
 
 impl Default for RelayConfig {
@@ -113,6 +117,7 @@ impl Default for RelayConfig {
             delay: Duration::ZERO,
             upstream_bytes_per_sec: None,
             faults: Faults::none(),
+            one_request_per_connection: false,
         }
     }
 }
@@ -200,7 +205,8 @@ impl Relay {
         }
     }
 
-    /// Changes the configuration for connections accepted from now on.
+    /// Changes the configuration: for connections accepted from now on, and the uplink's bandwidth
+    /// at once for the connections it paces (a link that opens up speeds up what is under way).
     pub fn set_config(&self, config: RelayConfig) {
         *self.shared.rng.lock().unwrap() = config.faults.seed;
         self.shared.round.lock().unwrap().clear();
@@ -328,10 +334,11 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>)
             let _ = server.set_nodelay(true);
             let pace = match (fault, config.upstream_bytes_per_sec) {
                 (Some(Fault::Trickle), _) => Pace::Own(TRICKLE_BYTES_PER_SEC),
-                (_, Some(rate)) => Pace::Link(rate),
+                (_, Some(_)) => Pace::Link,
                 (_, None) => Pace::None,
             };
-            pipe(&shared, client, server, config.delay, pace, fault).await;
+            let close = config.one_request_per_connection;
+            pipe(&shared, client, server, config.delay, pace, fault, close).await;
         }
     }
 }
@@ -509,8 +516,8 @@ enum Pace {
     None,
     /// This connection alone (a trickle).
     Own(u64),
-    /// The link that all connections share.
-    Link(u64),
+    /// The link that all connections share, at its rate of the moment (see [`Relay::set_config`]).
+    Link,
 }
 
 /// Relays both directions until the server's side ends (or the response is cut).
@@ -521,6 +528,7 @@ async fn pipe(
     delay: Duration,
     pace: Pace,
     fault: Option<Fault>,
+    close: bool,
 ) {
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
@@ -532,7 +540,7 @@ async fn pipe(
         server_write,
         delay,
         pace,
-        Watch::Method(Some(method_tx)),
+        Watch::Method(Some(method_tx), close),
         fault,
     ));
     let watch = if fault == Some(Fault::Cut) {
@@ -556,8 +564,9 @@ async fn pipe(
 /// What a direction looks at in the bytes it relays.
 enum Watch {
     None,
-    /// Client → server: report the first request's method.
-    Method(Option<oneshot::Sender<String>>),
+    /// Client → server: report the first request's method; with `true`, add `Connection: close`
+    /// to it.
+    Method(Option<oneshot::Sender<String>>, bool),
     /// Server → client: end the relay halfway through the first response.
     Cut(Option<oneshot::Receiver<String>>),
 }
@@ -629,7 +638,7 @@ async fn direction(
         let mut cut_at: Option<usize> = None;
         let mut forwarded = 0usize;
         let mut own_free = tokio::time::Instant::now();
-        let mut flipper = (fault == Some(Fault::Corrupt) && matches!(watch, Watch::Method(_)))
+        let mut flipper = (fault == Some(Fault::Corrupt) && matches!(watch, Watch::Method(..)))
             .then(BodyFlipper::default);
         loop {
             let n = match from.read(&mut buf).await {
@@ -644,10 +653,13 @@ async fn direction(
                     own_free = own_free.max(tokio::time::Instant::now()) + cost(rate);
                     Some(own_free)
                 }
-                Pace::Link(rate) => {
-                    let mut free = shared.link_free.lock().unwrap();
-                    *free = (*free).max(tokio::time::Instant::now()) + cost(rate);
-                    Some(*free)
+                Pace::Link => {
+                    let rate = shared.config.lock().unwrap().upstream_bytes_per_sec;
+                    rate.map(|rate| {
+                        let mut free = shared.link_free.lock().unwrap();
+                        *free = (*free).max(tokio::time::Instant::now()) + cost(rate);
+                        *free
+                    })
                 }
             };
             if let Some(ready) = ready {
@@ -658,13 +670,18 @@ async fn direction(
             }
             match &mut watch {
                 Watch::None => {}
-                Watch::Method(tx) => {
+                Watch::Method(tx, close) => {
                     if tx.is_some() {
                         seen.extend_from_slice(&data);
                         if let Some(line_end) = seen.windows(2).position(|w| w == b"\r\n") {
                             let line = String::from_utf8_lossy(&seen[..line_end]);
                             let method = line.split(' ').next().unwrap_or("").to_owned();
                             let _ = tx.take().unwrap().send(method);
+                            if *close {
+                                // Right after the request line, which ends in this chunk.
+                                let at = (line_end + 2).saturating_sub(seen.len() - data.len());
+                                data.splice(at..at, b"Connection: close\r\n".iter().copied());
+                            }
                         }
                     }
                 }

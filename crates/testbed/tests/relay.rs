@@ -261,3 +261,28 @@ fn faults_follow_their_seed_probability_window_and_limit() {
     connect(&later, 20);
     assert_eq!(faults(&later).iter().flatten().count(), 3);
 }
+
+/// A client that keeps connections alive makes one for three requests, unless the relay asks the
+/// server to close each after its answer: then three, each request answered in full.
+#[test]
+fn one_request_per_connection_makes_every_request_a_new_connection() {
+    let b = Bench::new();
+    // Kept alive, a connection may still be on its way back to the pool when the next request
+    // starts: fewer than three, not always one.
+    for (close, connections) in [(false, 1..3), (true, 3..4)] {
+        let relay = b.relay(RelayConfig {
+            one_request_per_connection: close,
+            ..RelayConfig::default()
+        });
+        for _ in 0..3 {
+            let (status, _, body) = b.get(&relay).unwrap();
+            assert_eq!(status, 200);
+            assert_eq!(body.unwrap().len(), BLOB);
+        }
+        let made = relay.connections().len();
+        assert!(
+            connections.contains(&made),
+            "close: {close}, {made} connections"
+        );
+    }
+}
