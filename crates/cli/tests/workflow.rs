@@ -648,6 +648,54 @@ fn finished_items_are_pruned_after_keep_finished() {
     );
 }
 
+/// SIGTERM while a large upload crawls: the daemon waits `stop-timeout` for it, then puts it back
+/// in the queue with no attempt counted and exits 0; the next start publishes it.
+#[test]
+fn a_stop_waits_stop_timeout_then_leaves_the_rest_queued() {
+    let mut f = Flow::with_hook("", false);
+    let relay = Relay::start(
+        &f.s3.endpoint,
+        RelayConfig {
+            upstream_bytes_per_sec: Some(256 << 10),
+            ..RelayConfig::default()
+        },
+    );
+    f.route_through(&relay, "");
+    let mut config = fs::read_to_string(&f.config).unwrap();
+    config.push_str("stop-timeout = 0.5\n");
+    fs::write(&f.config, config).unwrap();
+    // 16 MiB at 256 KiB/s: a minute, far beyond the stop's half second.
+    let (large, _) = f.build(&derivation(
+        "stopped",
+        "head -c 16777216 /dev/urandom > $out",
+    ));
+    assert!(
+        f.hook(Some(std::ffi::OsStr::new(&large[0])), None)
+            .status
+            .success()
+    );
+    f.start_daemon();
+    wait_for("the upload to be under way", || {
+        f.log().lines().any(|l| l.contains(" pushing "))
+    });
+    assert!(f.signal_daemon(libc::SIGTERM).success(), "{}", f.log());
+    let log = f.log();
+    assert!(
+        log.contains("stopped before these were published; they stay queued items=1"),
+        "{log}"
+    );
+    assert!(!f.published(&large[0]));
+    let status = Queue::open(&f.state).unwrap().status(10).unwrap();
+    assert!(status.counts.contains(&(State::Queued, 1)), "{status:?}");
+    assert!(
+        status.recent_errors.is_empty(),
+        "an attempt was counted: {status:?}"
+    );
+    relay.set_config(RelayConfig::default());
+    f.start_daemon();
+    f.wait_published(&large);
+}
+
 /// An item whose closure cannot be computed (the store's record of its path is damaged: the
 /// nix-daemon answers with an error) fails its own attempts only: the items hooked with it are
 /// published with no failed attempt counted, and it is published once the record is repaired.
