@@ -170,6 +170,8 @@ impl Cache {
         opts: &PushOptions,
         on_event: &(dyn Fn(Event) + Send + Sync),
     ) -> PushSummary {
-        self.publisher(source, opts).push(closure, on_event).await
+        self.publisher(source, opts)
+            .push(closure, &[], on_event)
+            .await
     }
 }

@@ -203,21 +203,14 @@ impl Publisher {
         self.shared.paths().known.contains(path)
     }
 
-    /// Forgets that `paths` are in the cache, so the next push asks: they were just built (again),
-    /// and whoever says so may have removed them from the cache meanwhile.
-    pub fn forget(&self, paths: &[StorePath]) {
-        let mut shared = self.shared.paths();
-        for p in paths {
-            shared.known.forget(p);
-        }
-    }
-
     /// Publishes every path of `closure` (a closure: every reference of a member is a member, or
-    /// known to be in the cache, see [`Publisher::is_known`]). Never fails as a whole: each path
-    /// ends uploaded, present, skipped or failed with its reason.
+    /// known to be in the cache, see [`Publisher::is_known`]). `fresh` paths are asked about even
+    /// if known: they were just built (again), and the cache may have lost them since. Never fails
+    /// as a whole: each path ends uploaded, present, skipped or failed with its reason.
     pub async fn push(
         &self,
         closure: Vec<PathInfo>,
+        fresh: &[StorePath],
         on_event: &(dyn Fn(Event) + Send + Sync),
     ) -> PushSummary {
         let sh = &self.shared;
@@ -240,17 +233,30 @@ impl Publisher {
             }
         }
 
-        // Each path is known, in another push's hands, or taken in hand by this one.
+        // Each path is known, in another push's hands, or taken in hand by this one. A reference
+        // outside the closure (known when the closure was walked) that some push has in hand
+        // again, being uploaded anew, is waited for like a member.
+        let members: HashSet<&StorePath> = candidates.iter().map(|i| &i.path).collect();
         let mut mine = Vec::new();
         let mut theirs = Vec::new();
+        let mut outside = HashMap::new();
+        let mut known = Vec::new();
         {
             let mut paths = sh.paths();
+            // What an upstream cache serves is as good as present for the closures that need it.
+            for p in &summary.skipped {
+                paths.known.insert(p);
+            }
+            for info in &candidates {
+                for r in info.references.iter().filter(|r| !members.contains(r)) {
+                    if let Some(rx) = paths.in_hand.get(r) {
+                        outside.insert(r.clone(), rx.clone());
+                    }
+                }
+            }
             for info in candidates {
-                if paths.known.contains(&info.path) {
-                    on_event(Event::AlreadyPresent {
-                        path: info.path.clone(),
-                    });
-                    summary.present.push(info.path);
+                if paths.known.contains(&info.path) && !fresh.contains(&info.path) {
+                    known.push(info.path);
                 } else if let Some(rx) = paths.in_hand.get(&info.path) {
                     theirs.push((info.path, rx.clone()));
                 } else {
@@ -265,6 +271,10 @@ impl Publisher {
                     mine.push((info, hand));
                 }
             }
+        }
+        for path in known {
+            on_event(Event::AlreadyPresent { path: path.clone() });
+            summary.present.push(path);
         }
 
         // Ask the cache what it has, many at once: on S3 each question is a round trip.
@@ -308,11 +318,13 @@ impl Publisher {
             "cache probed"
         );
         let (upload, cyclic) = dependencies_first(upload);
+        let in_cycle: HashSet<StorePath> = cyclic.iter().map(|(i, _)| i.path.clone()).collect();
         for (info, hand) in cyclic {
+            // A reference that is itself held up: in the cycle, or depending on it.
             let reference = info
                 .references
                 .iter()
-                .find(|r| **r != info.path)
+                .find(|r| **r != info.path && in_cycle.contains(*r))
                 .cloned()
                 .unwrap_or(info.path.clone());
             let e = Arc::new(CacheError::ReferenceFailed {
@@ -337,6 +349,7 @@ impl Publisher {
         let mut pending: HashMap<StorePath, watch::Receiver<Settled>> = theirs
             .iter()
             .map(|(p, rx)| (p.clone(), rx.clone()))
+            .chain(outside)
             .collect();
         for (info, hand) in &upload {
             pending.insert(info.path.clone(), hand.tx.subscribe());
@@ -450,6 +463,13 @@ impl Shared {
                 reference,
             });
         }
+        let awaited: Vec<(StorePath, watch::Receiver<Settled>)> = deps
+            .into_iter()
+            .filter_map(|d| match d {
+                Dep::Pending(r, rx) => Some((r, rx)),
+                Dep::Failed(_) | Dep::Available => None,
+            })
+            .collect();
         // The job slot covers the NAR only; waiting for references below must not hold one, or a
         // path could wait on a reference that waits for a slot.
         let (mut narinfo, published) = {
@@ -532,27 +552,16 @@ impl Shared {
                 },
             )
         };
-        for dep in deps {
-            match dep {
-                Dep::Available => {}
-                Dep::Failed(reference) => {
-                    return Err(CacheError::ReferenceFailed {
-                        path: info.path.clone(),
-                        reference,
-                    });
-                }
-                Dep::Pending(reference, mut rx) => {
-                    let ok = rx
-                        .wait_for(Option::is_some)
-                        .await
-                        .is_ok_and(|v| matches!(*v, Some(Ok(()))));
-                    if !ok {
-                        return Err(CacheError::ReferenceFailed {
-                            path: info.path.clone(),
-                            reference,
-                        });
-                    }
-                }
+        for (reference, mut rx) in awaited {
+            let ok = rx
+                .wait_for(Option::is_some)
+                .await
+                .is_ok_and(|v| matches!(*v, Some(Ok(()))));
+            if !ok {
+                return Err(CacheError::ReferenceFailed {
+                    path: info.path.clone(),
+                    reference,
+                });
             }
         }
         for key in &self.keys {
@@ -648,10 +657,6 @@ impl Remembered {
         self.when
             .get(&Self::key(path))
             .is_some_and(|t| t.elapsed() < self.ttl)
-    }
-
-    fn forget(&mut self, path: &StorePath) {
-        self.when.remove(&Self::key(path));
     }
 }
 
@@ -779,8 +784,8 @@ mod tests {
         let a = vec![shared(), real("left", &["shared"])];
         let b = vec![shared(), real("right", &["shared"])];
         let (p1, p2) = (publisher.clone(), publisher.clone());
-        let first = tokio::spawn(async move { p1.push(a, &|_| {}).await });
-        let second = tokio::spawn(async move { p2.push(b, &|_| {}).await });
+        let first = tokio::spawn(async move { p1.push(a, &[], &|_| {}).await });
+        let second = tokio::spawn(async move { p2.push(b, &[], &|_| {}).await });
         // Every NAR read waits for a go: both pushes have taken their paths in hand by now.
         while source.reads.load(SeqCst) < 3 {
             tokio::task::yield_now().await;
@@ -798,7 +803,7 @@ mod tests {
         assert!(publisher.is_known(&store_path("shared")));
 
         let summary = publisher
-            .push(vec![shared(), real("third", &["shared"])], &|_| {})
+            .push(vec![shared(), real("third", &["shared"])], &[], &|_| {})
             .await;
         assert_eq!(summary.uploaded, vec![store_path("third")]);
         assert_eq!(summary.present, vec![store_path("shared")]);
@@ -817,7 +822,8 @@ mod tests {
         *source.hold.lock().unwrap() = Some(hold);
         let publisher = cache.publisher(source.clone(), &opts(dir.path(), 4));
         let p1 = publisher.clone();
-        let first = tokio::spawn(async move { p1.push(vec![real("held", &[])], &|_| {}).await });
+        let first =
+            tokio::spawn(async move { p1.push(vec![real("held", &[])], &[], &|_| {}).await });
         while source.reads.load(SeqCst) < 1 {
             tokio::task::yield_now().await;
         }
@@ -829,7 +835,7 @@ mod tests {
                     let _ = planned_tx.send(());
                 }
             };
-            p2.push(vec![real("held", &[])], &on_event).await
+            p2.push(vec![real("held", &[])], &[], &on_event).await
         });
         // Planned, with nothing of its own to upload: it waits for the first push's result.
         planned.recv().await.unwrap();
@@ -843,7 +849,7 @@ mod tests {
         );
         drop(go);
         *source.hold.lock().unwrap() = None;
-        let again = publisher.push(vec![real("held", &[])], &|_| {}).await;
+        let again = publisher.push(vec![real("held", &[])], &[], &|_| {}).await;
         assert_eq!(
             again.uploaded,
             vec![store_path("held")],
@@ -853,7 +859,7 @@ mod tests {
     }
 
     #[test]
-    fn remembered_paths_are_bounded_and_forgotten_oldest_first_or_when_told() {
+    fn remembered_paths_are_bounded_and_forgotten_oldest_first_or_in_time() {
         let mut r = Remembered::new(3, Duration::from_secs(3600));
         for name in ["a", "b", "c", "a", "d"] {
             r.insert(&store_path(name));
@@ -863,8 +869,6 @@ mod tests {
             assert!(r.contains(&store_path(name)), "{name}");
         }
         assert_eq!(r.order.len(), 3);
-        r.forget(&store_path("c"));
-        assert!(!r.contains(&store_path("c")));
         let mut expired = Remembered::new(3, Duration::ZERO);
         expired.insert(&store_path("a"));
         assert!(

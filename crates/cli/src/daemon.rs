@@ -26,7 +26,7 @@ pub struct Args {
     /// Socket the hook talks to (overrides `socket`)
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// Paths prepared and uploaded at once (overrides `jobs`)
+    /// Large NARs (over 1 MiB) compressed and uploaded at once (overrides `jobs`)
     #[arg(long, short = 'j', value_name = "N", value_parser = crate::config::parse_jobs)]
     jobs: Option<usize>,
     /// The local store: `daemon`, `unix://SOCKET`, `local` or `auto` [default: $NIX_REMOTE, else auto]
@@ -98,7 +98,11 @@ pub fn run(args: Args) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(nixpush_drain::serve(settings, queue))
+    let served = runtime.block_on(nixpush_drain::serve(settings, queue));
+    // Attempts cut off at the stop may still hold blocking threads (a long compression): waiting
+    // for them would overrun stop-timeout; what they would have done is queued again.
+    runtime.shutdown_background();
+    served
 }
 
 /// Lowers the daemon's CPU priority (nice 10) and I/O priority (best effort, lowest level), so that

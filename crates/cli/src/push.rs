@@ -27,7 +27,8 @@ pub struct Args {
     /// Sign narinfos with this secret key (repeatable; adds to the URL's secret-key=)
     #[arg(long = "secret-key-file", value_name = "FILE")]
     secret_key_files: Vec<PathBuf>,
-    /// Paths prepared and uploaded at once [default: 16]
+    /// Large NARs (over 1 MiB) compressed and uploaded at once; smaller ones go up to 256 at once
+    /// [default: 16]
     #[arg(long, short = 'j', value_name = "N", value_parser = crate::config::parse_jobs)]
     jobs: Option<usize>,
     /// Do not upload paths signed by this key, e.g. cache.nixos.org-1 (repeatable)

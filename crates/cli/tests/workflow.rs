@@ -613,8 +613,7 @@ fn under_systemd_the_daemon_notifies_and_logs_json_lines() {
     assert_eq!(uploaded, 2, "{log}");
 }
 
-/// With a short `keep-finished`, items published are pruned from the queue; the failure a test
-/// leaves is not.
+/// With a short `keep-finished`, items published or gone are pruned from the queue.
 #[test]
 fn finished_items_are_pruned_after_keep_finished() {
     let mut f = Flow::with_hook("", false);

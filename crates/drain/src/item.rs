@@ -127,10 +127,7 @@ impl Attempts {
             }
         };
         // Past a path the cache is known to hold, its closure is there too: not walked, not probed.
-        // The item's own paths are asked about all the same: they were just built (again), and may
-        // have been removed from the cache since it was last asked.
-        publisher.forget(&roots);
-        let (walking, known) = (store.clone(), publisher.clone());
+        let (walking, known, fresh) = (store.clone(), publisher.clone(), roots.clone());
         let closure = tokio::task::spawn_blocking(move || {
             walking.closure(&roots, WALK_CONNECTIONS, |p| known.is_known(p))
         })
@@ -157,8 +154,10 @@ impl Attempts {
             }
         };
         let item = c.item.name.clone();
+        // The item's own paths are asked about all the same: they were just built (again), and
+        // may have been removed from the cache since it was last asked.
         let summary = publisher
-            .push(closure.into_values().collect(), &move |e| {
+            .push(closure.into_values().collect(), &fresh, &move |e| {
                 log_event(&item, e)
             })
             .await;

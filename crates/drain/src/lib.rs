@@ -73,20 +73,18 @@ pub async fn serve(settings: Settings, queue: Queue) -> Result<()> {
     let intake = queue.clone();
     let work = Arc::new(Notify::new());
     let (stop_tx, stop) = watch::channel(false);
-    tokio::spawn(async move {
+    {
         use tokio::signal::unix::{SignalKind, signal};
-        let (mut term, mut int) = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(t), Ok(i)) => (t, i),
-            _ => return,
-        };
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::info!("stopping");
-        systemd::stopping();
-        let _ = stop_tx.send(true);
-    });
+        // Without them the daemon could not be stopped cleanly: refuse to start.
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        tokio::spawn(async move {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            tracing::info!("stopping");
+            systemd::stopping();
+            let _ = stop_tx.send(true);
+        });
+    }
     let acceptor = {
         let (work, mut stop) = (work.clone(), stop.clone());
         tokio::spawn(async move {

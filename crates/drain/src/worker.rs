@@ -128,8 +128,9 @@ impl Worker {
                 self.sweep_roots().await;
                 swept = Some(Instant::now());
             }
-            if pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY.min(self.settings.keep_finished)) {
-                self.prune().await;
+            let prune_every = PRUNE_EVERY.min(self.settings.keep_finished).max(POLL);
+            if pruned.is_none_or(|t| t.elapsed() >= prune_every) {
+                self.prune(&mut watchdog).await;
                 pruned = Some(Instant::now());
             }
             let mut wait = POLL.min(watchdog.within().unwrap_or(POLL));
@@ -271,27 +272,32 @@ impl Worker {
         if unrecorded.outcomes.is_empty() {
             return;
         }
-        let batch = Arc::new(std::mem::take(&mut unrecorded.outcomes));
-        let b = batch.clone();
+        let batch = std::mem::take(&mut unrecorded.outcomes);
         let recorded = self
             .with_queue(move |q| {
-                let done: Vec<_> = b.iter().map(|(c, o)| (c, o)).collect();
-                q.complete_all(&done)
+                let done: Vec<_> = batch.iter().map(|(c, o)| (c, o)).collect();
+                let recorded = q.complete_all(&done);
+                Ok((batch, recorded))
             })
             .await;
-        let batch = Arc::try_unwrap(batch).unwrap_or_else(|b| (*b).clone());
+        // Only a panic in the queue's code loses the batch; its items are queued again at the next
+        // start.
+        let Ok((batch, recorded)) = recorded else {
+            tracing::error!("recording results panicked");
+            return;
+        };
         if let Err(e) = recorded {
             let items = batch.len();
             if last {
                 tracing::error!(
-                    error = %format!("{e:#}"),
+                    error = %e,
                     items,
                     "cannot record results; the items stay in flight and are queued again at the next start"
                 );
                 return;
             }
             tracing::error!(
-                error = %format!("{e:#}"),
+                error = %e,
                 items,
                 retry_in = ?unrecorded.backoff,
                 "cannot record results; trying again"
@@ -353,14 +359,31 @@ impl Worker {
         }
     }
 
-    /// Forgets finished items older than `keep-finished`, so the queue does not grow forever.
-    async fn prune(&self) {
+    /// Forgets finished items older than `keep-finished`, so the queue does not grow forever. A
+    /// transaction at a time, so hook requests get the queue in between, and the watchdog hears
+    /// from the loop meanwhile (the first prune after an upgrade may face years of history).
+    async fn prune(&self, watchdog: &mut systemd::Watchdog) {
+        const AT_ONCE: usize = 10_000;
         let keep = i64::try_from(self.settings.keep_finished.as_millis()).unwrap_or(i64::MAX);
         let before = nixpush_queue::now_ms().saturating_sub(keep);
-        match self.with_queue(move |q| q.prune(before)).await {
-            Ok(0) => {}
-            Ok(rows) => tracing::info!(rows, "pruned finished items from the queue"),
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot prune the queue"),
+        let mut rows = 0;
+        loop {
+            watchdog.alive();
+            match self.with_queue(move |q| q.prune(before, AT_ONCE)).await {
+                Ok(n) => {
+                    rows += n;
+                    if n < AT_ONCE {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot prune the queue");
+                    break;
+                }
+            }
+        }
+        if rows > 0 {
+            tracing::info!(rows, "pruned finished items from the queue");
         }
     }
 
@@ -369,17 +392,17 @@ impl Worker {
         let Some(roots) = &self.settings.roots else {
             return;
         };
-        let finished: Vec<String> = recorded
+        let finished: Vec<(String, i64)> = recorded
             .iter()
             .filter(|(_, o)| !matches!(o, Outcome::RetryIn { .. }))
-            .map(|(c, _)| c.item.name.clone())
+            .map(|(c, _)| (c.item.name.clone(), c.enqueued_at))
             .collect();
         if finished.is_empty() {
             return;
         }
         // An item queued again since (a rebuild whose hook came after its outcome) keeps the roots
         // its hook just made.
-        let names = finished.clone();
+        let names: Vec<String> = finished.iter().map(|(n, _)| n.clone()).collect();
         let pending: HashSet<String> = match self.with_queue(move |q| q.pending_among(&names)).await
         {
             Ok(p) => p.into_iter().collect(),
@@ -388,10 +411,20 @@ impl Worker {
         let dir = roots.dir().to_owned();
         let released = tokio::task::spawn_blocking(move || {
             let roots = GcRoots::new(dir);
+            let now = nixpush_queue::now_ms();
             finished
                 .iter()
-                .filter(|item| !pending.contains(*item))
-                .try_for_each(|item| roots.release(item))
+                .filter(|(item, _)| !pending.contains(item))
+                // Nor roots made after the item was queued: a hook for it that came after the
+                // look-up above made them, and is queueing it again. (2 ms for the roundings of
+                // two millisecond clocks; the hook makes its roots before the item is queued.)
+                .filter(|(item, enqueued_at)| {
+                    roots.age(item).is_none_or(|age| {
+                        let made = now - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+                        made <= *enqueued_at + 2
+                    })
+                })
+                .try_for_each(|(item, _)| roots.release(item))
         })
         .await;
         if let Ok(Err(e)) = released {

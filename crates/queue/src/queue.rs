@@ -394,32 +394,30 @@ impl Queue {
         })
     }
 
-    /// Forgets finished history: `done` and `gone` rows last updated before `before` (Unix ms), and
-    /// failed rows that a newer row of their item supersedes (first, so that removing the newer row
-    /// cannot make an old failure count again). In transactions of at most 10,000 rows, so hooks
-    /// are never held up for long. Returns how many rows went.
-    pub fn prune(&mut self, before: i64) -> Result<usize, QueueError> {
-        const AT_ONCE: i64 = 10_000;
-        let mut pruned = 0;
-        for sql in [
-            format!(
-                "DELETE FROM items WHERE id IN
-                 (SELECT id FROM items WHERE state = 'failed' AND {SUPERSEDED} LIMIT ?2)"
-            ),
-            "DELETE FROM items WHERE id IN
-             (SELECT id FROM items WHERE state IN ('done', 'gone') AND updated_at < ?1 LIMIT ?2)"
-                .to_owned(),
-        ] {
-            loop {
-                let n =
-                    self.write(|tx| tx.prepare_cached(&sql)?.execute(params![before, AT_ONCE]))?;
-                pruned += n;
-                if (n as i64) < AT_ONCE {
-                    break;
-                }
-            }
-        }
-        Ok(pruned)
+    /// Forgets finished history last updated before `before` (Unix ms), at most `limit` rows in one
+    /// transaction: failed rows that a newer row of their item supersedes, then `done` and `gone`
+    /// rows. A superseded failure always ended before the row that supersedes it, so removing that
+    /// row never makes an old failure count again. Returns how many rows went; fewer than `limit`
+    /// means there is nothing more to prune.
+    pub fn prune(&mut self, before: i64, limit: usize) -> Result<usize, QueueError> {
+        let limit = limit as i64;
+        self.write(|tx| {
+            let superseded = tx
+                .prepare_cached(&format!(
+                    "DELETE FROM items WHERE id IN
+                     (SELECT id FROM items WHERE state = 'failed' AND updated_at < ?1
+                      AND {SUPERSEDED} LIMIT ?2)"
+                ))?
+                .execute(params![before, limit])?;
+            let finished = tx
+                .prepare_cached(
+                    "DELETE FROM items WHERE id IN
+                     (SELECT id FROM items WHERE state IN ('done', 'gone') AND updated_at < ?1
+                      LIMIT ?2)",
+                )?
+                .execute(params![before, limit - superseded as i64])?;
+            Ok(superseded + finished)
+        })
     }
 
     /// Which of `names` are queued or in flight (each looked up by the index, whatever the backlog).

@@ -135,13 +135,17 @@ fn pruning_forgets_old_history_and_keeps_what_matters() {
     let superseded = again.iter().find(|c| c.item.name == "superseded").unwrap();
     q.complete(superseded, &Outcome::Done).unwrap();
 
-    // Nothing is old enough yet: only the superseded failure goes.
-    assert_eq!(q.prune(0).unwrap(), 1);
+    // Nothing is old enough yet.
+    assert_eq!(q.prune(0, 100).unwrap(), 0);
+    // Everything finished before now goes, two rows at a time; the failure to act on and the
+    // pending item stay.
+    let later = now_ms() + 1;
+    assert_eq!(q.prune(later, 2).unwrap(), 2);
+    assert_eq!(q.prune(later, 2).unwrap(), 2);
+    assert_eq!(q.prune(later, 2).unwrap(), 0);
     let failed = q.failed().unwrap();
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].0, "failed");
-    // Everything finished before now goes; the failure and the pending item stay.
-    assert_eq!(q.prune(now_ms() + 1).unwrap(), 3);
     let mut left: Vec<(String, State)> = q.items().unwrap();
     left.sort();
     assert_eq!(
