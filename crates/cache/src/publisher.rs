@@ -300,14 +300,12 @@ impl Publisher {
                 }
                 (info, hand, Ok(false)) => upload.push((info, hand)),
                 (info, hand, Err(e)) => {
-                    let e = Arc::new(e);
-                    hand.settle(Err(e.clone()));
-                    on_event(Event::Failed {
-                        path: info.path.clone(),
-                        error: error_chain(&*e),
-                    });
-                    unavailable.insert(info.path.clone());
-                    summary.failed.push((info.path, e));
+                    let failed = Failed {
+                        summary: &mut summary,
+                        unavailable: &mut unavailable,
+                        on_event,
+                    };
+                    failed.record(info.path, hand, e);
                 }
             }
         }
@@ -327,17 +325,16 @@ impl Publisher {
                 .find(|r| **r != info.path && in_cycle.contains(*r))
                 .cloned()
                 .unwrap_or(info.path.clone());
-            let e = Arc::new(CacheError::ReferenceFailed {
+            let e = CacheError::ReferenceFailed {
                 path: info.path.clone(),
                 reference,
-            });
-            hand.settle(Err(e.clone()));
-            on_event(Event::Failed {
-                path: info.path.clone(),
-                error: error_chain(&*e),
-            });
-            unavailable.insert(info.path.clone());
-            summary.failed.push((info.path, e));
+            };
+            let failed = Failed {
+                summary: &mut summary,
+                unavailable: &mut unavailable,
+                on_event,
+            };
+            failed.record(info.path, hand, e);
         }
         on_event(Event::Planned {
             upload: upload.len(),
@@ -425,6 +422,27 @@ impl Publisher {
 }
 
 type Tagged<T> = Vec<(PathInfo, T)>;
+
+/// Where a path of this push that cannot even be uploaded is recorded: its waiters, the caller and
+/// the summary learn why, and paths that reference it fail without uploading.
+struct Failed<'a> {
+    summary: &'a mut PushSummary,
+    unavailable: &'a mut HashSet<StorePath>,
+    on_event: &'a (dyn Fn(Event) + Send + Sync),
+}
+
+impl Failed<'_> {
+    fn record(self, path: StorePath, hand: InHand, e: CacheError) {
+        let e = Arc::new(e);
+        hand.settle(Err(e.clone()));
+        (self.on_event)(Event::Failed {
+            path: path.clone(),
+            error: error_chain(&*e),
+        });
+        self.unavailable.insert(path.clone());
+        self.summary.failed.push((path, e));
+    }
+}
 
 enum Dep {
     /// Being published, by this push or another: wait for it.
