@@ -87,6 +87,14 @@ pub enum CacheError {
         path: StorePath,
         reference: StorePath,
     },
+    #[error(
+        "not publishing {path} yet: its reference {reference} is no longer known to be in the \
+         cache; the next attempt checks it"
+    )]
+    ReferenceForgotten {
+        path: StorePath,
+        reference: StorePath,
+    },
     #[error("the upload of {path} was abandoned: the push that had it in hand was cancelled")]
     Abandoned { path: StorePath },
     #[error(

@@ -233,14 +233,22 @@ impl Publisher {
             }
         }
 
-        // Each path is known, in another push's hands, or taken in hand by this one. A reference
-        // outside the closure (known when the closure was walked) that some push has in hand
-        // again, being uploaded anew, is waited for like a member.
-        let members: HashSet<&StorePath> = candidates.iter().map(|i| &i.path).collect();
+        // Each path is in another push's hands, known, or taken in hand by this one. A reference
+        // outside the closure (known when the closure was walked) is waited for if some push has
+        // it in hand again (being uploaded anew), and not trusted if it is no longer known (the
+        // memory lapsed, or was cleared because the cache lost a path): the item walks again.
+        let in_closure: HashSet<StorePath> = candidates
+            .iter()
+            .map(|i| &i.path)
+            .chain(&summary.skipped)
+            .cloned()
+            .collect();
         let mut mine = Vec::new();
         let mut theirs = Vec::new();
         let mut outside = HashMap::new();
+        let mut forgotten = HashSet::new();
         let mut known = Vec::new();
+        let mut fresh_known = HashSet::new();
         {
             let mut paths = sh.paths();
             // What an upstream cache serves is as good as present for the closures that need it.
@@ -248,18 +256,23 @@ impl Publisher {
                 paths.known.insert(p);
             }
             for info in &candidates {
-                for r in info.references.iter().filter(|r| !members.contains(r)) {
+                for r in info.references.iter().filter(|r| !in_closure.contains(r)) {
                     if let Some(rx) = paths.in_hand.get(r) {
                         outside.insert(r.clone(), rx.clone());
+                    } else if !paths.known.contains(r) {
+                        forgotten.insert(r.clone());
                     }
                 }
             }
             for info in candidates {
-                if paths.known.contains(&info.path) && !fresh.contains(&info.path) {
-                    known.push(info.path);
-                } else if let Some(rx) = paths.in_hand.get(&info.path) {
+                if let Some(rx) = paths.in_hand.get(&info.path) {
                     theirs.push((info.path, rx.clone()));
+                } else if paths.known.contains(&info.path) && !fresh.contains(&info.path) {
+                    known.push(info.path);
                 } else {
+                    if paths.known.contains(&info.path) {
+                        fresh_known.insert(info.path.clone());
+                    }
                     let (tx, rx) = watch::channel(None);
                     paths.in_hand.insert(info.path.clone(), rx);
                     let hand = InHand {
@@ -289,6 +302,7 @@ impl Publisher {
         }
         let mut upload = Vec::new();
         let mut unavailable = HashSet::new();
+        let mut trust_outside = true;
         while let Some(joined) = set.join_next().await {
             match joined.expect("narinfo probe panicked") {
                 (info, hand, Ok(true)) => {
@@ -298,7 +312,18 @@ impl Publisher {
                     });
                     summary.present.push(info.path);
                 }
-                (info, hand, Ok(false)) => upload.push((info, hand)),
+                (info, hand, Ok(false)) => {
+                    if fresh_known.contains(&info.path) {
+                        // Remembered, yet gone: the cache was changed behind this publisher's
+                        // back, and what it remembers cannot be trusted. Neither can the
+                        // references outside this closure, which were not walked because they
+                        // were remembered: the item walks again.
+                        tracing::warn!(path = %info.path, "a path remembered in the cache is gone from it; forgetting what the cache was known to hold");
+                        sh.paths().known.clear();
+                        trust_outside = false;
+                    }
+                    upload.push((info, hand))
+                }
                 (info, hand, Err(e)) => {
                     let failed = Failed {
                         summary: &mut summary,
@@ -360,6 +385,11 @@ impl Publisher {
                 .map(|r| match pending.get(r) {
                     Some(rx) => Dep::Pending(r.clone(), rx.clone()),
                     None if unavailable.contains(r) => Dep::Failed(r.clone()),
+                    None if forgotten.contains(r)
+                        || (!trust_outside && !in_closure.contains(r)) =>
+                    {
+                        Dep::Forgotten(r.clone())
+                    }
                     None => Dep::Available,
                 })
                 .collect();
@@ -449,15 +479,26 @@ enum Dep {
     Pending(StorePath, watch::Receiver<Settled>),
     /// Could not even be checked: this path cannot be published either.
     Failed(StorePath),
+    /// Outside the closure, and no longer known to be in the cache: not to be trusted.
+    Forgotten(StorePath),
     /// In the cache, or skipped because an upstream cache has it.
     Available,
 }
 
 impl Dep {
-    fn known_failure(&self) -> Option<StorePath> {
+    /// Why `path` cannot be published, if a reference already says so.
+    fn known_failure(&self, path: &StorePath) -> Option<CacheError> {
+        let failed = |r: &StorePath| CacheError::ReferenceFailed {
+            path: path.clone(),
+            reference: r.clone(),
+        };
         match self {
-            Dep::Failed(r) => Some(r.clone()),
-            Dep::Pending(r, rx) if matches!(*rx.borrow(), Some(Err(_))) => Some(r.clone()),
+            Dep::Failed(r) => Some(failed(r)),
+            Dep::Pending(r, rx) if matches!(*rx.borrow(), Some(Err(_))) => Some(failed(r)),
+            Dep::Forgotten(r) => Some(CacheError::ReferenceForgotten {
+                path: path.clone(),
+                reference: r.clone(),
+            }),
             _ => None,
         }
     }
@@ -475,17 +516,14 @@ impl Shared {
         deps: Vec<Dep>,
     ) -> Result<Published, CacheError> {
         // A reference that has already failed dooms this path: do not upload a NAR nobody can use.
-        if let Some(reference) = deps.iter().find_map(Dep::known_failure) {
-            return Err(CacheError::ReferenceFailed {
-                path: info.path.clone(),
-                reference,
-            });
+        if let Some(e) = deps.iter().find_map(|d| d.known_failure(&info.path)) {
+            return Err(e);
         }
         let awaited: Vec<(StorePath, watch::Receiver<Settled>)> = deps
             .into_iter()
             .filter_map(|d| match d {
                 Dep::Pending(r, rx) => Some((r, rx)),
-                Dep::Failed(_) | Dep::Available => None,
+                Dep::Failed(_) | Dep::Forgotten(_) | Dep::Available => None,
             })
             .collect();
         // The job slot covers the NAR only; waiting for references below must not hold one, or a
@@ -669,6 +707,11 @@ impl Remembered {
                 self.when.remove(&oldest);
             }
         }
+    }
+
+    fn clear(&mut self) {
+        self.when.clear();
+        self.order.clear();
     }
 
     fn contains(&self, path: &StorePath) -> bool {
@@ -874,6 +917,59 @@ mod tests {
             "{:?}",
             again.failed
         );
+    }
+
+    /// The cache loses a path the publisher remembers: the next push that asks about it (its item
+    /// built it again) finds it gone, forgets everything it remembered, and publishes nothing over
+    /// references it has not checked again; with the closure walked anew, all goes up. A reference
+    /// outside the closure that was never known fails its dependent the same way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn references_not_known_any_more_are_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = file_cache(dir.path()).await;
+        let publisher = cache.publisher(Arc::new(Source::default()), &opts(dir.path(), 4));
+        let (base, mid) = (|| real("base", &[]), || real("mid", &["base"]));
+        let first = publisher.push(vec![base(), mid()], &[], &|_| {}).await;
+        assert_eq!(first.uploaded.len(), 2, "{:?}", first.failed);
+        let narinfo = |p: &str| dir.path().join("cache").join(narinfo_key(&store_path(p)));
+        std::fs::remove_file(narinfo("mid")).unwrap();
+
+        // The daemon's walk stops at `base`, remembered: the closure is `mid` alone.
+        let again = publisher
+            .push(vec![mid()], &[store_path("mid")], &|_| {})
+            .await;
+        assert!(again.uploaded.is_empty());
+        assert!(
+            matches!(&*again.failed[0].1, CacheError::ReferenceForgotten { reference, .. } if *reference == store_path("base")),
+            "{:?}",
+            again.failed
+        );
+        assert!(
+            !publisher.is_known(&store_path("base")),
+            "the memory was kept"
+        );
+        assert!(!narinfo("mid").exists());
+
+        let walked = publisher
+            .push(vec![base(), mid()], &[store_path("mid")], &|_| {})
+            .await;
+        assert_eq!(
+            walked.uploaded,
+            vec![store_path("mid")],
+            "{:?}",
+            walked.failed
+        );
+        assert_eq!(walked.present, vec![store_path("base")]);
+
+        let never = publisher
+            .push(vec![real("top", &["never-seen"])], &[], &|_| {})
+            .await;
+        assert!(
+            matches!(&*never.failed[0].1, CacheError::ReferenceForgotten { .. }),
+            "{:?}",
+            never.failed
+        );
+        assert!(!narinfo("top").exists());
     }
 
     #[test]

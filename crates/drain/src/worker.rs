@@ -130,7 +130,7 @@ impl Worker {
             }
             let prune_every = PRUNE_EVERY.min(self.settings.keep_finished).max(POLL);
             if pruned.is_none_or(|t| t.elapsed() >= prune_every) {
-                self.prune(&mut watchdog).await;
+                self.prune(&mut watchdog, &stop).await;
                 pruned = Some(Instant::now());
             }
             let mut wait = POLL.min(watchdog.within().unwrap_or(POLL));
@@ -362,12 +362,13 @@ impl Worker {
     /// Forgets finished items older than `keep-finished`, so the queue does not grow forever. A
     /// transaction at a time, so hook requests get the queue in between, and the watchdog hears
     /// from the loop meanwhile (the first prune after an upgrade may face years of history).
-    async fn prune(&self, watchdog: &mut systemd::Watchdog) {
+    async fn prune(&self, watchdog: &mut systemd::Watchdog, stop: &watch::Receiver<bool>) {
         const AT_ONCE: usize = 10_000;
         let keep = i64::try_from(self.settings.keep_finished.as_millis()).unwrap_or(i64::MAX);
         let before = nixpush_queue::now_ms().saturating_sub(keep);
         let mut rows = 0;
-        loop {
+        // Stopping ends it between transactions; the next start carries on.
+        while !*stop.borrow() {
             watchdog.alive();
             match self.with_queue(move |q| q.prune(before, AT_ONCE)).await {
                 Ok(n) => {
@@ -411,7 +412,6 @@ impl Worker {
         let dir = roots.dir().to_owned();
         let released = tokio::task::spawn_blocking(move || {
             let roots = GcRoots::new(dir);
-            let now = nixpush_queue::now_ms();
             finished
                 .iter()
                 .filter(|(item, _)| !pending.contains(item))
@@ -420,7 +420,8 @@ impl Worker {
                 // two millisecond clocks; the hook makes its roots before the item is queued.)
                 .filter(|(item, enqueued_at)| {
                     roots.age(item).is_none_or(|age| {
-                        let made = now - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+                        let age = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+                        let made = nixpush_queue::now_ms() - age;
                         made <= *enqueued_at + 2
                     })
                 })

@@ -400,7 +400,7 @@ impl Queue {
     /// row never makes an old failure count again. Returns how many rows went; fewer than `limit`
     /// means there is nothing more to prune.
     pub fn prune(&mut self, before: i64, limit: usize) -> Result<usize, QueueError> {
-        let limit = limit as i64;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.write(|tx| {
             let superseded = tx
                 .prepare_cached(&format!(
