@@ -209,10 +209,6 @@ pub fn run(args: Args) -> Result<()> {
         roots.extend(paths::resolve(arg, &store)?);
     }
     let started = Instant::now();
-    let closure = store
-        .closure(&roots, jobs, |_| false)
-        .context("cannot compute the closure")?;
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -224,9 +220,17 @@ pub fn run(args: Args) -> Result<()> {
         for dead in RunDir::abandoned(&root, &target) {
             clean_up_after(&url, &dead).await;
         }
-        let cache = Cache::open_with_journal(url, Some(&run_dir.journal()))
-            .await
-            .with_context(|| format!("cannot open cache {target}"))?;
+        // The closure walk (the local daemon) and opening the cache (round trips to it) at once.
+        let walk = {
+            let (store, roots) = (store.clone(), roots.clone());
+            tokio::task::spawn_blocking(move || store.closure(&roots, jobs, |_| false))
+        };
+        let journal = run_dir.journal();
+        let (closure, cache) = tokio::join!(walk, Cache::open_with_journal(url, Some(&journal)));
+        let closure = closure
+            .expect("the closure walk panicked")
+            .context("cannot compute the closure")?;
+        let cache = cache.with_context(|| format!("cannot open cache {target}"))?;
         let opts = PushOptions {
             jobs,
             keys,
