@@ -919,14 +919,14 @@ fn the_metrics_say_what_the_daemon_did() {
     }
 }
 
-/// Regression: when recording a batch's outcomes failed (a full disk, the queue locked by another
-/// process), its items stayed `in_flight` until the daemon was restarted, while the log said they
+/// Regression: when recording outcomes failed (a full disk, the queue locked by another
+/// process), the items stayed `in_flight` until the daemon was restarted, while the log said they
 /// "will be retried".
 #[test]
 fn outcomes_that_cannot_be_recorded_are_recorded_once_the_queue_frees() {
     let mut f = Flow::with_hook("", false);
-    // Each request takes 3 s across the relay: the batch stays in flight for long enough to lock
-    // the queue under it.
+    // Each request takes 3 s across the relay: the items stay in flight for long enough to lock
+    // the queue under them.
     let relay = Relay::start(
         &f.s3.endpoint,
         RelayConfig {
