@@ -309,6 +309,11 @@ impl Flow {
     }
 
     fn substitute_back(&self, roots: &[String], closure: &[String]) {
+        // The daemon releases an item's GC roots just after recording it done, a moment after its
+        // narinfo is visible; until then nix-store --delete refuses the paths as alive.
+        wait_for("the GC roots of published items to be released", || {
+            fs::read_dir(self.roots.path()).is_ok_and(|mut d| d.next().is_none())
+        });
         let mut del = vec!["--delete"];
         del.extend(closure.iter().map(String::as_str));
         self.nix.run("nix-store", &del);

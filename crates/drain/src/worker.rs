@@ -118,10 +118,17 @@ impl Worker {
         let mut imported = None::<Instant>;
         let mut spill_error = None::<String>;
         let mut watchdog = systemd::Watchdog::new();
+        // Whether a claim may find work: not after one that came back short, until a hook's
+        // request, a wait for the next due item, or a retry scheduled since says so. An attempt
+        // that ends only frees room; claiming for it again would take the queue's write lock
+        // from the hooks once per finished item.
+        let mut may_find = true;
         while !*stop.borrow() {
             watchdog.alive();
             if imported.is_none_or(|t| t.elapsed() >= POLL) {
-                self.import_spill(&mut spill_error).await;
+                if self.import_spill(&mut spill_error).await > 0 {
+                    may_find = true;
+                }
                 imported = Some(Instant::now());
             }
             if swept.is_none_or(|t| t.elapsed() >= ROOTS_SWEEP) {
@@ -135,7 +142,7 @@ impl Worker {
             }
             let mut wait = POLL.min(watchdog.within().unwrap_or(POLL));
             let room = IN_FLIGHT - running.len();
-            if room > 0 {
+            if room > 0 && may_find {
                 let claimed = match self
                     .with_queue(move |q| q.claim(nixpush_queue::now_ms(), room))
                     .await
@@ -147,6 +154,7 @@ impl Worker {
                     }
                 };
                 if claimed.len() < room {
+                    may_find = false;
                     let now = nixpush_queue::now_ms();
                     if let Ok(Some(t)) = self.with_queue(move |q| q.next_due(now)).await {
                         wait = wait.min(Duration::from_millis((t - now).max(0) as u64));
@@ -161,6 +169,11 @@ impl Worker {
                 match unrecorded.not_before {
                     Some(t) if t > Instant::now() => wait = wait.min(t - Instant::now()),
                     _ => {
+                        // A retry is due later than the next due item seen at the last claim.
+                        may_find |= unrecorded
+                            .outcomes
+                            .iter()
+                            .any(|(_, o)| matches!(o, Outcome::RetryIn { .. }));
                         self.record(&mut unrecorded, false).await;
                         if unrecorded.outcomes.is_empty()
                             && reported.is_none_or(|t| t.elapsed() >= METRICS_AFTER_OUTCOMES)
@@ -184,8 +197,8 @@ impl Worker {
                         next = running.try_join_next_with_id();
                     }
                 }
-                _ = work.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+                _ = work.notified() => may_find = true,
+                _ = tokio::time::sleep(wait) => may_find = true,
                 _ = stop.changed() => {}
             }
         }
@@ -320,8 +333,8 @@ impl Worker {
     }
 
     /// Queues what hooks recorded in the spill directory when the queue could not take it; says so
-    /// once per distinct error while it still cannot.
-    async fn import_spill(&self, last_error: &mut Option<String>) {
+    /// once per distinct error while it still cannot. Returns how many items it queued.
+    async fn import_spill(&self, last_error: &mut Option<String>) -> usize {
         let dir = self.settings.spill_dir.clone();
         let q = self.queue.clone();
         let imported = tokio::task::spawn_blocking(move || {
@@ -347,6 +360,7 @@ impl Worker {
                     tracing::error!(file = %file.display(), why, "set aside a spill file that cannot be imported");
                 }
                 *last_error = None;
+                imported.added
             }
             Ok(Err(e)) => {
                 let e = format!("{:#}", anyhow::Error::from(e));
@@ -354,8 +368,12 @@ impl Worker {
                     tracing::error!(error = %e, "cannot queue spilled items yet; they stay in the spill directory");
                     *last_error = Some(e);
                 }
+                0
             }
-            Err(e) => tracing::error!(error = %e, "importing spilled items panicked"),
+            Err(e) => {
+                tracing::error!(error = %e, "importing spilled items panicked");
+                0
+            }
         }
     }
 
