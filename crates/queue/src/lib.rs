@@ -29,17 +29,21 @@
 //! 6. **Retry timing survives clock steps.** How long an item has been retried is the sum of the
 //!    waits scheduled for it (`retry_waited_ms`), not wall time since its first failure; an item
 //!    scheduled after a moment the clock has gone back past is due at once.
+//! 7. **Requests are numbered.** Each enqueue takes the next request number and stamps every item
+//!    it names with it, pending duplicates included; a mark (the last number) therefore splits
+//!    what was asked for before it from what was asked for after, which `wait --since` relies on.
 //!
 //! [`spill`] is the hook's second recording place, for when this database cannot be written.
 //!
 //! Layout: table `items(id, item, kind, state, enqueued_at, attempts, next_attempt_at,
-//! first_failure_at, last_error, updated_at, retry_waited_ms)`, times in Unix milliseconds; a
-//! partial unique index on `item` over the pending states enforces invariant 3.
+//! first_failure_at, last_error, updated_at, retry_waited_ms, via, requested)`, times in Unix
+//! milliseconds; a partial unique index on `item` over the pending states enforces invariant 3;
+//! `counters('requests', n)` holds the last request number.
 
 pub mod owner;
 mod queue;
 mod retry;
 pub mod spill;
 
-pub use queue::{Claimed, Item, Kind, Outcome, Queue, QueueError, State, Status, now_ms};
+pub use queue::{Claimed, Item, Kind, Latest, Outcome, Queue, QueueError, State, Status, now_ms};
 pub use retry::{Decision, RetryPolicy};

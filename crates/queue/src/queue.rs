@@ -62,6 +62,13 @@ pub enum State {
 }
 
 impl State {
+    fn parse(s: &str) -> State {
+        State::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .unwrap_or(State::Queued)
+    }
+
     pub const ALL: [State; 5] = [
         State::Queued,
         State::InFlight,
@@ -108,6 +115,19 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// Where an item stands: its latest row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Latest {
+    pub state: State,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// When it is next due (Unix ms), if queued.
+    pub next_attempt_at: i64,
+    /// The number of the last request that named it.
+    pub requested: u64,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Status {
     pub counts: Vec<(State, u64)>,
@@ -142,18 +162,24 @@ CREATE TABLE IF NOT EXISTS items (
     last_error TEXT,
     updated_at INTEGER NOT NULL,
     retry_waited_ms INTEGER NOT NULL DEFAULT 0,
-    via TEXT
+    via TEXT,
+    requested INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS items_pending ON items(item) WHERE state IN ('queued', 'in_flight');
 CREATE INDEX IF NOT EXISTS items_due ON items(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS items_by_name ON items(item, id);
 ";
+
+/// Made once the `requested` column exists (older databases gain it after [`SCHEMA`] runs).
+const REQUESTED_INDEX: &str = "CREATE INDEX IF NOT EXISTS items_requested ON items(requested);";
 
 /// Columns added after the first release (also in [`SCHEMA`]), with their definitions; added to
 /// older databases on open.
 const ADDED_COLUMNS: &[(&str, &str)] = &[
     ("retry_waited_ms", "INTEGER NOT NULL DEFAULT 0"),
     ("via", "TEXT"),
+    ("requested", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// A failed row that a newer row of the same item supersedes (it was queued again, and is pending
@@ -188,6 +214,10 @@ impl Queue {
         conn.execute_batch(SCHEMA).map_err(err)?;
         let mut queue = Queue { conn, path };
         queue.add_missing_columns()?;
+        queue
+            .conn
+            .execute_batch(REQUESTED_INDEX)
+            .map_err(queue.err())?;
         // The hook (root) may create the database before a daemon running as its own user ever
         // did: the daemon must still be able to write it.
         for suffix in ["", "-wal", "-shm"] {
@@ -263,18 +293,108 @@ impl Queue {
 
     /// [`Queue::enqueue`], noting how the items came when it was not through the daemon's socket:
     /// `via` names the hook's fallback (it wrote the queue itself, or the daemon imported its spill).
+    ///
+    /// Each call is one request: it takes the next request number, and every item it names, new or
+    /// already pending, is stamped with it (see [`Queue::mark`]).
     pub fn enqueue_via(&mut self, items: &[Item], via: Option<&str>) -> Result<usize, QueueError> {
         let now = now_ms();
         self.write(|tx| {
+            let request: i64 = tx.query_row(
+                "INSERT INTO counters (name, value) VALUES ('requests', 1)
+                 ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value",
+                [],
+                |r| r.get(0),
+            )?;
             let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO items (item, kind, state, enqueued_at, next_attempt_at, updated_at, via)
-                 VALUES (?1, ?2, 'queued', ?3, ?3, ?3, ?4)",
+                "INSERT OR IGNORE INTO items (item, kind, state, enqueued_at, next_attempt_at, updated_at, via, requested)
+                 VALUES (?1, ?2, 'queued', ?3, ?3, ?3, ?4, ?5)",
+            )?;
+            let mut restamp = tx.prepare_cached(
+                "UPDATE items SET requested = ?2 WHERE item = ?1 AND state IN ('queued', 'in_flight')",
             )?;
             let mut added = 0;
             for it in items {
-                added += insert.execute(params![it.name, it.kind.as_str(), now, via])?;
+                match insert.execute(params![it.name, it.kind.as_str(), now, via, request])? {
+                    0 => {
+                        restamp.execute(params![it.name, request])?;
+                    }
+                    n => added += n,
+                }
             }
             Ok(added)
+        })
+    }
+
+    /// The number of the last request recorded: items requested after this call carry a larger one.
+    /// `nixpush mark` prints it, and `wait --since` waits for what was requested after it.
+    pub fn mark(&self) -> Result<u64, QueueError> {
+        self.conn
+            .query_row(
+                "SELECT value FROM counters WHERE name = 'requests'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|v| v.unwrap_or(0).max(0) as u64)
+            .map_err(self.err())
+    }
+
+    /// What a wait that began at request `upto` answers for: the items last requested after `since`
+    /// (all of them, published or not), or with no `since`, every item not yet published (queued,
+    /// in flight, or failed and not superseded). Oldest first.
+    pub fn scope(&self, since: Option<u64>, upto: u64) -> Result<Vec<Item>, QueueError> {
+        let sql = format!(
+            "SELECT item, kind FROM items WHERE requested <= ?2 AND (
+                 (?1 IS NOT NULL AND requested > ?1 AND NOT {SUPERSEDED})
+                 OR (?1 IS NULL AND (state IN ('queued', 'in_flight')
+                                     OR (state = 'failed' AND NOT {SUPERSEDED}))))
+             ORDER BY id"
+        );
+        let mut stmt = self.conn.prepare(&sql).map_err(self.err())?;
+        stmt.query_map(params![since.map(|s| s as i64), upto as i64], |r| {
+            Ok(Item {
+                name: r.get(0)?,
+                kind: Kind::parse(&r.get::<_, String>(1)?),
+            })
+        })
+        .map_err(self.err())?
+        .collect::<Result<_, _>>()
+        .map_err(self.err())
+    }
+
+    /// The latest row of `name`: where that item stands now.
+    pub fn latest(&self, name: &str) -> Result<Option<Latest>, QueueError> {
+        self.conn
+            .prepare_cached(
+                "SELECT state, attempts, last_error, next_attempt_at, requested FROM items
+                 WHERE item = ?1 ORDER BY id DESC LIMIT 1",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row([name], |r| {
+                    let state: String = r.get(0)?;
+                    Ok(Latest {
+                        state: State::parse(&state),
+                        attempts: r.get(1)?,
+                        last_error: r.get(2)?,
+                        next_attempt_at: r.get(3)?,
+                        requested: r.get::<_, i64>(4)?.max(0) as u64,
+                    })
+                })
+                .optional()
+            })
+            .map_err(self.err())
+    }
+
+    /// Makes queued items last requested in `(since, upto]` due now, however long their backoff
+    /// still had to run: someone is waiting for them. Returns how many.
+    pub fn expedite(&mut self, since: Option<u64>, upto: u64) -> Result<usize, QueueError> {
+        let now = now_ms();
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE items SET next_attempt_at = ?1
+                 WHERE state = 'queued' AND next_attempt_at > ?1 AND requested > ?2 AND requested <= ?3",
+                params![now, since.unwrap_or(0) as i64, upto as i64],
+            )
         })
     }
 
@@ -504,11 +624,7 @@ impl Queue {
             .map_err(self.err())?;
         status.recent_errors = stmt
             .query_map([recent as i64], |r| {
-                let state: String = r.get(1)?;
-                let state = State::ALL
-                    .into_iter()
-                    .find(|s| s.as_str() == state)
-                    .unwrap_or(State::Queued);
+                let state = State::parse(&r.get::<_, String>(1)?);
                 Ok((r.get(0)?, state, r.get(2)?, r.get(3)?, r.get(4)?))
             })
             .map_err(self.err())?
@@ -559,14 +675,7 @@ impl Queue {
             .prepare("SELECT item, state FROM items ORDER BY id")
             .map_err(self.err())?;
         stmt.query_map([], |r| {
-            let s: String = r.get(1)?;
-            Ok((
-                r.get(0)?,
-                State::ALL
-                    .into_iter()
-                    .find(|x| x.as_str() == s)
-                    .unwrap_or(State::Queued),
-            ))
+            Ok((r.get(0)?, State::parse(&r.get::<_, String>(1)?)))
         })
         .map_err(self.err())?
         .collect::<Result<_, _>>()

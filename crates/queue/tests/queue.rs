@@ -48,6 +48,85 @@ fn duplicates_collapse_while_pending_but_not_after() {
     );
 }
 
+fn names(items: Vec<Item>) -> Vec<String> {
+    items.into_iter().map(|i| i.name).collect()
+}
+
+#[test]
+fn a_mark_splits_requests_before_it_from_those_after() {
+    let d = tempfile::tempdir().unwrap();
+    let mut q = Queue::open(d.path()).unwrap();
+    assert_eq!(q.mark().unwrap(), 0);
+    q.enqueue(&[item("old-pending"), item("old-done"), item("again")])
+        .unwrap();
+    let claimed = q.claim(far_future(), 10).unwrap();
+    let by_name = |n: &str| claimed.iter().find(|c| c.item.name == n).unwrap();
+    q.complete(by_name("old-done"), &Outcome::Done).unwrap();
+    q.complete(by_name("again"), &Outcome::Failed("boom".into()))
+        .unwrap();
+    q.requeue(&[by_name("old-pending").id]).unwrap();
+    let mark = q.mark().unwrap();
+    assert_eq!(mark, 1);
+
+    // After the mark: a new item, an item already pending (absorbed, but asked for again), and a
+    // failed one asked for again (a new row).
+    q.enqueue(&[item("new")]).unwrap();
+    assert_eq!(q.enqueue(&[item("old-pending"), item("again")]).unwrap(), 1);
+    let upto = q.mark().unwrap();
+    assert_eq!(upto, 3);
+    q.enqueue(&[item("later")]).unwrap();
+
+    assert_eq!(
+        names(q.scope(Some(mark), upto).unwrap()),
+        ["old-pending", "new", "again"],
+        "requested after the mark and by the time the wait began"
+    );
+    assert_eq!(
+        names(q.scope(None, upto).unwrap()),
+        ["old-pending", "new", "again"],
+        "without a mark: everything not published, the superseded failure counted once"
+    );
+    let latest = q.latest("again").unwrap().unwrap();
+    assert_eq!((latest.state, latest.requested), (State::Queued, 3));
+    assert_eq!(q.latest("old-done").unwrap().unwrap().state, State::Done);
+    assert_eq!(q.latest("never").unwrap(), None);
+
+    // A published item asked for after a mark is in that mark's scope: the wait checks it.
+    q.enqueue(&[item("old-done")]).unwrap();
+    let all = q.mark().unwrap();
+    let claimed = q.claim(far_future(), 10).unwrap();
+    for c in &claimed {
+        q.complete(c, &Outcome::Done).unwrap();
+    }
+    assert_eq!(
+        names(q.scope(Some(upto), all).unwrap()),
+        ["later", "old-done"]
+    );
+    assert!(q.scope(None, all).unwrap().is_empty());
+}
+
+#[test]
+fn expediting_makes_backed_off_items_in_range_due_now() {
+    let d = tempfile::tempdir().unwrap();
+    let mut q = Queue::open(d.path()).unwrap();
+    q.enqueue(&[item("before")]).unwrap();
+    let mark = q.mark().unwrap();
+    q.enqueue(&[item("after")]).unwrap();
+    let later = Outcome::RetryIn {
+        wait: Duration::from_secs(3600),
+        error: "503".into(),
+    };
+    for c in q.claim(now_ms(), 10).unwrap() {
+        q.complete(&c, &later).unwrap();
+    }
+    assert!(q.claim(now_ms(), 10).unwrap().is_empty());
+    assert_eq!(q.expedite(Some(mark), q.mark().unwrap()).unwrap(), 1);
+    let due = q.claim(now_ms(), 10).unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].item.name, "after");
+    assert_eq!(due[0].attempts, 1, "expediting counts no attempt");
+}
+
 /// Regression: with the daemon down, every build's hook opens the queue, commits one item and
 /// closes. The WAL used to be left behind at each close, and since no connection outlived a
 /// commit, SQLite never reset it: it grew by about 14 KiB per build, and every hook re-read all of
