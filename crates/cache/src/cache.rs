@@ -1,12 +1,12 @@
 //! The cache as a whole: opening it (credentials, bucket, `nix-cache-info`), cleaning up after
-//! crashed uploads, and the compression threads every push through it shares. Publishing is
-//! [`crate::publisher`]'s.
+//! crashed uploads, and the compression threads every push through it shares; and reading it back
+//! ([`CacheReader`]). Publishing is [`crate::publisher`]'s.
 
 use std::sync::Arc;
 
-use nixpush_format::PathInfo;
-use nixpush_format::cache_keys::{CONTENT_TYPE_CACHE_INFO, NIX_CACHE_INFO};
+use nixpush_format::cache_keys::{CONTENT_TYPE_CACHE_INFO, NIX_CACHE_INFO, narinfo_key};
 use nixpush_format::store_path::STORE_DIR;
+use nixpush_format::{PathInfo, StorePath};
 use tokio::sync::Semaphore;
 
 use crate::publisher::{Event, Publisher, PushOptions, PushSummary};
@@ -14,6 +14,25 @@ use crate::source::NarSource;
 use crate::spool::CompressOptions;
 use crate::target::{RequestObserver, Target};
 use crate::{CacheError, StoreUrl};
+
+/// A cache read, never written: what `nixpush wait` asks before it reports success.
+pub struct CacheReader {
+    target: Target,
+}
+
+impl CacheReader {
+    /// Connects (for S3: resolves credentials); a missing directory is an error.
+    pub async fn open(url: &StoreUrl) -> Result<Self, CacheError> {
+        Ok(CacheReader {
+            target: Target::open_read(url).await?,
+        })
+    }
+
+    /// Whether the cache has `path`'s narinfo (a HEAD request).
+    pub async fn has(&self, path: &StorePath) -> Result<bool, CacheError> {
+        self.target.exists(&narinfo_key(path)).await
+    }
+}
 
 pub struct Cache {
     target: Arc<Target>,

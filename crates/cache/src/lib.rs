@@ -20,7 +20,7 @@ mod target;
 mod url;
 mod verify;
 
-pub use cache::Cache;
+pub use cache::{Cache, CacheReader};
 pub use error::{CacheError, error_chain};
 pub use publisher::{Event, Publisher, PushOptions, PushSummary};
 pub use source::{NarSource, SourceError};

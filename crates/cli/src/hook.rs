@@ -7,7 +7,7 @@
 //! prints becomes one `post-build-hook:` line in the build log.
 
 use std::ffi::{OsStr, OsString};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -15,7 +15,8 @@ use std::time::Duration;
 use nixpush_format::StorePath;
 
 use crate::config::Config;
-use nixpush_drain::ipc::{Reply, Request, WireItem, WireKind};
+use crate::record::{Recorded, protect, record};
+use nixpush_drain::ipc::{WireItem, WireKind};
 
 /// How long to wait for the daemon before writing the queue directly.
 const DAEMON_TIMEOUT: Duration = Duration::from_secs(1);
@@ -120,9 +121,6 @@ fn run(out_paths: Option<OsString>, drv_path: Option<OsString>) -> String {
         ));
     }
     act_as_owner_of(&config.state_dir());
-    if let Some(roots) = config.gc_roots() {
-        problems.push_str(&protect(&roots, &input.items));
-    }
     let items: Vec<WireItem> = input
         .items
         .iter()
@@ -131,33 +129,31 @@ fn run(out_paths: Option<OsString>, drv_path: Option<OsString>) -> String {
             kind: *kind,
         })
         .collect();
-    let daemon_error = match send_to_daemon(&config, &items) {
-        Ok(_) => return format!("nixpush-hook: queued {what} (daemon){problems}"),
-        Err(e) => e,
-    };
-    let queue_items: Vec<_> = items.iter().map(WireItem::to_item).collect();
-    let direct = nixpush_queue::Queue::open(&config.state_dir())
-        .and_then(|mut q| q.enqueue_via(&queue_items, Some("queue")));
-    let queue_error = match direct {
-        Ok(_) => {
-            return format!(
-                "nixpush-hook: queued {what} (daemon not reachable: {daemon_error}; wrote the queue directly){problems}"
-            );
-        }
-        Err(e) => format!("{:#}", anyhow::Error::from(e)),
-    };
-    let spill_dir = config.spill_dir();
-    match nixpush_queue::spill::write(&spill_dir, &queue_items) {
-        Ok(file) => format!(
+    if let Some(roots) = config.gc_roots() {
+        problems.push_str(&protect(&roots, &items));
+    }
+    match record(&config, &items, DAEMON_TIMEOUT) {
+        Ok(Recorded::Daemon) => format!("nixpush-hook: queued {what} (daemon){problems}"),
+        Ok(Recorded::Queue { daemon_error }) => format!(
+            "nixpush-hook: queued {what} (daemon not reachable: {daemon_error}; wrote the queue directly){problems}"
+        ),
+        Ok(Recorded::Spill {
+            file,
+            daemon_error,
+            queue_error,
+        }) => format!(
             "nixpush-hook: WARNING: recorded {what} in {} (daemon not reachable: {daemon_error}; \
              queue not writable: {queue_error}); the daemon queues it once the queue has room{problems}",
             file.display()
         ),
         Err(e) => format!(
-            "nixpush-hook: ERROR: could not record {what}: daemon not reachable ({daemon_error}), \
-             queue not writable ({queue_error}) and spill directory {} not writable ({e}); \
+            "nixpush-hook: ERROR: could not record {what}: daemon not reachable ({}), \
+             queue not writable ({}) and spill directory {} not writable ({}); \
              they will not be uploaded unless pushed by hand (nixpush push){problems}",
-            spill_dir.display()
+            e.daemon_error,
+            e.queue_error,
+            e.spill_dir.display(),
+            e.spill_error
         ),
     }
 }
@@ -186,70 +182,11 @@ fn act_as_owner_of(state_dir: &std::path::Path) {
     }
 }
 
-/// Roots each item's paths before it is recorded, so that a garbage collection before the upload
-/// cannot take them. A failure costs the protection, not the record: it is reported, and the daemon
-/// roots pending items again when it starts.
-fn protect(roots: &nixpush_store::GcRoots, items: &[(String, WireKind)]) -> String {
-    let mut failed = Vec::new();
-    for (name, _) in items {
-        let Ok(item) = name.parse::<StorePath>() else {
-            continue;
-        };
-        let done = nixpush_store::GcRoots::paths_of(&item).and_then(|p| roots.protect(&item, &p));
-        if let Err(e) = done {
-            failed.push(format!("{name}: {e}"));
-        }
-    }
-    match failed.as_slice() {
-        [] => String::new(),
-        [one, rest @ ..] => format!(
-            "; not protected from garbage collection under {} ({one}{})",
-            roots.dir().display(),
-            if rest.is_empty() {
-                String::new()
-            } else {
-                format!(" and {} more", rest.len())
-            }
-        ),
-    }
-}
-
 fn describe(items: &[(String, WireKind)]) -> String {
     match items {
         [(drv, WireKind::Drv)] => format!("the outputs of {drv} (no OUT_PATHS from Nix)"),
         [(p, _)] => p.clone(),
         _ => format!("{} paths", items.len()),
-    }
-}
-
-fn send_to_daemon(config: &Config, items: &[WireItem]) -> Result<usize, String> {
-    let socket = config.socket();
-    // A daemon that stopped accepting (its backlog full) must cost a second, not the build.
-    let stream = nixpush_store::unix::connect(&socket, DAEMON_TIMEOUT, DAEMON_TIMEOUT)
-        .map_err(|e| format!("{}: {e}", socket.display()))?;
-    let mut line = serde_json::to_vec(&Request {
-        items: items
-            .iter()
-            .map(|i| WireItem {
-                name: i.name.clone(),
-                kind: i.kind,
-            })
-            .collect(),
-    })
-    .map_err(|e| e.to_string())?;
-    line.push(b'\n');
-    (&stream)
-        .write_all(&line)
-        .map_err(|e| format!("sending: {e}"))?;
-    let mut reply = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut reply)
-        .map_err(|e| format!("waiting for the daemon: {e}"))?;
-    match serde_json::from_str::<Reply>(&reply) {
-        Ok(Reply::Queued { queued }) => Ok(queued),
-        Ok(Reply::Error { error }) => Err(format!("daemon refused: {error}")),
-        Err(_) if reply.is_empty() => Err("the daemon closed the connection".into()),
-        Err(e) => Err(format!("bad reply from the daemon: {e}")),
     }
 }
 

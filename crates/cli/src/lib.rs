@@ -3,16 +3,19 @@
 
 mod config;
 mod daemon;
+mod enqueue;
 pub mod exit;
 mod generate;
 pub mod hook;
 mod keygen;
 mod paths;
 mod push;
+mod record;
 mod report;
 mod retry;
 mod status;
 mod verify;
+mod wait;
 
 use std::process::ExitCode;
 
@@ -41,6 +44,9 @@ enum Command {
     Status(status::StatusArgs),
     Retry(retry::RetryArgs),
     Verify(verify::Args),
+    Wait(wait::WaitArgs),
+    Enqueue(enqueue::EnqueueArgs),
+    Mark(wait::MarkArgs),
     #[command(hide = true)]
     Generate(generate::Args),
 }
@@ -82,6 +88,9 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status::status(args),
         Command::Retry(args) => retry::retry(args),
         Command::Verify(args) => verify::run(args),
+        Command::Wait(args) => wait::wait(args),
+        Command::Enqueue(args) => enqueue::enqueue(args),
+        Command::Mark(args) => wait::mark(args),
         Command::Generate(args) => generate::run(args),
     };
     exit::report(result)

@@ -1,20 +1,22 @@
-//! The hook's socket: who may talk to it, and each request committed to the queue before it is
-//! acknowledged.
+//! The hook's socket: who may talk to it, each request committed to the queue before it is
+//! acknowledged, and barriers (`nixpush wait`) answered once the requests before them are.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use nixpush_format::StorePath;
-use nixpush_queue::Queue;
+use nixpush_queue::{Item, Kind, Queue};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 use tokio::time::Duration;
 
-use crate::ipc::{MAX_REQUEST, Reply, Request, WireKind};
+use crate::ipc::{MAX_REQUEST, Reply, Request};
 
 /// How long a peer may take to send its request line.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
@@ -85,17 +87,93 @@ pub(crate) fn bind(socket: &Path, group: Option<&str>) -> Result<(UnixListener, 
     Ok((listener, peers))
 }
 
-/// One hook request: read, validate, commit, then acknowledge.
-pub(crate) async fn handle_hook(
-    conn: UnixStream,
-    peers: Peers,
-    intake: Arc<Mutex<Queue>>,
-    work: Arc<Notify>,
-) {
+/// What a request needs besides its connection: who may send one, the queue, the worker to wake,
+/// the connections still open (for barriers) and the spill directory.
+#[derive(Clone)]
+pub(crate) struct Intake {
+    pub peers: Peers,
+    pub queue: Arc<Mutex<Queue>>,
+    pub work: Arc<Notify>,
+    pub open: Arc<Open>,
+    pub spill_dir: PathBuf,
+}
+
+/// The connections accepted and not yet answered, by arrival number: a barrier waits for every
+/// connection that arrived before it.
+#[derive(Default)]
+pub(crate) struct Open {
+    next: AtomicU64,
+    open: Mutex<BTreeSet<u64>>,
+    closed: Notify,
+}
+
+/// One accepted connection, open until dropped.
+pub(crate) struct Ticket {
+    number: u64,
+    open: Arc<Open>,
+}
+
+impl Open {
+    pub(crate) fn enter(self: &Arc<Self>) -> Ticket {
+        let number = self.next.fetch_add(1, Ordering::Relaxed);
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(number);
+        Ticket {
+            number,
+            open: self.clone(),
+        }
+    }
+
+    /// Returns once no connection that arrived before `ticket` is open.
+    async fn settled_before(&self, ticket: &Ticket) {
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            // Registered before the check: a close between the check and the await still wakes us.
+            closed.as_mut().enable();
+            let first = self
+                .open
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .first()
+                .copied();
+            if first.is_none_or(|n| n >= ticket.number) {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.open
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.number);
+        self.open.closed.notify_waiters();
+    }
+}
+
+/// What the socket accepts as an item: a store path, or a derivation for `drv` items. The hook
+/// validated it already; the socket and the spill directory are inputs all the same.
+pub(crate) fn accepts(item: &Item) -> bool {
+    item.name
+        .parse::<StorePath>()
+        .is_ok_and(|p| item.kind == Kind::Path || p.is_derivation())
+}
+
+/// One request: read, validate, commit, then acknowledge. A barrier is answered once every
+/// connection accepted before it has been answered and the spill directory imported, with the mark
+/// that then covers them all.
+pub(crate) async fn handle(conn: UnixStream, ticket: Ticket, intake: Intake) {
     // Who is asking, decided before the request is read, answered after (a reply to an unread
     // request would meet a closed pipe).
     let refused = match conn.peer_cred() {
-        Ok(cred) if peers.allow(&cred) => None,
+        Ok(cred) if intake.peers.allow(&cred) => None,
         Ok(cred) => Some(format!("uid {} gid {}", cred.uid(), cred.gid())),
         Err(e) => Some(format!("unknown peer ({e})")),
     };
@@ -129,41 +207,60 @@ pub(crate) async fn handle_hook(
             Err(e) => Reply::Error {
                 error: format!("bad request: {e}"),
             },
-            Ok(req) => {
-                // The hook validated these already; the socket is still an input, so check again.
-                let items: Vec<_> = req
-                    .items
-                    .iter()
-                    .filter(|i| {
-                        i.name
-                            .parse::<StorePath>()
-                            .is_ok_and(|p| i.kind == WireKind::Path || p.is_derivation())
-                    })
-                    .map(|i| i.to_item())
-                    .collect();
-                let committed = tokio::task::spawn_blocking(move || {
-                    intake
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .enqueue(&items)
-                })
-                .await;
-                match committed {
-                    Ok(Ok(n)) => {
-                        work.notify_one();
-                        Reply::Queued { queued: n }
-                    }
-                    Ok(Err(e)) => Reply::Error {
-                        error: format!("{:#}", anyhow::Error::from(e)),
-                    },
-                    Err(e) => Reply::Error {
-                        error: e.to_string(),
-                    },
-                }
-            }
+            Ok(req) => answer(req, &ticket, &intake)
+                .await
+                .unwrap_or_else(|error| Reply::Error { error }),
         },
     };
     let mut out = serde_json::to_vec(&reply).unwrap_or_default();
     out.push(b'\n');
     let _ = write.write_all(&out).await;
+    drop(ticket);
+}
+
+async fn answer(req: Request, ticket: &Ticket, intake: &Intake) -> Result<Reply, String> {
+    let items: Vec<_> = req
+        .items
+        .iter()
+        .map(|i| i.to_item())
+        .filter(accepts)
+        .collect();
+    let queued = if items.is_empty() {
+        0
+    } else {
+        let queue = intake.queue.clone();
+        let n = tokio::task::spawn_blocking(move || {
+            queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue(&items)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+        intake.work.notify_one();
+        n
+    };
+    let Some(barrier) = req.barrier else {
+        return Ok(Reply::Queued { queued, mark: None });
+    };
+    intake.open.settled_before(ticket).await;
+    crate::worker::import_spill(intake.spill_dir.clone(), intake.queue.clone(), &mut None).await;
+    let queue = intake.queue.clone();
+    let mark = tokio::task::spawn_blocking(move || {
+        let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+        let mark = q.mark()?;
+        // Someone waits for these now: a backoff scheduled for the daemon's own patience would
+        // only make the wait run out.
+        q.expedite(barrier.since, mark)?;
+        Ok::<_, nixpush_queue::QueueError>(mark)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+    intake.work.notify_one();
+    Ok(Reply::Queued {
+        queued,
+        mark: Some(mark),
+    })
 }

@@ -35,7 +35,7 @@ use tokio::sync::{Notify, watch};
 
 pub use source::StoreSource;
 
-use intake::{bind, handle_hook};
+use intake::{Intake, Open, bind};
 use worker::Worker;
 
 /// What the daemon needs to know, from the configuration and its flags.
@@ -70,8 +70,14 @@ pub async fn serve(settings: Settings, queue: Queue) -> Result<()> {
     // worker's write lock waited in SQLite's busy handler, which sleeps in steps of milliseconds;
     // the mutex hands over as soon as the worker's transaction ends.
     let queue = Arc::new(Mutex::new(queue));
-    let intake = queue.clone();
     let work = Arc::new(Notify::new());
+    let intake = Intake {
+        peers,
+        queue: queue.clone(),
+        work: work.clone(),
+        open: Arc::new(Open::default()),
+        spill_dir: settings.spill_dir.clone(),
+    };
     let (stop_tx, stop) = watch::channel(false);
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -86,14 +92,15 @@ pub async fn serve(settings: Settings, queue: Queue) -> Result<()> {
         });
     }
     let acceptor = {
-        let (work, mut stop) = (work.clone(), stop.clone());
+        let mut stop = stop.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     accepted = listener.accept() => match accepted {
                         Ok((conn, _)) => {
-                            let (intake, work) = (intake.clone(), work.clone());
-                            tokio::spawn(async move { handle_hook(conn, peers, intake, work).await });
+                            // Numbered as accepted, so that a barrier knows what came before it.
+                            let ticket = intake.open.enter();
+                            tokio::spawn(intake::handle(conn, ticket, intake.clone()));
                         }
                         Err(e) => tracing::warn!(error = %e, "accept failed"),
                     },

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use nixpush_format::StorePath;
-use nixpush_queue::{Claimed, Kind, Outcome, Queue};
+use nixpush_queue::{Claimed, Outcome, Queue};
 use nixpush_store::GcRoots;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
@@ -332,49 +332,13 @@ impl Worker {
         self.release(&batch).await;
     }
 
-    /// Queues what hooks recorded in the spill directory when the queue could not take it; says so
-    /// once per distinct error while it still cannot. Returns how many items it queued.
     async fn import_spill(&self, last_error: &mut Option<String>) -> usize {
-        let dir = self.settings.spill_dir.clone();
-        let q = self.queue.clone();
-        let imported = tokio::task::spawn_blocking(move || {
-            // What the socket accepts, and no more: a spill file is an input too.
-            let accept = |i: &nixpush_queue::Item| {
-                i.name
-                    .parse::<StorePath>()
-                    .is_ok_and(|p| i.kind == Kind::Path || p.is_derivation())
-            };
-            nixpush_queue::spill::import(
-                &dir,
-                &mut q.lock().unwrap_or_else(|e| e.into_inner()),
-                accept,
-            )
-        })
-        .await;
-        match imported {
-            Ok(Ok(imported)) => {
-                if imported.added > 0 {
-                    tracing::info!(items = imported.added, dir = %self.settings.spill_dir.display(), "queued items the hook had to spill");
-                }
-                for (file, why) in imported.set_aside {
-                    tracing::error!(file = %file.display(), why, "set aside a spill file that cannot be imported");
-                }
-                *last_error = None;
-                imported.added
-            }
-            Ok(Err(e)) => {
-                let e = format!("{:#}", anyhow::Error::from(e));
-                if last_error.as_ref() != Some(&e) {
-                    tracing::error!(error = %e, "cannot queue spilled items yet; they stay in the spill directory");
-                    *last_error = Some(e);
-                }
-                0
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "importing spilled items panicked");
-                0
-            }
-        }
+        import_spill(
+            self.settings.spill_dir.clone(),
+            self.queue.clone(),
+            last_error,
+        )
+        .await
     }
 
     /// Forgets finished items older than `keep-finished`, so the queue does not grow forever. A
@@ -526,4 +490,46 @@ fn sweep(
         }
     }
     Ok((added, removed, pending.len().saturating_sub(max)))
+}
+
+/// Queues what hooks recorded in the spill directory when the queue could not take it; says so
+/// once per distinct error while it still cannot. Returns how many items it queued.
+pub(crate) async fn import_spill(
+    dir: std::path::PathBuf,
+    q: Arc<Mutex<Queue>>,
+    last_error: &mut Option<String>,
+) -> usize {
+    let shown = dir.clone();
+    let imported = tokio::task::spawn_blocking(move || {
+        nixpush_queue::spill::import(
+            &dir,
+            &mut q.lock().unwrap_or_else(|e| e.into_inner()),
+            crate::intake::accepts,
+        )
+    })
+    .await;
+    match imported {
+        Ok(Ok(imported)) => {
+            if imported.added > 0 {
+                tracing::info!(items = imported.added, dir = %shown.display(), "queued items the hook had to spill");
+            }
+            for (file, why) in imported.set_aside {
+                tracing::error!(file = %file.display(), why, "set aside a spill file that cannot be imported");
+            }
+            *last_error = None;
+            imported.added
+        }
+        Ok(Err(e)) => {
+            let e = format!("{:#}", anyhow::Error::from(e));
+            if last_error.as_ref() != Some(&e) {
+                tracing::error!(error = %e, "cannot queue spilled items yet; they stay in the spill directory");
+                *last_error = Some(e);
+            }
+            0
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "importing spilled items panicked");
+            0
+        }
+    }
 }

@@ -24,6 +24,7 @@ const STDERR_START_ACTIVITY: u64 = 0x5354_5254;
 const STDERR_STOP_ACTIVITY: u64 = 0x5354_4f50;
 const STDERR_RESULT: u64 = 0x5253_4c54;
 
+const OP_QUERY_ALL_VALID_PATHS: u64 = 23;
 const OP_QUERY_PATH_INFO: u64 = 26;
 const OP_QUERY_VALID_PATHS: u64 = 31;
 const OP_NAR_FROM_PATH: u64 = 38;
@@ -338,6 +339,12 @@ impl Connection {
             sigs,
             ca,
         }))
+    }
+
+    /// Every valid path in the store.
+    pub fn query_all_valid_paths(&mut self) -> Result<Vec<StorePath>, StoreError> {
+        self.request(OP_QUERY_ALL_VALID_PATHS, |_| Ok(()))?;
+        self.paths()
     }
 
     pub fn query_valid_paths(&mut self, paths: &[StorePath]) -> Result<Vec<StorePath>, StoreError> {

@@ -179,6 +179,38 @@ impl Store {
         Ok(infos)
     }
 
+    /// Path infos of the paths registered (built, substituted, added) at or after `since` (Unix
+    /// seconds, as the store records it), queried over up to `jobs` connections at once. A path
+    /// collected while the store is listed is left out.
+    pub fn registered_since(&self, since: u64, jobs: usize) -> Result<Vec<PathInfo>, StoreError> {
+        let all = self.with_connection(|c| c.query_all_valid_paths())?;
+        let jobs = jobs.clamp(1, all.len().max(1));
+        let chunk = all.len().div_ceil(jobs).max(1);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = all
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        let mut found = Vec::new();
+                        for p in part {
+                            if let Some(info) = self.with_connection(|c| c.query_path_info(p))?
+                                && info.registration_time >= since
+                            {
+                                found.push(info);
+                            }
+                        }
+                        Ok::<_, StoreError>(found)
+                    })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for h in handles {
+                out.extend(h.join().expect("store listing thread panicked")?);
+            }
+            Ok(out)
+        })
+    }
+
     fn path_infos(&self, paths: &[StorePath], jobs: usize) -> Result<Vec<PathInfo>, StoreError> {
         // Deep, narrow closures have many layers of one or two paths: threads would cost more than
         // the round trips they overlap.

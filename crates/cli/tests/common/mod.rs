@@ -9,6 +9,7 @@ use nixpush_testbed::{NixDaemon, S3Kind, S3Server};
 
 /// Defines a test that runs once on each S3 server of the test bed, as `NAME::s3s_fs`,
 /// `NAME::garage` and `NAME::moto`; `BODY` is called with the kind.
+#[allow(unused_macros)]
 macro_rules! on_every_server {
     ($name:ident, $body:expr) => {
         mod $name {
@@ -132,3 +133,4 @@ impl Bed {
             .collect()
     }
 }
+pub mod flow;
