@@ -264,3 +264,36 @@ async fn answer(req: Request, ticket: &Ticket, intake: &Intake) -> Result<Reply,
         mark: Some(mark),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// A barrier waits for every connection accepted before it, in whatever order they close, and
+    /// for none accepted after it.
+    #[tokio::test]
+    async fn a_barrier_waits_for_the_connections_before_it_only() {
+        let open = Arc::new(Open::default());
+        let (first, second) = (open.enter(), open.enter());
+        let barrier = open.enter();
+        let later = open.enter();
+        let waiting = {
+            let open = open.clone();
+            tokio::spawn(async move { open.settled_before(&barrier).await })
+        };
+        settle().await;
+        assert!(!waiting.is_finished(), "two connections before it are open");
+        drop(second);
+        settle().await;
+        assert!(!waiting.is_finished(), "the first is still open");
+        drop(first);
+        waiting.await.unwrap();
+        drop(later);
+    }
+}
