@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::config::Config;
 use crate::exit::PartialFailure;
 use crate::record::{self, Recorded};
-use crate::wait::{Follower, Mark, POLL, PROGRESS_EVERY, Standing};
+use crate::wait::{BARRIER_TIMEOUT, Follower, Mark, POLL, PROGRESS_EVERY, Standing};
 
 /// Queue store paths no hook saw (substituted, fetched, added), or those registered since a mark
 #[derive(clap::Args)]
@@ -191,6 +191,11 @@ async fn follow(
         Ok(())
     };
     add(&mut follower, first)?;
+    // As `wait` does: items backing off are tried now, and a daemon that is not there is known.
+    let mut daemon_seen = crate::wait::barrier(config, None, BARRIER_TIMEOUT)
+        .await
+        .is_ok();
+    let mut next_barrier = Instant::now() + Duration::from_secs(5);
     let mut open = lines.is_some();
     let mut next_progress = Instant::now() + PROGRESS_EVERY;
     loop {
@@ -206,13 +211,23 @@ async fn follow(
                 }
             }
         }
-        for i in follower.poll().await? {
+        let polled = match tokio::time::timeout_at(deadline.into(), follower.poll()).await {
+            Ok(polled) => polled?,
+            Err(_) => break,
+        };
+        for i in polled {
             let (item, standing) = follower.entry(i);
             println!("{}", acknowledgement(&item.name, standing));
         }
         let now = Instant::now();
         if (!open && follower.all_settled()) || now >= deadline {
             break;
+        }
+        if !daemon_seen && now >= next_barrier {
+            daemon_seen = crate::wait::barrier(config, None, deadline - now)
+                .await
+                .is_ok();
+            next_barrier = now + Duration::from_secs(5);
         }
         if now >= next_progress {
             follower.progress("enqueue");
@@ -225,6 +240,19 @@ async fn follow(
         println!(
             "{}",
             json!({"path": path, "published": false, "state": "not_published", "reason": why})
+        );
+    }
+    if open {
+        return Err(PartialFailure(
+            "stdin was still open at the deadline: what it had not sent yet was not queued".into(),
+        )
+        .into());
+    }
+    if !daemon_seen && !verdict.pending.is_empty() {
+        bail!(
+            "no daemon answered on {} while {} path(s) waited to be uploaded; start `nixpush daemon`",
+            config.socket().display(),
+            verdict.pending.len()
         );
     }
     match verdict.code() {

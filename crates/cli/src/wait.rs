@@ -100,7 +100,7 @@ pub(crate) const POLL: Duration = Duration::from_millis(200);
 /// How often it says where it stands, at the latest (CI systems kill steps that print nothing).
 pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(30);
 /// How long the daemon may take to answer a barrier (it waits for the requests before it).
-const BARRIER_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const BARRIER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many times an item the queue says is published, but the cache does not have, is queued
 /// again before it counts as failed.
 const RECHECKS: u8 = 2;
@@ -296,7 +296,7 @@ async fn run(
     }
     let queue = Queue::open(&state_dir)
         .with_context(|| format!("cannot open the queue in {}", state_dir.display()))?;
-    let (mut daemon_seen, mark) = match barrier(config, since).await {
+    let (mut daemon_seen, mark) = match barrier(config, since, BARRIER_TIMEOUT).await {
         Ok(mark) => (true, mark),
         Err(e) => {
             eprintln!(
@@ -307,7 +307,7 @@ async fn run(
     };
     let scope: Vec<Item> = match &given {
         Some(items) => items.iter().map(WireItem::to_item).collect(),
-        None => queue.scope(since, mark)?,
+        None => queue.scope(since)?,
     };
     let mut follower = Follower::new(config.clone(), url, queue);
     follower.add(scope);
@@ -323,7 +323,13 @@ async fn run(
     let mut next_progress = Instant::now() + PROGRESS_EVERY;
     let mut next_barrier = Instant::now() + Duration::from_secs(5);
     loop {
-        follower.poll().await?;
+        // A cache that answers slowly must not carry the wait past its deadline.
+        match tokio::time::timeout_at(deadline.into(), follower.poll()).await {
+            Ok(polled) => {
+                polled?;
+            }
+            Err(_) => break,
+        }
         let now = Instant::now();
         if follower.all_settled() || now >= deadline {
             break;
@@ -334,7 +340,7 @@ async fn run(
         }
         if !daemon_seen && now >= next_barrier {
             // A daemon that comes up late still gets the barrier, and with it the expedite.
-            if barrier(config, since).await.is_ok() {
+            if barrier(config, since, deadline - now).await.is_ok() {
                 daemon_seen = true;
                 eprintln!("nixpush wait: the daemon answered");
             }
@@ -419,23 +425,34 @@ impl Follower {
     }
 }
 
-async fn barrier(config: &Config, since: Option<u64>) -> Result<u64, String> {
+pub(crate) async fn barrier(
+    config: &Config,
+    since: Option<u64>,
+    timeout: Duration,
+) -> Result<u64, String> {
     let config = config.clone();
-    tokio::task::spawn_blocking(move || record::barrier(&config, since, BARRIER_TIMEOUT))
+    let timeout = timeout.clamp(Duration::from_millis(100), BARRIER_TIMEOUT);
+    tokio::task::spawn_blocking(move || record::barrier(&config, since, timeout))
         .await
         .map_err(|e| e.to_string())?
 }
 
 /// The narinfos that say an item is in the cache: the path itself, or a derivation's outputs.
-fn published_paths(item: &Item) -> Result<Vec<StorePath>, String> {
-    let path: StorePath = item.name.parse().map_err(|e| format!("{e}"))?;
+/// `Err((gone, why))`: `gone` when the derivation's file is no longer in the store.
+fn published_paths(item: &Item) -> Result<Vec<StorePath>, (bool, String)> {
+    let path: StorePath = item.name.parse().map_err(|e| (false, format!("{e}")))?;
     match item.kind {
         Kind::Path => Ok(vec![path]),
         // Outputs a derivation does not fix (floating content-addressed) cannot be named: only the
         // queue's word is left for those.
         Kind::Derivation => nixpush_store::GcRoots::paths_of(&path)
             .map(|mut p| p.split_off(1))
-            .map_err(|e| format!("cannot read the outputs of {}: {e}", item.name)),
+            .map_err(|e| {
+                (
+                    e.kind() == std::io::ErrorKind::NotFound,
+                    format!("cannot read the outputs of {}: {e}", item.name),
+                )
+            }),
     }
 }
 
@@ -469,13 +486,17 @@ async fn check_cache(
         }
         let paths = match published_paths(&e.item) {
             Ok(paths) => paths,
-            Err(why) => {
+            Err((true, why)) => {
                 // A derivation collected after its outputs were published (their roots go with
                 // the item): only the queue's word is left.
                 eprintln!(
                     "nixpush wait: WARNING: {why}; taking the queue's word that it is published"
                 );
                 e.standing = Standing::Published;
+                continue;
+            }
+            Err((false, why)) => {
+                e.check_error = Some(why);
                 continue;
             }
         };

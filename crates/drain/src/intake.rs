@@ -246,6 +246,16 @@ async fn answer(req: Request, ticket: &Ticket, intake: &Intake) -> Result<Reply,
     };
     intake.open.settled_before(ticket).await;
     crate::worker::import_spill(intake.spill_dir.clone(), intake.queue.clone(), &mut None).await;
+    // A mark that leaves spilled items out would let a wait pass without them.
+    if let Ok(left) = nixpush_queue::spill::pending(&intake.spill_dir)
+        && !left.is_empty()
+    {
+        return Err(format!(
+            "{} spill file(s) in {} cannot be queued yet (see the daemon's log)",
+            left.len(),
+            intake.spill_dir.display()
+        ));
+    }
     let queue = intake.queue.clone();
     let mark = tokio::task::spawn_blocking(move || {
         let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());

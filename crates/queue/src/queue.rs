@@ -339,19 +339,21 @@ impl Queue {
             .map_err(self.err())
     }
 
-    /// What a wait that began at request `upto` answers for: the items last requested after `since`
-    /// (all of them, published or not), or with no `since`, every item not yet published (queued,
-    /// in flight, or failed and not superseded). Oldest first.
-    pub fn scope(&self, since: Option<u64>, upto: u64) -> Result<Vec<Item>, QueueError> {
+    /// What a wait answers for: the items last requested after `since` (all of them, published or
+    /// not), or with no `since`, every item not yet published (queued, in flight, or failed and not
+    /// superseded). Oldest first. Items requested while the wait runs may be among them: a request
+    /// renumbers the pending row it joins, so bounding the scope by the wait's own mark could drop
+    /// an item asked for before it; waiting for more is safe, missing one is not.
+    pub fn scope(&self, since: Option<u64>) -> Result<Vec<Item>, QueueError> {
         let sql = format!(
-            "SELECT item, kind FROM items WHERE requested <= ?2 AND (
+            "SELECT item, kind FROM items WHERE
                  (?1 IS NOT NULL AND requested > ?1 AND NOT {SUPERSEDED})
                  OR (?1 IS NULL AND (state IN ('queued', 'in_flight')
-                                     OR (state = 'failed' AND NOT {SUPERSEDED}))))
+                                     OR (state = 'failed' AND NOT {SUPERSEDED})))
              ORDER BY id"
         );
         let mut stmt = self.conn.prepare(&sql).map_err(self.err())?;
-        stmt.query_map(params![since.map(|s| s as i64), upto as i64], |r| {
+        stmt.query_map(params![since.map(|s| s as i64)], |r| {
             Ok(Item {
                 name: r.get(0)?,
                 kind: Kind::parse(&r.get::<_, String>(1)?),
@@ -393,7 +395,8 @@ impl Queue {
             tx.execute(
                 "UPDATE items SET next_attempt_at = ?1
                  WHERE state = 'queued' AND next_attempt_at > ?1 AND requested > ?2 AND requested <= ?3",
-                params![now, since.unwrap_or(0) as i64, upto as i64],
+                // Rows from before requests were numbered carry 0: with no `since`, they count.
+                params![now, since.map_or(-1, |s| s as i64), upto as i64],
             )
         })
     }
