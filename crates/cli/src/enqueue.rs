@@ -76,14 +76,7 @@ pub fn enqueue(args: EnqueueArgs) -> Result<()> {
         eprintln!("nixpush enqueue: queued {queued} path(s)");
         return Ok(());
     }
-    let to = config.to.clone().context(
-        "no cache to check: set `to` in the config file (NIXPUSH_CONFIG, default /etc/nixpush/nixpush.toml)",
-    )?;
-    let url: StoreUrl = to.parse()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let (url, runtime) = crate::wait::cache_to_check(&config)?;
     runtime.block_on(follow(&config, url, first, lines, deadline))
 }
 

@@ -206,14 +206,7 @@ pub fn wait(args: WaitArgs) -> Result<()> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.timeout);
     let config = Config::load()?;
-    let to = config.to.clone().context(
-        "no cache to check: set `to` in the config file (NIXPUSH_CONFIG, default /etc/nixpush/nixpush.toml)",
-    )?;
-    let url: StoreUrl = to.parse()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let (url, runtime) = cache_to_check(&config)?;
     let outcome = runtime.block_on(run(&args, &config, url, deadline));
     let (verdict, daemon_seen, mark) = match outcome {
         Ok(o) => o,
@@ -252,6 +245,19 @@ pub fn wait(args: WaitArgs) -> Result<()> {
         ))
         .into()),
     }
+}
+
+/// The cache `wait` and `enqueue --wait` check, from the configuration, and a runtime to ask it in.
+pub(crate) fn cache_to_check(config: &Config) -> Result<(StoreUrl, tokio::runtime::Runtime)> {
+    let to = config.to.clone().context(
+        "no cache to check: set `to` in the config file (NIXPUSH_CONFIG, default /etc/nixpush/nixpush.toml)",
+    )?;
+    let url: StoreUrl = to.parse()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    Ok((url, runtime))
 }
 
 /// Records the given paths, takes the barrier, then follows the items in scope until they settle

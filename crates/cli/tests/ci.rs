@@ -11,18 +11,6 @@ use nixpush_testbed::{Fault, Faults, Relay, RelayConfig, derivation};
 mod common;
 use common::flow::*;
 
-fn many(n: usize, tag: &str) -> String {
-    let drvs: Vec<String> = (0..n)
-        .map(|i| {
-            format!(
-                "({})",
-                derivation(&format!("{tag}-{i}"), "echo $name > $out")
-            )
-        })
-        .collect();
-    format!("[ {} ]", drvs.join(" "))
-}
-
 fn text(o: &Output) -> String {
     format!(
         "exit {}\nstdout:\n{}\nstderr:\n{}",

@@ -20,18 +20,6 @@ mod common;
 
 use common::flow::*;
 
-fn many(n: usize, tag: &str) -> String {
-    let drvs: Vec<String> = (0..n)
-        .map(|i| {
-            format!(
-                "({})",
-                derivation(&format!("{tag}-{i}"), "echo $name > $out")
-            )
-        })
-        .collect();
-    format!("[ {} ]", drvs.join(" "))
-}
-
 on_every_server!(
     twenty_builds_with_the_daemon_running_are_published_and_substitutable,
     twenty_builds

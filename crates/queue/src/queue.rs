@@ -345,23 +345,14 @@ impl Queue {
     /// renumbers the pending row it joins, so bounding the scope by the wait's own mark could drop
     /// an item asked for before it; waiting for more is safe, missing one is not.
     pub fn scope(&self, since: Option<u64>) -> Result<Vec<Item>, QueueError> {
-        let sql = format!(
-            "SELECT item, kind FROM items WHERE
-                 (?1 IS NOT NULL AND requested > ?1 AND NOT {SUPERSEDED})
+        self.items_where(
+            &format!(
+                "(?1 IS NOT NULL AND requested > ?1 AND NOT {SUPERSEDED})
                  OR (?1 IS NULL AND (state IN ('queued', 'in_flight')
-                                     OR (state = 'failed' AND NOT {SUPERSEDED})))
-             ORDER BY id"
-        );
-        let mut stmt = self.conn.prepare(&sql).map_err(self.err())?;
-        stmt.query_map(params![since.map(|s| s as i64)], |r| {
-            Ok(Item {
-                name: r.get(0)?,
-                kind: Kind::parse(&r.get::<_, String>(1)?),
-            })
-        })
-        .map_err(self.err())?
-        .collect::<Result<_, _>>()
-        .map_err(self.err())
+                                     OR (state = 'failed' AND NOT {SUPERSEDED})))"
+            ),
+            params![since.map(|s| s as i64)],
+        )
     }
 
     /// The latest row of `name`: where that item stands now.
@@ -654,13 +645,18 @@ impl Queue {
 
     /// The items queued or in flight, oldest first.
     pub fn pending(&self) -> Result<Vec<Item>, QueueError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT item, kind FROM items WHERE state IN ('queued', 'in_flight') ORDER BY id",
-            )
-            .map_err(self.err())?;
-        stmt.query_map([], |r| {
+        self.items_where("state IN ('queued', 'in_flight')", [])
+    }
+
+    /// The items of the rows `condition` selects, oldest first.
+    fn items_where(
+        &self,
+        condition: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Vec<Item>, QueueError> {
+        let sql = format!("SELECT item, kind FROM items WHERE {condition} ORDER BY id");
+        let mut stmt = self.conn.prepare(&sql).map_err(self.err())?;
+        stmt.query_map(args, |r| {
             Ok(Item {
                 name: r.get(0)?,
                 kind: Kind::parse(&r.get::<_, String>(1)?),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nixpush_format::StorePath;
 use nixpush_queue::{Queue, State};
 use nixpush_testbed::{
-    DaemonOptions, Fault, Faults, NixDaemon, Relay, RelayConfig, S3Kind, S3Server,
+    DaemonOptions, Fault, Faults, NixDaemon, Relay, RelayConfig, S3Kind, S3Server, derivation,
 };
 
 pub const DEADLINE: Duration = Duration::from_secs(90);
@@ -382,4 +382,17 @@ pub fn sample(
             | prometheus_parse::Value::Untyped(v) => *v,
             other => panic!("{metric}: {other:?}"),
         })
+}
+
+/// A list of `n` trivial derivations named `TAG-i`, as one Nix expression.
+pub fn many(n: usize, tag: &str) -> String {
+    let drvs: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "({})",
+                derivation(&format!("{tag}-{i}"), "echo $name > $out")
+            )
+        })
+        .collect();
+    format!("[ {} ]", drvs.join(" "))
 }
