@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use nixpush_format::cache_keys::{CONTENT_TYPE_CACHE_INFO, NIX_CACHE_INFO, narinfo_key};
+use nixpush_format::cache_keys::{
+    CONTENT_TYPE_CACHE_INFO, CONTENT_TYPE_LOG, NIX_CACHE_INFO, log_key, narinfo_key,
+};
 use nixpush_format::store_path::STORE_DIR;
 use nixpush_format::{PathInfo, StorePath};
 use tokio::sync::Semaphore;
@@ -179,6 +181,13 @@ impl Cache {
             source,
             opts,
         )
+    }
+
+    /// Uploads `text` as the build log of `drv` (see [`Publisher::put_log`]).
+    pub async fn put_log(&self, drv: &StorePath, text: Vec<u8>) -> Result<(), CacheError> {
+        self.target
+            .put_bytes(&log_key(drv), text, CONTENT_TYPE_LOG)
+            .await
     }
 
     /// Publishes every path of `closure` (see [`Publisher::push`]).

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nixpush_format::cache_keys::{CONTENT_TYPE_NAR, CONTENT_TYPE_NARINFO, nar_key, narinfo_key};
+use nixpush_format::cache_keys::{
+    CONTENT_TYPE_LOG, CONTENT_TYPE_NAR, CONTENT_TYPE_NARINFO, log_key, nar_key, narinfo_key,
+};
 use nixpush_format::{NarInfo, PathInfo, SecretKey, StorePath};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -201,6 +203,15 @@ impl Publisher {
     /// Its closure is then there too, so a caller computing closures need not look past it.
     pub fn is_known(&self, path: &StorePath) -> bool {
         self.shared.paths().known.contains(path)
+    }
+
+    /// Uploads `text` as the build log of `drv`, replacing an earlier one: after a rebuild, the log
+    /// that describes the outputs now published.
+    pub async fn put_log(&self, drv: &StorePath, text: Vec<u8>) -> Result<(), CacheError> {
+        self.shared
+            .target
+            .put_bytes(&log_key(drv), text, CONTENT_TYPE_LOG)
+            .await
     }
 
     /// Publishes every path of `closure` (a closure: every reference of a member is a member, or

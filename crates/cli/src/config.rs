@@ -66,6 +66,7 @@ pub struct Config {
     pub metrics_textfile: Option<PathBuf>,
     pub metrics_listen: Option<String>,
     pub yield_to_builds: Option<bool>,
+    pub upload_logs: Option<bool>,
     pub stop_timeout: Option<f64>,
     pub keep_finished: Option<f64>,
 }

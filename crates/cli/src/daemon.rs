@@ -62,6 +62,10 @@ pub fn run(args: Args) -> Result<()> {
         store: args.store,
         roots: cfg.gc_roots(),
         roots_max: cfg.gc_roots_max(),
+        build_logs: cfg
+            .upload_logs
+            .unwrap_or(true)
+            .then(nixpush_store::BuildLogs::system),
         spill_dir: cfg.spill_dir(),
         metrics_textfile: cfg.metrics_textfile.clone(),
         metrics_listen: cfg.metrics_listen.clone(),

@@ -1,6 +1,7 @@
 //! The `nixpush` binary: commands, configuration, logging and progress, wired onto the crates that
 //! do the work. Errors reach the user in exactly one place, [`exit`].
 
+mod build_logs;
 mod config;
 mod daemon;
 mod enqueue;

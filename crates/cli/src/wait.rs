@@ -16,6 +16,7 @@ use nixpush_format::StorePath;
 use nixpush_queue::{Item, Kind, Queue, State};
 use serde_json::json;
 
+use crate::build_logs::{self, LogsDone, Which};
 use crate::config::Config;
 use crate::exit::PartialFailure;
 use crate::record;
@@ -36,6 +37,14 @@ pub struct WaitArgs {
     /// Print the outcome as JSON on stdout
     #[arg(long)]
     json: bool,
+    /// Also upload the build logs written since --since's mark: those of failed builds (which
+    /// run no post-build hook), or all
+    #[arg(long, value_enum, value_name = "WHICH", default_value_t = Which::None)]
+    logs: Which,
+    /// The local store, for --logs (it tells failed builds): `daemon`, `unix://SOCKET`, `local`
+    /// or `auto` [default: $NIX_REMOTE, else auto]
+    #[arg(long, value_name = "STORE")]
+    store: Option<String>,
     /// Wait for these store paths' closures instead (queued now if they are not)
     #[arg(value_name = "PATH")]
     paths: Vec<String>,
@@ -160,6 +169,8 @@ pub struct Verdict {
     pub gone: Vec<(String, String)>,
     /// Not published by the deadline: (item, why).
     pub pending: Vec<(String, String)>,
+    /// What `--logs` uploaded, and could not.
+    pub logs: LogsDone,
 }
 
 impl Verdict {
@@ -192,9 +203,9 @@ impl Verdict {
     }
 
     /// 0 when everything in scope is published (a path gone from the store is only a warning:
-    /// there was nothing left to upload), else 1.
+    /// there was nothing left to upload) and every log asked for is uploaded, else 1.
     pub fn code(&self) -> u8 {
-        if self.failed.is_empty() && self.pending.is_empty() {
+        if self.failed.is_empty() && self.pending.is_empty() && self.logs.errors.is_empty() {
             0
         } else {
             1
@@ -205,6 +216,9 @@ impl Verdict {
 pub fn wait(args: WaitArgs) -> Result<()> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.timeout);
+    if args.logs != Which::None && args.since.is_none() {
+        bail!("--logs needs --since MARK: the logs written since the mark are uploaded");
+    }
     let config = Config::load()?;
     let (url, runtime) = cache_to_check(&config)?;
     let outcome = runtime.block_on(run(&args, &config, url, deadline));
@@ -315,6 +329,11 @@ async fn run(
         Some(items) => items.iter().map(WireItem::to_item).collect(),
         None => queue.scope(since)?,
     };
+    // The builds whose logs are wanted ended before `wait` began: theirs go first.
+    let logs = match args.since {
+        Some(m) => build_logs::upload(&url, args.store.clone(), args.logs, m.at_ms, deadline).await,
+        None => LogsDone::default(),
+    };
     let mut follower = Follower::new(config.clone(), url, queue);
     follower.add(scope);
     eprintln!(
@@ -354,7 +373,9 @@ async fn run(
         }
         tokio::time::sleep(POLL.min(deadline.saturating_duration_since(now))).await;
     }
-    Ok((follower.verdict(), daemon_seen, mark))
+    let mut verdict = follower.verdict();
+    verdict.logs = logs;
+    Ok((verdict, daemon_seen, mark))
 }
 
 /// Follows items through the queue to the cache: what `wait` and `enqueue --wait` share.
@@ -633,6 +654,13 @@ fn report(args: &WaitArgs, v: &Verdict, mark: u64, elapsed: Duration, code: u8, 
     for (item, why) in &v.pending {
         eprintln!("nixpush wait: NOT PUBLISHED {item}: {why} (it stays queued for the daemon)");
     }
+    for (drv, failed) in &v.logs.uploaded {
+        let build = if *failed { "failed build" } else { "build" };
+        eprintln!("nixpush wait: uploaded the log of {build} {drv}");
+    }
+    for (drv, why) in &v.logs.errors {
+        eprintln!("nixpush wait: LOG NOT UPLOADED {drv}: {why}");
+    }
     eprintln!(
         "nixpush wait: {} published, {} failed, {} not published in time, {} gone, in {:.1} s",
         v.published.len(),
@@ -655,6 +683,8 @@ fn report(args: &WaitArgs, v: &Verdict, mark: u64, elapsed: Duration, code: u8, 
             "failed": pairs(&v.failed),
             "not_published": pairs(&v.pending),
             "gone": pairs(&v.gone),
+            "logs": v.logs.uploaded.iter().map(|(drv, failed)| json!({"drv": drv, "failed": failed})).collect::<Vec<_>>(),
+            "log_errors": pairs(&v.logs.errors),
             "no_daemon": no_daemon,
         });
         println!("{out}");
@@ -691,6 +721,12 @@ pub fn step_summary(v: &Verdict, elapsed: Duration) -> String {
         .map(|(p, w)| ("failed", p, w))
         .chain(v.pending.iter().map(|(p, w)| ("not published", p, w)))
         .chain(v.gone.iter().map(|(p, w)| ("gone", p, w)))
+        .chain(
+            v.logs
+                .errors
+                .iter()
+                .map(|(p, w)| ("log not uploaded", p, w)),
+        )
         .collect();
     if !rows.is_empty() {
         s.push_str("\n| path | state | reason |\n|---|---|---|\n");
@@ -699,6 +735,19 @@ pub fn step_summary(v: &Verdict, elapsed: Duration) -> String {
             let why = why.replace('|', "\\|").replace('\n', " ");
             s.push_str(&format!("| `{path}` | {state} | {why} |\n"));
         }
+    }
+    let failed_builds: Vec<String> = v
+        .logs
+        .uploaded
+        .iter()
+        .filter(|(_, failed)| *failed)
+        .map(|(drv, _)| format!("`{drv}`"))
+        .collect();
+    if !failed_builds.is_empty() {
+        s.push_str(&format!(
+            "\nfailed builds (logs uploaded): {}; `nix log DRV` reads one where the derivation is in the store and the cache is a substituter\n",
+            failed_builds.join(", ")
+        ));
     }
     s.push('\n');
     s
@@ -795,10 +844,16 @@ mod tests {
             failed: vec![("/nix/store/b".into(), "bad | thing\nsecond line".into())],
             pending: vec![("/nix/store/c".into(), "503".into())],
             gone: vec![],
+            logs: LogsDone {
+                uploaded: vec![("/nix/store/d.drv".into(), true)],
+                errors: vec![("/nix/store/e.drv".into(), "403".into())],
+            },
         };
         let s = step_summary(&v, Duration::from_secs(12));
         assert!(s.starts_with("### nixpush: 1 published, 1 failed, 1 not published in time"));
         assert!(s.contains("| `/nix/store/b` | failed | bad \\| thing second line |\n"));
         assert!(s.contains("| `/nix/store/c` | not published | 503 |\n"));
+        assert!(s.contains("| `/nix/store/e.drv` | log not uploaded | 403 |\n"));
+        assert!(s.contains("failed builds (logs uploaded): `/nix/store/d.drv`"));
     }
 }

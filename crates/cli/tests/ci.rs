@@ -315,3 +315,110 @@ fn enqueue_queues_what_no_hook_saw() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("not-a-store-path"), "{}", text(&o));
 }
+
+/// A successful build's log goes to the cache after its outputs, where Nix 2.8's `nix log` reads
+/// it through the narinfo's `Deriver`; a failed build's (no hook ran) goes with `wait --logs failed`.
+#[test]
+fn build_logs_reach_the_cache_and_nix_log_reads_them() {
+    let mut f = Flow::new("");
+    f.start_daemon();
+    let o = f
+        .nixpush()
+        .args(["wait", "--logs", "failed"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--logs needs --since"),
+        "{}",
+        text(&o)
+    );
+    let mark = f.nixpush().arg("mark").output().unwrap();
+    let mark = String::from_utf8(mark.stdout).unwrap().trim().to_owned();
+
+    let said = nixpush_testbed::unique("built-and-said");
+    let (outs, _) = f.build(&derivation(
+        "logged",
+        &format!("echo {said}; echo done > $out"),
+    ));
+    let failing = nixpush_testbed::unique("failed-and-said");
+    let expr = f.dir.path().join("failing.nix");
+    std::fs::write(
+        &expr,
+        derivation("failing", &format!("echo {failing}; exit 3")),
+    )
+    .unwrap();
+    let drv = f
+        .nix
+        .run("nix-instantiate", &[expr.to_str().unwrap()])
+        .trim()
+        .to_owned();
+    let o = f
+        .nix
+        .cmd("nix-store")
+        .args(["--realise", &drv])
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "the failing build failed: {}",
+        text(&o)
+    );
+
+    let o = f
+        .nixpush()
+        .args(["wait", "--timeout", "60", "--json", "--since", &mark])
+        .args(["--logs", "failed", "--store", &f.nix.store_url()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let j = json(&o);
+    assert_eq!(
+        j["logs"],
+        serde_json::json!([{"drv": drv, "failed": true}]),
+        "only the failed build's log, by wait: {j}"
+    );
+    let base = drv.rsplit('/').next().unwrap();
+    let log =
+        f.s3.get(&format!("log/{base}"))
+            .expect("the failed build's log");
+    assert!(
+        String::from_utf8_lossy(&log).contains(&failing),
+        "{}",
+        String::from_utf8_lossy(&log)
+    );
+
+    // Published, with the log after the outputs (the daemon is done with the item by now).
+    let nix_log = |target: &str| {
+        std::process::Command::new(nixpush_testbed::find_program("nix"))
+            .env("NIX_CONF_DIR", &f.nix.conf_dir)
+            .env_remove("NIX_REMOTE")
+            .args(["log", "--store", &f.s3.http_url, target])
+            .output()
+            .unwrap()
+    };
+    let o = nix_log(&outs[0]);
+    assert!(o.status.success(), "nix log: {}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&said),
+        "nix log shows what the build printed: {}",
+        text(&o)
+    );
+    // The failed build, as a developer who evaluated the same expression reads it: the derivation
+    // is in their store, its log is not, and the cache is a substituter.
+    let local = nixpush_store::BuildLogs::system()
+        .find(&drv.parse().unwrap())
+        .unwrap();
+    std::fs::remove_file(local.expect("Nix kept the failed build's log").file).unwrap();
+    let o = f
+        .nix
+        .cmd("nix")
+        .args(["log", &drv, "--option", "substituters", &f.s3.http_url])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&failing),
+        "nix log reads the failed build's log from the cache: {}",
+        text(&o)
+    );
+}

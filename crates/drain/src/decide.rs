@@ -147,6 +147,8 @@ pub struct Attempt<'a> {
     /// A failure of the attempt before any path was tried (the closure could not be computed, the
     /// cache not opened).
     pub error: Option<&'a Failure>,
+    /// The build logs could not be uploaded, after the paths were.
+    pub logs: Option<&'a Failure>,
 }
 
 /// How the attempt ended for `c`; `retry` decides the failed ones (see [`retry`]).
@@ -166,7 +168,10 @@ pub fn outcome(
         ),
         Ok(_) if a.error.is_some() => retry(c, a.error.cloned().expect("checked")),
         Ok(roots) => match roots.iter().find(|p| !a.ok.contains(p)) {
-            None => Outcome::Done,
+            None => match a.logs {
+                None => Outcome::Done,
+                Some(f) => retry(c, f.clone()),
+            },
             Some(p) if a.failed.contains_key(p) => retry(c, root_cause(p, a.failed)),
             Some(p) => retry(c, Failure::transient(format!("{p} was not published"))),
         },
@@ -373,15 +378,19 @@ mod tests {
             error: f.message,
         };
         let c = claimed(0, Duration::ZERO);
-        let run = |resolved: Result<Vec<StorePath>, StoreError>, error: Option<&Failure>| {
+        let run_with_logs = |resolved: Result<Vec<StorePath>, StoreError>,
+                             error: Option<&Failure>,
+                             logs: Option<&Failure>| {
             let attempt = Attempt {
                 resolved: &resolved,
                 ok: &ok,
                 failed: &failed,
                 error,
+                logs,
             };
             outcome(&c, &attempt, retry_any)
         };
+        let run = |resolved, error| run_with_logs(resolved, error, None);
         assert_eq!(run(Ok(vec![a.clone()]), None), Outcome::Done);
         match run(Ok(vec![a.clone(), b.clone()]), None) {
             Outcome::RetryIn { error, .. } => assert!(error.contains("HTTP 500"), "{error}"),
@@ -403,5 +412,19 @@ mod tests {
                 error: "cache unreachable".into()
             }
         );
+        // Published, but not its log: tried again (the paths are present then).
+        let log = Failure::transient("cannot upload the build log".into());
+        assert_eq!(
+            run_with_logs(Ok(vec![a.clone()]), None, Some(&log)),
+            Outcome::RetryIn {
+                wait: Duration::ZERO,
+                error: "cannot upload the build log".into()
+            }
+        );
+        // A log is never the reason when a path failed.
+        match run_with_logs(Ok(vec![b.clone()]), None, Some(&log)) {
+            Outcome::RetryIn { error, .. } => assert!(error.contains("HTTP 500"), "{error}"),
+            o => panic!("{o:?}"),
+        }
     }
 }

@@ -14,6 +14,7 @@ use nixpush_store::{Store, StoreAddress, StoreError};
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::Settings;
+use crate::build_logs::LogUploads;
 use crate::decide::{self, Failure, StoreVerdict, failure_of, store_verdict};
 use crate::metrics::Metrics;
 use crate::source::StoreSource;
@@ -35,6 +36,8 @@ pub(crate) struct Attempts {
     store: Opened<Arc<Store>>,
     publisher: Opened<nixpush_cache::Publisher>,
     resolving: Semaphore,
+    /// With `upload-logs`.
+    logs: Option<LogUploads>,
 }
 
 /// Something opened on first use, one opening at a time (see [`FAILURE_HOLDS`]).
@@ -77,11 +80,15 @@ impl<T: Clone> Opened<T> {
 impl Attempts {
     pub(crate) fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> Self {
         Attempts {
-            settings,
-            metrics,
             store: Opened::new(),
             publisher: Opened::new(),
             resolving: Semaphore::new(RESOLVING),
+            logs: settings
+                .build_logs
+                .clone()
+                .map(|l| LogUploads::new(l, metrics.clone())),
+            settings,
+            metrics,
         }
     }
 
@@ -153,6 +160,15 @@ impl Attempts {
                 );
             }
         };
+        let derivers = match c.item.kind {
+            Kind::Derivation => c.item.name.parse().into_iter().collect(),
+            Kind::Path => fresh
+                .iter()
+                .filter_map(|p| closure.get(p)?.deriver.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+        };
         let item = c.item.name.clone();
         // The item's own paths are asked about all the same: they were just built (again), and
         // may have been removed from the cache since it was last asked.
@@ -169,7 +185,20 @@ impl Attempts {
             .chain(summary.skipped)
             .collect();
         let failed: HashMap<StorePath, Arc<CacheError>> = summary.failed.into_iter().collect();
-        self.decide(c, &resolved, &ok, &failed, None)
+        let logs = match &self.logs {
+            Some(logs) if fresh.iter().all(|p| ok.contains(p)) => {
+                logs.upload(&publisher, derivers, &c.item.name).await.err()
+            }
+            _ => None,
+        };
+        let attempt = decide::Attempt {
+            resolved: &resolved,
+            ok: &ok,
+            failed: &failed,
+            error: None,
+            logs: logs.as_ref(),
+        };
+        decide::outcome(c, &attempt, |c, f| self.retry(c, f))
     }
 
     fn decide(
@@ -185,6 +214,7 @@ impl Attempts {
             ok,
             failed,
             error: error.as_ref(),
+            logs: None,
         };
         decide::outcome(c, &attempt, |c, f| self.retry(c, f))
     }

@@ -7,12 +7,14 @@
 //!   step with the queue.
 //! - [`item`]: one attempt at one item: resolve derivations to outputs, walk the closure up to
 //!   what the cache is known to hold, publish it (see `nixpush_cache::Publisher`), decide.
+//! - [`build_logs`]: the build logs of published outputs, uploaded after them.
 //! - [`decide`]: the decisions, as pure functions (gone, retry, reconnect, failed, root cause).
 //!
 //! SIGTERM/SIGINT: stop accepting and claiming, let the attempts in hand finish for
 //! `stop-timeout`, put the rest back in the queue, return. The hook meanwhile writes the queue
 //! directly, so nothing built while the daemon is down is missed.
 
+mod build_logs;
 pub mod decide;
 mod intake;
 pub mod ipc;
@@ -30,7 +32,7 @@ use anyhow::{Context, Result};
 use nixpush_cache::StoreUrl;
 use nixpush_format::SecretKey;
 use nixpush_queue::{Queue, RetryPolicy};
-use nixpush_store::GcRoots;
+use nixpush_store::{BuildLogs, GcRoots};
 use tokio::sync::{Notify, watch};
 
 pub use source::StoreSource;
@@ -52,6 +54,8 @@ pub struct Settings {
     pub store: Option<String>,
     pub roots: Option<GcRoots>,
     pub roots_max: usize,
+    /// Where Nix keeps build logs, when they are to be uploaded (`upload-logs`).
+    pub build_logs: Option<BuildLogs>,
     pub spill_dir: PathBuf,
     /// Where to write the metrics for node_exporter's textfile collector.
     pub metrics_textfile: Option<PathBuf>,

@@ -23,6 +23,7 @@ pub struct Metrics {
     oldest_pending: Gauge<f64, std::sync::atomic::AtomicU64>,
     lag: Histogram,
     uploaded_bytes: Counter,
+    logs_uploaded: Counter,
     retries: Family<Labels, Counter>,
     fallbacks: Family<Vec<(&'static str, String)>, Gauge>,
     s3_requests: Family<Vec<(&'static str, String)>, Counter>,
@@ -55,6 +56,12 @@ impl Default for Metrics {
             "Compressed NAR bytes uploaded",
             uploaded_bytes.clone(),
         );
+        let logs_uploaded = Counter::default();
+        registry.register(
+            "nixpush_build_logs_uploaded",
+            "Build logs uploaded (log/<drv>)",
+            logs_uploaded.clone(),
+        );
         let retries = Family::<Labels, Counter>::default();
         registry.register(
             "nixpush_retries",
@@ -85,6 +92,7 @@ impl Default for Metrics {
             oldest_pending,
             lag,
             uploaded_bytes,
+            logs_uploaded,
             retries,
             fallbacks,
             s3_requests,
@@ -125,6 +133,10 @@ impl Metrics {
 
     pub fn uploaded(&self, bytes: u64) {
         self.uploaded_bytes.inc_by(bytes);
+    }
+
+    pub fn log_uploaded(&self) {
+        self.logs_uploaded.inc();
     }
 
     pub fn retried(&self, class: &'static str) {
@@ -213,6 +225,7 @@ mod tests {
             11_000,
         );
         m.uploaded(1234);
+        m.log_uploaded();
         m.retried("throttle");
         m.s3_request("PutObject", "2xx");
         m.published(Duration::from_millis(250), 5_000);
@@ -222,6 +235,7 @@ mod tests {
             "nixpush_queue_items{state=\"failed\"} 1",
             "nixpush_queue_oldest_pending_seconds 10.0",
             "nixpush_uploaded_bytes_total 1234",
+            "nixpush_build_logs_uploaded_total 1",
             "nixpush_retries_total{class=\"throttle\"} 1",
             "nixpush_s3_requests_total{operation=\"PutObject\",outcome=\"2xx\"} 1",
             "nixpush_publish_lag_seconds_count 1",

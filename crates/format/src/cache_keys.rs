@@ -11,10 +11,17 @@ pub const NIX_CACHE_INFO: &str = "nix-cache-info";
 pub const CONTENT_TYPE_CACHE_INFO: &str = "text/x-nix-cache-info";
 pub const CONTENT_TYPE_NARINFO: &str = "text/x-nix-narinfo";
 pub const CONTENT_TYPE_NAR: &str = "application/x-nix-nar";
+pub const CONTENT_TYPE_LOG: &str = "text/plain; charset=utf-8";
 
 /// `<hashpart>.narinfo`: its existence is what makes a path valid for clients.
 pub fn narinfo_key(path: &StorePath) -> String {
     format!("{}.narinfo", path.hash_part())
+}
+
+/// `log/<derivation base name>`: the build log `nix log` asks substituters for (an output is
+/// mapped to its derivation through its narinfo's `Deriver`).
+pub fn log_key(drv: &StorePath) -> String {
+    format!("log/{}", drv.base_name())
 }
 
 /// `nar/<FileHash nix32>.nar[.ext]`: content-addressed, so an existing object never needs rewriting.
