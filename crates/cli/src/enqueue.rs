@@ -103,14 +103,7 @@ fn record_batch(config: &Config, items: &[WireItem]) -> Result<usize> {
             "nixpush enqueue: WARNING: the queue is not writable; recorded in {} for the daemon",
             file.display()
         ),
-        Err(e) => bail!(
-            "could not queue {} path(s): daemon ({}), queue ({}), spill directory {} ({})",
-            items.len(),
-            e.daemon_error,
-            e.queue_error,
-            e.spill_dir.display(),
-            e.spill_error
-        ),
+        Err(e) => bail!("could not queue {} path(s): {e}", items.len()),
     }
     Ok(items.len())
 }

@@ -147,13 +147,8 @@ fn run(out_paths: Option<OsString>, drv_path: Option<OsString>) -> String {
             file.display()
         ),
         Err(e) => format!(
-            "nixpush-hook: ERROR: could not record {what}: daemon not reachable ({}), \
-             queue not writable ({}) and spill directory {} not writable ({}); \
-             they will not be uploaded unless pushed by hand (nixpush push){problems}",
-            e.daemon_error,
-            e.queue_error,
-            e.spill_dir.display(),
-            e.spill_error
+            "nixpush-hook: ERROR: could not record {what}: {e}; \
+             they will not be uploaded unless pushed by hand (nixpush push){problems}"
         ),
     }
 }

@@ -33,6 +33,19 @@ pub struct NotRecorded {
     pub spill_error: String,
 }
 
+impl std::fmt::Display for NotRecorded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "daemon not reachable ({}), queue not writable ({}), spill directory {} not writable ({})",
+            self.daemon_error,
+            self.queue_error,
+            self.spill_dir.display(),
+            self.spill_error
+        )
+    }
+}
+
 /// Records `items` durably: through the daemon (waiting `timeout` for it), else the queue, else
 /// the spill directory.
 pub fn record(

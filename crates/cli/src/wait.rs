@@ -219,10 +219,12 @@ pub fn wait(args: WaitArgs) -> Result<()> {
     if args.logs != Which::None && args.since.is_none() {
         bail!("--logs needs --since MARK: the logs written since the mark are uploaded");
     }
-    let config = Config::load()?;
-    let (url, runtime) = cache_to_check(&config)?;
-    let outcome = runtime.block_on(run(&args, &config, url, deadline));
-    let (verdict, daemon_seen, mark) = match outcome {
+    let outcome = Config::load().and_then(|config| {
+        let (url, runtime) = cache_to_check(&config)?;
+        let outcome = runtime.block_on(run(&args, &config, url, deadline))?;
+        Ok((config, outcome))
+    });
+    let (config, (verdict, daemon_seen, mark)) = match outcome {
         Ok(o) => o,
         Err(e) if args.best_effort => {
             eprintln!("nixpush wait: WARNING: {e:#} (--best-effort: exit 0)");
@@ -296,13 +298,7 @@ async fn run(
             }
         }
         if let Err(e) = record::record(config, &items, Duration::from_secs(5)) {
-            bail!(
-                "could not queue the paths: daemon ({}), queue ({}), spill directory {} ({})",
-                e.daemon_error,
-                e.queue_error,
-                e.spill_dir.display(),
-                e.spill_error
-            );
+            bail!("could not queue the paths: {e}");
         }
         Some(items)
     };
@@ -588,15 +584,18 @@ async fn check_cache(
         .collect();
     let config = config.clone();
     let recorded = tokio::task::spawn_blocking(move || {
-        record::record(&config, &items, Duration::from_secs(5)).is_ok()
+        record::record(&config, &items, Duration::from_secs(5))
+            .map(drop)
+            .map_err(|e| e.to_string())
     })
     .await
-    .unwrap_or(false);
+    .unwrap_or_else(|e| Err(format!("recording panicked: {e}")));
     for i in again {
-        entries[i].standing = if recorded {
-            Standing::Pending(State::Queued, None)
-        } else {
-            Standing::Failed("missing from the cache, and could not be queued again".into())
+        entries[i].standing = match &recorded {
+            Ok(()) => Standing::Pending(State::Queued, None),
+            Err(why) => Standing::Failed(format!(
+                "missing from the cache, and could not be queued again: {why}"
+            )),
         };
     }
 }

@@ -185,7 +185,7 @@ fn wait_at_a_dead_endpoint_names_what_is_not_published() {
 }
 
 /// No daemon answers and the queue holds work: nothing can be uploaded, exit 2 (0 with
-/// --best-effort). No queue at all: exit 2, saying the hook has recorded nothing here.
+/// --best-effort). No queue at all, or a configuration that does not load: exit 2, saying why.
 #[test]
 fn wait_without_a_daemon_or_a_queue_cannot_run() {
     let f = Flow::new("");
@@ -215,6 +215,20 @@ fn wait_without_a_daemon_or_a_queue_cannot_run() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
+
+    // A configuration that does not load: exit 2 naming it, 0 with --best-effort.
+    let broken = f.dir.path().join("broken.toml");
+    std::fs::write(&broken, "to = 3\n").unwrap();
+    for (args, code) in [(&["wait"][..], 2), (&["wait", "--best-effort"][..], 0)] {
+        let o = f
+            .nixpush()
+            .env("NIXPUSH_CONFIG", &broken)
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(code), "{}", text(&o));
+        assert!(text(&o).contains("broken.toml"), "{}", text(&o));
+    }
 }
 
 /// Paths no hook saw: `enqueue --since MARK` queues what `nix-store --add` registered after the
