@@ -823,6 +823,21 @@ mod tests {
         Cache::open(url).await.unwrap()
     }
 
+    /// Regression: a directory cache had no `log/`, so every log upload (and with it every built
+    /// item) failed. A cache an earlier version made gets one when opened.
+    #[tokio::test]
+    async fn build_logs_go_to_log_in_a_directory_cache_old_or_new() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("cache/nar")).unwrap();
+        let cache = file_cache(dir.path()).await;
+        let drv = store_path("hello.drv");
+        cache.put_log(&drv, b"built\n".to_vec()).await.unwrap();
+        let publisher = cache.publisher(Arc::new(Source::default()), &opts(dir.path(), 1));
+        publisher.put_log(&drv, b"again\n".to_vec()).await.unwrap();
+        let file = dir.path().join("cache").join(log_key(&drv));
+        assert_eq!(std::fs::read(file).unwrap(), b"again\n");
+    }
+
     /// Regression: every job compressed with its own threads, so threads (and compressor memory)
     /// grew with cores × jobs. Compressions now share one budget of threads.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

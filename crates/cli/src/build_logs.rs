@@ -32,6 +32,9 @@ pub struct LogsDone {
     pub uploaded: Vec<(String, bool)>,
     /// (derivation, or the step that failed; why its log is not uploaded)
     pub errors: Vec<(String, String)>,
+    /// Not uploaded, and not a failure: (derivation or directory, why): still building, a log
+    /// too long or damaged, a directory of logs that cannot be read.
+    pub skipped: Vec<(String, String)>,
 }
 
 /// Whether a derivation's log is wanted, and whether its build failed, from what the store says
@@ -68,19 +71,27 @@ pub async fn upload(
         return done;
     }
     let since = SystemTime::UNIX_EPOCH + Duration::from_millis(since_ms.max(0) as u64);
-    let chosen = tokio::task::spawn_blocking(move || choose(store, which, since)).await;
-    let logs = match chosen {
-        Ok(Ok((logs, errors))) => {
-            done.errors = errors;
-            logs
+    let choosing = tokio::task::spawn_blocking(move || choose(store, which, since));
+    let logs = match tokio::time::timeout_at(deadline.into(), choosing).await {
+        Ok(Ok(Ok(chosen))) => {
+            done.errors = chosen.errors;
+            done.skipped = chosen.skipped;
+            chosen.logs
         }
-        Ok(Err(e)) => {
+        Ok(Ok(Err(e))) => {
             done.errors.push(("build logs".into(), format!("{e:#}")));
             return done;
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             done.errors
                 .push(("build logs".into(), format!("choosing logs panicked: {e}")));
+            return done;
+        }
+        Err(_) => {
+            done.errors.push((
+                "build logs".into(),
+                "the store was not asked about every log by the deadline".into(),
+            ));
             return done;
         }
     };
@@ -113,26 +124,28 @@ pub async fn upload(
             let put = async {
                 let _permit = limit.acquire_owned().await;
                 let reading = log.clone();
-                let text = tokio::task::spawn_blocking(move || reading.read())
-                    .await
-                    .map_err(|e| format!("reading it panicked: {e}"))?
-                    .map_err(|e| error_chain(&e))?;
-                cache
-                    .put_log(&log.drv, text)
-                    .await
-                    .map_err(|e| format!("cannot upload it: {}", error_chain(&e)))
+                let text = match tokio::task::spawn_blocking(move || reading.read()).await {
+                    Ok(Ok(text)) => text,
+                    Ok(Err(e)) if !e.transient() => return Sent::Skipped(error_chain(&e)),
+                    Ok(Err(e)) => return Sent::Failed(error_chain(&e)),
+                    Err(e) => return Sent::Failed(format!("reading it panicked: {e}")),
+                };
+                match cache.put_log(&log.drv, text).await {
+                    Ok(()) => Sent::Uploaded,
+                    Err(e) => Sent::Failed(format!("cannot upload it: {}", error_chain(&e))),
+                }
             };
-            match tokio::time::timeout_at(deadline.into(), put).await {
-                Ok(Ok(())) => Ok((drv, failed)),
-                Ok(Err(why)) => Err((drv, why)),
-                Err(_) => Err((drv, "not uploaded by the deadline".into())),
-            }
+            let sent = tokio::time::timeout_at(deadline.into(), put)
+                .await
+                .unwrap_or_else(|_| Sent::Failed("not uploaded by the deadline".into()));
+            (drv, failed, sent)
         });
     }
     while let Some(joined) = uploads.join_next().await {
         match joined {
-            Ok(Ok(up)) => done.uploaded.push(up),
-            Ok(Err(e)) => done.errors.push(e),
+            Ok((drv, failed, Sent::Uploaded)) => done.uploaded.push((drv, failed)),
+            Ok((drv, _, Sent::Skipped(why))) => done.skipped.push((drv, why)),
+            Ok((drv, _, Sent::Failed(why))) => done.errors.push((drv, why)),
             Err(e) => done
                 .errors
                 .push(("build logs".into(), format!("an upload panicked: {e}"))),
@@ -140,35 +153,59 @@ pub async fn upload(
     }
     done.uploaded.sort();
     done.errors.sort();
+    done.skipped.sort();
     done
 }
 
-/// The logs written since `since` that `which` wants, each with whether its build failed; and
-/// the derivations the store could not be asked about.
-#[allow(clippy::type_complexity)]
-fn choose(
-    store: Option<String>,
-    which: Which,
-    since: SystemTime,
-) -> Result<(Vec<(BuildLog, bool)>, Vec<(String, String)>)> {
+/// How one log's upload ended.
+enum Sent {
+    Uploaded,
+    Skipped(String),
+    Failed(String),
+}
+
+/// What [`choose`] found.
+struct Chosen {
+    /// Each with whether its build failed.
+    logs: Vec<(BuildLog, bool)>,
+    /// The derivations the store could not be asked about.
+    errors: Vec<(String, String)>,
+    skipped: Vec<(String, String)>,
+}
+
+/// The logs written since `since` that `which` wants. A build still running (its outputs not
+/// valid yet) has not failed: its log is skipped.
+fn choose(store: Option<String>, which: Which, since: SystemTime) -> Result<Chosen> {
     let logs = BuildLogs::system();
-    let written = logs
+    let listing = logs
         .modified_since(since)
         .with_context(|| format!("cannot list the build logs in {}", logs.dir().display()))?;
-    if written.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
+    let mut chosen = Chosen {
+        logs: Vec::new(),
+        errors: Vec::new(),
+        skipped: listing
+            .unreadable
+            .iter()
+            .map(|e| ("build logs".to_owned(), error_chain(e)))
+            .collect(),
+    };
+    if listing.logs.is_empty() {
+        return Ok(chosen);
     }
     let address = StoreAddress::resolve(store.as_deref())?;
     let store = Store::open(address).context("cannot open the Nix store to tell failed builds")?;
-    let (mut chosen, mut errors) = (Vec::new(), Vec::new());
-    for log in written {
+    for log in listing.logs {
+        let drv = log.drv.to_string();
         match wanted(which, &store.built_outputs(&log.drv)) {
-            Ok(Some(failed)) => chosen.push((log, failed)),
+            Ok(Some(true)) if nixpush_store::building(&log.drv).unwrap_or(true) => chosen
+                .skipped
+                .push((drv, "still building (or its outputs cannot be read)".into())),
+            Ok(Some(failed)) => chosen.logs.push((log, failed)),
             Ok(None) => {}
-            Err(why) => errors.push((log.drv.to_string(), why)),
+            Err(why) => chosen.errors.push((drv, why)),
         }
     }
-    Ok((chosen, errors))
+    Ok(chosen)
 }
 
 #[cfg(test)]

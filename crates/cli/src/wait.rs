@@ -251,15 +251,23 @@ pub fn wait(args: WaitArgs) -> Result<()> {
             config.socket().display(),
             verdict.pending.len()
         ),
-        _ => Err(PartialFailure(format!(
-            "{} of {} item(s) not published",
-            verdict.failed.len() + verdict.pending.len(),
-            verdict.published.len()
-                + verdict.failed.len()
-                + verdict.pending.len()
-                + verdict.gone.len()
-        ))
-        .into()),
+        _ => {
+            let mut what = Vec::new();
+            let unpublished = verdict.failed.len() + verdict.pending.len();
+            if unpublished > 0 {
+                what.push(format!(
+                    "{unpublished} of {} item(s) not published",
+                    verdict.published.len() + unpublished + verdict.gone.len()
+                ));
+            }
+            if !verdict.logs.errors.is_empty() {
+                what.push(format!(
+                    "{} build log(s) not uploaded",
+                    verdict.logs.errors.len()
+                ));
+            }
+            Err(PartialFailure(what.join("; ")).into())
+        }
     }
 }
 
@@ -660,6 +668,9 @@ fn report(args: &WaitArgs, v: &Verdict, mark: u64, elapsed: Duration, code: u8, 
     for (drv, why) in &v.logs.errors {
         eprintln!("nixpush wait: LOG NOT UPLOADED {drv}: {why}");
     }
+    for (drv, why) in &v.logs.skipped {
+        eprintln!("nixpush wait: WARNING: log of {drv} skipped: {why}");
+    }
     eprintln!(
         "nixpush wait: {} published, {} failed, {} not published in time, {} gone, in {:.1} s",
         v.published.len(),
@@ -668,6 +679,14 @@ fn report(args: &WaitArgs, v: &Verdict, mark: u64, elapsed: Duration, code: u8, 
         v.gone.len(),
         elapsed.as_secs_f64()
     );
+    if args.logs != Which::None {
+        eprintln!(
+            "nixpush wait: build logs: {} uploaded, {} not uploaded, {} skipped",
+            v.logs.uploaded.len(),
+            v.logs.errors.len(),
+            v.logs.skipped.len()
+        );
+    }
     if args.json {
         let pairs = |l: &[(String, String)]| {
             l.iter()
@@ -684,6 +703,7 @@ fn report(args: &WaitArgs, v: &Verdict, mark: u64, elapsed: Duration, code: u8, 
             "gone": pairs(&v.gone),
             "logs": v.logs.uploaded.iter().map(|(drv, failed)| json!({"drv": drv, "failed": failed})).collect::<Vec<_>>(),
             "log_errors": pairs(&v.logs.errors),
+            "logs_skipped": pairs(&v.logs.skipped),
             "no_daemon": no_daemon,
         });
         println!("{out}");
@@ -846,6 +866,7 @@ mod tests {
             logs: LogsDone {
                 uploaded: vec![("/nix/store/d.drv".into(), true)],
                 errors: vec![("/nix/store/e.drv".into(), "403".into())],
+                skipped: vec![],
             },
         };
         let s = step_summary(&v, Duration::from_secs(12));

@@ -331,7 +331,8 @@ fn enqueue_queues_what_no_hook_saw() {
 }
 
 /// A successful build's log goes to the cache after its outputs, where Nix 2.8's `nix log` reads
-/// it through the narinfo's `Deriver`; a failed build's (no hook ran) goes with `wait --logs failed`.
+/// it through the narinfo's `Deriver`; a failed build's (no hook ran) goes with `wait --logs
+/// failed`, and only one that failed after the mark.
 #[test]
 fn build_logs_reach_the_cache_and_nix_log_reads_them() {
     let mut f = Flow::new("");
@@ -347,6 +348,25 @@ fn build_logs_reach_the_cache_and_nix_log_reads_them() {
         "{}",
         text(&o)
     );
+    let fail = |tag: &str| {
+        let said = nixpush_testbed::unique(tag);
+        let expr = f.dir.path().join(format!("{tag}.nix"));
+        std::fs::write(&expr, derivation(tag, &format!("echo {said}; exit 3"))).unwrap();
+        let drv = f
+            .nix
+            .run("nix-instantiate", &[expr.to_str().unwrap()])
+            .trim()
+            .to_owned();
+        let o = f
+            .nix
+            .cmd("nix-store")
+            .args(["--realise", &drv])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "the build failed: {}", text(&o));
+        (drv, said)
+    };
+    let (before, _) = fail("failed-before");
     let mark = f.nixpush().arg("mark").output().unwrap();
     let mark = String::from_utf8(mark.stdout).unwrap().trim().to_owned();
 
@@ -355,75 +375,54 @@ fn build_logs_reach_the_cache_and_nix_log_reads_them() {
         "logged",
         &format!("echo {said}; echo done > $out"),
     ));
-    let failing = nixpush_testbed::unique("failed-and-said");
-    let expr = f.dir.path().join("failing.nix");
-    std::fs::write(
-        &expr,
-        derivation("failing", &format!("echo {failing}; exit 3")),
-    )
-    .unwrap();
-    let drv = f
-        .nix
-        .run("nix-instantiate", &[expr.to_str().unwrap()])
-        .trim()
-        .to_owned();
-    let o = f
-        .nix
-        .cmd("nix-store")
-        .args(["--realise", &drv])
-        .output()
-        .unwrap();
-    assert!(
-        !o.status.success(),
-        "the failing build failed: {}",
-        text(&o)
-    );
+    let (drv, failing) = fail("failed-after");
 
-    let o = f
-        .nixpush()
-        .args(["wait", "--timeout", "60", "--json", "--since", &mark])
-        .args(["--logs", "failed", "--store", &f.nix.store_url()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let j = json(&o);
+    let wait = |logs: &str| {
+        let o = f
+            .nixpush()
+            .args(["wait", "--timeout", "60", "--json", "--since", &mark])
+            .args(["--logs", logs, "--store", &f.nix.store_url()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        json(&o)
+    };
+    let j = wait("failed");
     assert_eq!(
         j["logs"],
         serde_json::json!([{"drv": drv, "failed": true}]),
-        "only the failed build's log, by wait: {j}"
+        "only the build that failed after the mark: {j}"
     );
-    let base = drv.rsplit('/').next().unwrap();
-    let log =
-        f.s3.get(&format!("log/{base}"))
-            .expect("the failed build's log");
+    let key = |drv: &str| format!("log/{}", drv.rsplit('/').next().unwrap());
+    let log = f.s3.get(&key(&drv)).expect("the failed build's log");
     assert!(
         String::from_utf8_lossy(&log).contains(&failing),
         "{}",
         String::from_utf8_lossy(&log)
     );
+    assert!(f.s3.get(&key(&before)).is_none(), "failed before the mark");
 
-    // Published, with the log after the outputs (the daemon is done with the item by now).
-    let nix_log = |target: &str| {
-        std::process::Command::new(nixpush_testbed::find_program("nix"))
-            .env("NIX_CONF_DIR", &f.nix.conf_dir)
-            .env_remove("NIX_REMOTE")
-            .args(["log", "--store", &f.s3.http_url, target])
-            .output()
-            .unwrap()
-    };
-    let o = nix_log(&outs[0]);
-    assert!(o.status.success(), "nix log: {}", text(&o));
+    // `wait` returned once the item was done, and the daemon records it done only after its log.
+    let info = f.nix.run("nix-store", &["--query", "--deriver", &outs[0]]);
+    assert!(
+        f.s3.get(&key(info.trim())).is_some(),
+        "the build's log, by the daemon"
+    );
+    let o = std::process::Command::new(nixpush_testbed::find_program("nix"))
+        .env("NIX_CONF_DIR", &f.nix.conf_dir)
+        .env_remove("NIX_REMOTE")
+        .args(["log", "--store", &f.s3.http_url, &outs[0]])
+        .output()
+        .unwrap();
     assert!(
         String::from_utf8_lossy(&o.stdout).contains(&said),
         "nix log shows what the build printed: {}",
         text(&o)
     );
+
     // The failed build, as a developer who evaluated the same expression reads it: the derivation
-    // is in their store, its log is not, and the cache is a substituter.
-    let local = nixpush_store::BuildLogs::system()
-        .find(&drv.parse().unwrap())
-        .unwrap();
-    std::fs::remove_file(local.expect("Nix kept the failed build's log").file).unwrap();
+    // is in their store, the log is not (this client reads the default log directory, not the
+    // test's), and the cache is a substituter.
     let o = f
         .nix
         .cmd("nix")
@@ -434,5 +433,48 @@ fn build_logs_reach_the_cache_and_nix_log_reads_them() {
         String::from_utf8_lossy(&o.stdout).contains(&failing),
         "nix log reads the failed build's log from the cache: {}",
         text(&o)
+    );
+
+    let j = wait("all");
+    let drvs: Vec<&str> = j["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["drv"].as_str().unwrap())
+        .collect();
+    assert!(
+        drvs.contains(&info.trim()) && drvs.contains(&drv.as_str()),
+        "{j}"
+    );
+    assert!(!drvs.contains(&before.as_str()), "{j}");
+}
+
+/// `upload-logs = false`: published, and no log.
+#[test]
+fn upload_logs_false_uploads_none() {
+    let mut f = Flow::new("");
+    let mut config = std::fs::read_to_string(&f.config).unwrap();
+    config.push_str("upload-logs = false\n");
+    std::fs::write(&f.config, config).unwrap();
+    f.start_daemon();
+    let (outs, _) = f.build(&derivation("unlogged", "echo $name; echo done > $out"));
+    f.wait_published(&outs);
+    let o = f
+        .nixpush()
+        .args(["wait", "--timeout", "60"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        std::fs::read_dir(f.build_logs.join("drvs"))
+            .unwrap()
+            .next()
+            .is_some(),
+        "Nix kept a log"
+    );
+    assert!(
+        !f.s3.keys().iter().any(|k| k.starts_with("log/")),
+        "{:?}",
+        f.s3.keys()
     );
 }

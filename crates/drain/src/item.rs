@@ -160,7 +160,7 @@ impl Attempts {
                 );
             }
         };
-        let derivers = match c.item.kind {
+        let derivers: Vec<StorePath> = match c.item.kind {
             Kind::Derivation => c.item.name.parse().into_iter().collect(),
             Kind::Path => fresh
                 .iter()
@@ -186,9 +186,10 @@ impl Attempts {
             .collect();
         let failed: HashMap<StorePath, Arc<CacheError>> = summary.failed.into_iter().collect();
         let logs = match &self.logs {
-            Some(logs) if fresh.iter().all(|p| ok.contains(p)) => {
-                logs.upload(&publisher, derivers, &c.item.name).await.err()
-            }
+            Some(logs) if fresh.iter().all(|p| ok.contains(p)) => logs
+                .upload(&store, &publisher, derivers, &c.item.name)
+                .await
+                .err(),
             _ => None,
         };
         let attempt = decide::Attempt {

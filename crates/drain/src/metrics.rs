@@ -24,6 +24,7 @@ pub struct Metrics {
     lag: Histogram,
     uploaded_bytes: Counter,
     logs_uploaded: Counter,
+    logs_skipped: Counter,
     retries: Family<Labels, Counter>,
     fallbacks: Family<Vec<(&'static str, String)>, Gauge>,
     s3_requests: Family<Vec<(&'static str, String)>, Counter>,
@@ -62,6 +63,12 @@ impl Default for Metrics {
             "Build logs uploaded (log/<drv>)",
             logs_uploaded.clone(),
         );
+        let logs_skipped = Counter::default();
+        registry.register(
+            "nixpush_build_logs_skipped",
+            "Build logs Nix kept that were not uploaded: unreadable, too long, or refused by the cache (see the daemon's log)",
+            logs_skipped.clone(),
+        );
         let retries = Family::<Labels, Counter>::default();
         registry.register(
             "nixpush_retries",
@@ -93,6 +100,7 @@ impl Default for Metrics {
             lag,
             uploaded_bytes,
             logs_uploaded,
+            logs_skipped,
             retries,
             fallbacks,
             s3_requests,
@@ -137,6 +145,10 @@ impl Metrics {
 
     pub fn log_uploaded(&self) {
         self.logs_uploaded.inc();
+    }
+
+    pub fn log_skipped(&self) {
+        self.logs_skipped.inc();
     }
 
     pub fn retried(&self, class: &'static str) {

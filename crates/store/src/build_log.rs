@@ -4,8 +4,10 @@
 //! name>/<the rest>`, bzip2-compressed with a `.bz2` suffix unless `compress-build-log = false`.
 //! Nix before 1.12 wrote `drvs/<base name>` directly; `nix log` reads both, and so does this.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -22,8 +24,16 @@ pub const MAX_LOG_SIZE: u64 = 64 << 20;
 
 #[derive(Debug, Error)]
 pub enum LogError {
+    /// An I/O error: it may pass.
     #[error("cannot read the build log {}", .path.display())]
     Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Not a bzip2 stream Nix finished: the build is still writing it, or the file is damaged.
+    #[error("the build log {} is not a complete bzip2 stream", .path.display())]
+    Corrupt {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -34,6 +44,13 @@ pub enum LogError {
         MAX_LOG_SIZE >> 20
     )]
     TooLarge { path: PathBuf },
+}
+
+impl LogError {
+    /// Whether reading again later may succeed.
+    pub fn transient(&self) -> bool {
+        matches!(self, LogError::Read { source, .. } if source.kind() != io::ErrorKind::NotFound)
+    }
 }
 
 /// Nix's log directory.
@@ -51,6 +68,13 @@ pub struct BuildLog {
     pub modified: SystemTime,
 }
 
+/// What [`BuildLogs::modified_since`] found, and the directories it could not read.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub logs: Vec<BuildLog>,
+    pub unreadable: Vec<LogError>,
+}
+
 impl BuildLogs {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         BuildLogs { dir: dir.into() }
@@ -66,14 +90,13 @@ impl BuildLogs {
     }
 
     /// The log Nix kept of building `drv`, if any (a path that was substituted or added has none,
-    /// nor a build with `keep-build-log = false`).
+    /// nor a build with `keep-build-log = false`): the file `nix log` would read, in its order.
     pub fn find(&self, drv: &StorePath) -> Result<Option<BuildLog>, LogError> {
         let base = drv.base_name();
         let drvs = self.dir.join("drvs");
         let (head, rest) = base.split_at(2);
-        let candidates = [drvs.join(head).join(rest), drvs.join(base)];
-        for plain in candidates {
-            for file in [plain.with_added_extension("bz2"), plain] {
+        for plain in [drvs.join(head).join(rest), drvs.join(base)] {
+            for file in [plain.clone(), plain.with_added_extension("bz2")] {
                 match fs::metadata(&file) {
                     Ok(m) => {
                         return Ok(Some(BuildLog {
@@ -93,49 +116,62 @@ impl BuildLogs {
         Ok(None)
     }
 
-    /// The logs written at or after `since`, in both layouts. Files whose names are not a
-    /// derivation's are not logs and are passed over.
-    pub fn modified_since(&self, since: SystemTime) -> Result<Vec<BuildLog>, LogError> {
+    /// The logs of derivations with a log file written at or after `since`, in either layout, each
+    /// as [`BuildLogs::find`] chooses it. Files whose names are not a derivation's are passed
+    /// over; a subdirectory that cannot be read is reported, and the others are listed all the same.
+    pub fn modified_since(&self, since: SystemTime) -> Result<Listing, LogError> {
         let drvs = self.dir.join("drvs");
-        let mut found = Vec::new();
+        let mut listing = Listing::default();
         let top = match fs::read_dir(&drvs) {
             Ok(d) => d,
             // Nix creates it with its first log.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(found),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(listing),
             Err(source) => return Err(LogError::Read { path: drvs, source }),
         };
-        let read = |path: &Path| {
-            let path = path.to_owned();
-            move |source| LogError::Read { path, source }
-        };
+        let mut written = BTreeSet::new();
         for entry in top {
-            let entry = entry.map_err(read(&drvs))?;
-            let kind = entry.file_type().map_err(read(&entry.path()))?;
-            if kind.is_dir() {
-                let head = entry.file_name();
-                let Some(head) = head.to_str() else { continue };
-                let sub = match fs::read_dir(entry.path()) {
-                    Ok(d) => d,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            let entry = entry.map_err(|source| LogError::Read {
+                path: drvs.clone(),
+                source,
+            })?;
+            let dir = entry.path();
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                written.extend(written_since("", &entry, since));
+                continue;
+            }
+            let head = entry.file_name();
+            let Some(head) = head.to_str() else { continue };
+            let files = match fs::read_dir(&dir) {
+                Ok(d) => d,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    listing
+                        .unreadable
+                        .push(LogError::Read { path: dir, source });
+                    continue;
+                }
+            };
+            for file in files {
+                match file {
+                    Ok(file) => written.extend(written_since(head, &file, since)),
                     Err(source) => {
-                        return Err(LogError::Read {
-                            path: entry.path(),
-                            source,
-                        });
-                    }
-                };
-                for file in sub {
-                    let file = file.map_err(read(&entry.path()))?;
-                    if let Some(log) = log_of(head, &file, since)? {
-                        found.push(log);
+                        listing
+                            .unreadable
+                            .push(LogError::Read { path: dir, source });
+                        break;
                     }
                 }
-            } else if let Some(log) = log_of("", &entry, since)? {
-                found.push(log);
             }
         }
-        found.sort_by(|a, b| a.drv.cmp(&b.drv));
-        Ok(found)
+        for drv in written {
+            match self.find(&drv) {
+                Ok(Some(log)) => listing.logs.push(log),
+                // Removed since it was listed.
+                Ok(None) => {}
+                Err(e) => listing.unreadable.push(e),
+            }
+        }
+        Ok(listing)
     }
 }
 
@@ -146,17 +182,30 @@ impl BuildLog {
             path: self.file.clone(),
             source,
         };
-        let file = fs::File::open(&self.file).map_err(failed)?;
-        let mut text = Vec::new();
         let limit = MAX_LOG_SIZE + 1;
-        if self.file.extension().is_some_and(|e| e == "bz2") {
-            bzip2::read::MultiBzDecoder::new(file)
+        let mut raw = Vec::new();
+        fs::File::open(&self.file)
+            .and_then(|f| f.take(limit).read_to_end(&mut raw))
+            .map_err(failed)?;
+        if raw.len() as u64 > MAX_LOG_SIZE {
+            return Err(LogError::TooLarge {
+                path: self.file.clone(),
+            });
+        }
+        let text = if self.file.extension().is_some_and(|e| e == "bz2") {
+            // Decoded from memory: every error here is the stream's, none the disk's.
+            let mut text = Vec::new();
+            bzip2::read::MultiBzDecoder::new(raw.as_slice())
                 .take(limit)
                 .read_to_end(&mut text)
+                .map_err(|source| LogError::Corrupt {
+                    path: self.file.clone(),
+                    source,
+                })?;
+            text
         } else {
-            file.take(limit).read_to_end(&mut text)
-        }
-        .map_err(failed)?;
+            raw
+        };
         if text.len() as u64 > MAX_LOG_SIZE {
             return Err(LogError::TooLarge {
                 path: self.file.clone(),
@@ -166,47 +215,52 @@ impl BuildLog {
     }
 }
 
-/// The log `entry` is, if it is one written at or after `since`; `head` is the name of the
-/// two-character directory it is in (empty in the flat layout).
-fn log_of(
-    head: &str,
-    entry: &fs::DirEntry,
-    since: SystemTime,
-) -> Result<Option<BuildLog>, LogError> {
-    let name = entry.file_name();
-    let Some(name) = name.to_str() else {
-        return Ok(None);
-    };
-    let base = format!("{head}{}", name.strip_suffix(".bz2").unwrap_or(name));
-    let Ok(drv) = format!("{STORE_DIR}/{base}").parse::<StorePath>() else {
-        return Ok(None);
-    };
-    if !drv.is_derivation() {
-        return Ok(None);
-    }
-    let meta = match entry.metadata() {
-        Ok(m) => m,
-        // Removed since the directory was read.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(LogError::Read {
-                path: entry.path(),
-                source,
-            });
+/// Whether Nix is building `drv` now: it holds a lock (`flock`) on `<output>.lock` for each output
+/// while it builds, and leaves the file behind after a failed build, so only the lock tells. Read
+/// from `/proc/locks` (by inode), which needs no permission on the root-only lock files.
+pub fn building(drv: &StorePath) -> io::Result<bool> {
+    let outputs = crate::GcRoots::paths_of(drv)?;
+    let mut inodes = BTreeSet::new();
+    for out in outputs.iter().skip(1) {
+        match fs::metadata(format!("{out}.lock")) {
+            Ok(m) => {
+                inodes.insert(m.ino());
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
-    };
-    let modified = meta.modified().map_err(|source| LogError::Read {
-        path: entry.path(),
-        source,
-    })?;
-    if !meta.is_file() || modified < since {
-        return Ok(None);
     }
-    Ok(Some(BuildLog {
-        drv,
-        file: entry.path(),
-        modified,
-    }))
+    if inodes.is_empty() {
+        return Ok(false);
+    }
+    Ok(flock_inodes(&fs::read_to_string("/proc/locks")?)
+        .iter()
+        .any(|i| inodes.contains(i)))
+}
+
+/// The inodes `flock` locks are held on, from `/proc/locks` lines such as
+/// `1: FLOCK  ADVISORY  WRITE 14091 fe:00:9609852 0 EOF` (a waiter's line has `->` first).
+fn flock_inodes(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip_while(|f| *f != "FLOCK");
+            let device = fields.nth(4)?;
+            device.rsplit(':').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// The derivation whose log `entry` is, if it was written at or after `since`; `head` is the
+/// name of the two-character directory it is in (empty in the flat layout).
+fn written_since(head: &str, entry: &fs::DirEntry, since: SystemTime) -> Option<StorePath> {
+    let name = entry.file_name();
+    let name = name.to_str()?;
+    let base = format!("{head}{}", name.strip_suffix(".bz2").unwrap_or(name));
+    let drv = format!("{STORE_DIR}/{base}").parse::<StorePath>().ok()?;
+    // Removed since the directory was read, or not a file: not a log.
+    let meta = entry.metadata().ok()?;
+    let modified = meta.modified().ok()?;
+    (drv.is_derivation() && meta.is_file() && modified >= since).then_some(drv)
 }
 
 #[cfg(test)]
@@ -274,6 +328,15 @@ mod tests {
         );
         let e = logs.find(&drv).unwrap().unwrap().read().unwrap_err();
         assert!(e.to_string().contains(&file.display().to_string()), "{e}");
+        assert!(
+            matches!(e, LogError::Corrupt { .. }) && !e.transient(),
+            "{e}"
+        );
+        // A build still running: Nix has not finished the stream.
+        let whole = bz2(&vec![b'y'; 100_000]);
+        fs::write(&file, &whole[..whole.len() / 2]).unwrap();
+        let e = logs.find(&drv).unwrap().unwrap().read().unwrap_err();
+        assert!(matches!(e, LogError::Corrupt { .. }), "{e}");
         fs::remove_file(&file).unwrap();
         let big = vec![b'x'; MAX_LOG_SIZE as usize + 1];
         write(
@@ -285,11 +348,46 @@ mod tests {
         assert!(matches!(e, LogError::TooLarge { .. }), "{e}");
     }
 
+    /// `compress-build-log` changed between builds: both files exist, and `nix log` reads the
+    /// plain one.
+    #[test]
+    fn the_file_nix_reads_is_chosen() {
+        let dir = tempfile::tempdir().unwrap();
+        let drv: StorePath = DRV.parse().unwrap();
+        let logs = BuildLogs::new(dir.path());
+        write(
+            dir.path(),
+            "hc/z0rpyq8sljlg33vz0pl29n35k4d2w3-hello-2.12.drv.bz2",
+            &bz2(b"compressed\n"),
+        );
+        let plain = write(
+            dir.path(),
+            "hc/z0rpyq8sljlg33vz0pl29n35k4d2w3-hello-2.12.drv",
+            b"plain\n",
+        );
+        assert_eq!(logs.find(&drv).unwrap().unwrap().file, plain);
+        let listed = logs.modified_since(SystemTime::UNIX_EPOCH).unwrap().logs;
+        assert_eq!(listed.len(), 1, "one log per derivation: {listed:?}");
+        assert_eq!(listed[0].file, plain);
+    }
+
+    #[test]
+    fn flock_locks_are_read_from_proc_locks() {
+        let text = "1: FLOCK  ADVISORY  WRITE 14091 fe:00:9609852 0 EOF\n\
+                    1: -> FLOCK  ADVISORY  WRITE 14092 fe:00:9609852 0 EOF\n\
+                    2: POSIX  ADVISORY  WRITE 883 00:19:1234 0 EOF\n\
+                    3: FLOCK  ADVISORY  READ 77 08:01:42 0 EOF\n";
+        assert_eq!(flock_inodes(text), [9609852, 9609852, 42]);
+    }
+
     #[test]
     fn lists_the_logs_written_since_a_time() {
         let dir = tempfile::tempdir().unwrap();
         let logs = BuildLogs::new(dir.path());
-        assert_eq!(logs.modified_since(SystemTime::UNIX_EPOCH).unwrap(), []);
+        assert_eq!(
+            logs.modified_since(SystemTime::UNIX_EPOCH).unwrap().logs,
+            []
+        );
         let old = write(
             dir.path(),
             "aa/a0rpyq8sljlg33vz0pl29n35k4d2w3-old.drv.bz2",
@@ -315,7 +413,7 @@ mod tests {
         // Not logs: a name that is no derivation's, and one that is no store path.
         write(dir.path(), "bb/b0rpyq8sljlg33vz0pl29n35k4d2w3-out", b"");
         write(dir.path(), "bb/README", b"");
-        let found = logs.modified_since(then).unwrap();
+        let found = logs.modified_since(then).unwrap().logs;
         let files: Vec<&Path> = found.iter().map(|l| l.file.as_path()).collect();
         assert_eq!(files, [new.as_path(), flat.as_path()]);
         assert_eq!(
@@ -325,6 +423,7 @@ mod tests {
         assert_eq!(
             logs.modified_since(then - Duration::from_secs(2))
                 .unwrap()
+                .logs
                 .len(),
             3
         );

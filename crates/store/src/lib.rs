@@ -16,7 +16,9 @@ mod store;
 pub mod unix;
 
 pub use address::StoreAddress;
-pub use build_log::{BuildLog, BuildLogs, DEFAULT_LOG_DIR, LogError, MAX_LOG_SIZE};
+pub use build_log::{
+    BuildLog, BuildLogs, DEFAULT_LOG_DIR, Listing, LogError, MAX_LOG_SIZE, building,
+};
 pub use gc_roots::GcRoots;
 pub use nixpush_format::PathInfo;
 pub use protocol::Connection;

@@ -21,6 +21,8 @@ const DIR_MODE: u32 = 0o755;
 /// Prefix of the temporary files objects are written through; one left behind is an upload a crash
 /// interrupted.
 const TEMP_PREFIX: &str = ".nixpush-";
+/// The directories of the layout below the top level: NARs and build logs.
+const SUBDIRS: [&str; 2] = ["nar", "log"];
 
 pub(crate) struct FileTarget {
     dir: PathBuf,
@@ -55,26 +57,11 @@ impl FileTarget {
         }
     }
 
+    /// Opens the cache directory for writing, creating it and the layout's directories (in a cache
+    /// an earlier version made, `log/` too) as needed.
     pub async fn create(dir: &Path) -> Result<Self, CacheError> {
-        // Directories created here (the parents too) get DIR_MODE whatever the umask; an existing
-        // one keeps the mode its owner chose (0750 with a web server's group, say).
-        let nar = dir.join("nar");
-        let missing: Vec<&Path> = nar.ancestors().take_while(|d| !d.exists()).collect();
-        for d in missing.into_iter().rev() {
-            std::fs::DirBuilder::new()
-                .mode(DIR_MODE)
-                .create(d)
-                .or_else(|e| {
-                    if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })
-                .and_then(|()| {
-                    std::fs::set_permissions(d, std::fs::Permissions::from_mode(DIR_MODE))
-                })
-                .map_err(err("creating cache directory", d))?;
+        for sub in SUBDIRS {
+            create_dirs(&dir.join(sub))?;
         }
         Ok(FileTarget {
             dir: dir.to_owned(),
@@ -148,12 +135,12 @@ impl FileTarget {
         }
     }
 
-    /// The top level and `nar/`, where the layout puts narinfos and NARs.
+    /// The top level, `nar/` and `log/`, where the layout puts narinfos, NARs and build logs.
     pub async fn list(&self) -> Result<Vec<ObjectEntry>, CacheError> {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            for sub in ["", "nar"] {
+            for sub in std::iter::once("").chain(SUBDIRS) {
                 for (name, meta) in entries(&dir.join(sub))? {
                     if meta.is_file() && !name.starts_with(TEMP_PREFIX) {
                         let key = if sub.is_empty() {
@@ -178,7 +165,7 @@ impl FileTarget {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            for sub in ["", "nar"] {
+            for sub in std::iter::once("").chain(SUBDIRS) {
                 for (name, _) in entries(&dir.join(sub))? {
                     if name.starts_with(TEMP_PREFIX) {
                         let key = if sub.is_empty() {
@@ -239,6 +226,27 @@ impl FileTarget {
         })
         .await
     }
+}
+
+/// Creates `sub` and its missing parents. Directories created here get DIR_MODE whatever the umask;
+/// an existing one keeps the mode its owner chose (0750 with a web server's group, say).
+fn create_dirs(sub: &Path) -> Result<(), CacheError> {
+    let missing: Vec<&Path> = sub.ancestors().take_while(|d| !d.exists()).collect();
+    for d in missing.into_iter().rev() {
+        std::fs::DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(d)
+            .or_else(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(DIR_MODE)))
+            .map_err(err("creating cache directory", d))?;
+    }
+    Ok(())
 }
 
 /// Writes through a uniquely named temporary file beside `dest` (two paths with identical NARs

@@ -29,6 +29,9 @@ pub struct Flow {
     pub daemon_log: PathBuf,
     /// GC roots of queued items, where Nix's collector looks (removed with the test).
     pub roots: tempfile::TempDir,
+    /// The nix-daemon's build logs (`NIX_LOG_DIR`), read by the nixpush commands: this test's
+    /// builds only.
+    pub build_logs: PathBuf,
 }
 
 pub fn hook_bin() -> PathBuf {
@@ -86,9 +89,13 @@ impl Flow {
             ),
         )
         .unwrap();
+        let build_logs = dir.path().join("nix-logs");
         let nix = NixDaemon::start_with(DaemonOptions {
             post_build_hook: hook.then(hook_bin),
-            env: vec![("NIXPUSH_CONFIG".into(), config.display().to_string())],
+            env: vec![
+                ("NIXPUSH_CONFIG".into(), config.display().to_string()),
+                ("NIX_LOG_DIR".into(), build_logs.display().to_string()),
+            ],
             ..Default::default()
         });
         Flow {
@@ -102,6 +109,7 @@ impl Flow {
             socket,
             daemon: None,
             roots,
+            build_logs,
         }
     }
 
@@ -197,6 +205,7 @@ impl Flow {
     pub fn nixpush(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_nixpush"));
         c.env("NIXPUSH_CONFIG", &self.config)
+            .env("NIX_LOG_DIR", &self.build_logs)
             .envs(self.s3.credentials_env());
         c
     }
@@ -219,6 +228,7 @@ impl Flow {
             command = Command::new("/bin/sh");
             command
                 .env("NIXPUSH_CONFIG", &self.config)
+                .env("NIX_LOG_DIR", &self.build_logs)
                 .envs(self.s3.credentials_env())
                 .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\""])
                 .arg(program);
