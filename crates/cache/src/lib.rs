@@ -13,6 +13,7 @@
 
 mod cache;
 mod error;
+pub mod fence;
 mod publisher;
 mod source;
 mod spool;
