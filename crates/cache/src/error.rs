@@ -112,6 +112,15 @@ pub enum CacheError {
         "the cache's nix-cache-info says StoreDir {found:?}, but nixpush writes for {expected:?}"
     )]
     StoreDirMismatch { found: String, expected: String },
+    #[error("the cache directory {} does not exist", dir.display())]
+    NoCacheDirectory { dir: PathBuf },
+    #[error("{key} in the cache is not what nixpush wrote there: {message}")]
+    BadRecord { key: String, message: String },
+    #[error(
+        "a collection (`nixpush gc`, run {run}) is deleting from the cache; waited {waited_s} s for it \
+         to end"
+    )]
+    CollectionDeleting { run: String, waited_s: u64 },
 }
 
 /// "outer: inner: innermost", the way errors are shown everywhere in nixpush.

@@ -3,8 +3,52 @@
 //! compares two observations to learn whether a collection may have deleted something between
 //! them, so that it knows when what it found present, or uploaded, can no longer be trusted.
 
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the collector keeps its state.
+pub const STATE_KEY: &str = "nixpush/gc/state.json";
+/// A collector rewrites its state at least this often while it deletes, and stops deleting when it
+/// could not for this long: a state older than this (and [`CLOCK_SKEW`]) is a collector's that died.
+pub const LEASE: Duration = Duration::from_secs(300);
+/// How far the clocks of a pusher and the server may differ: S3 refuses requests signed further
+/// apart than this.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(900);
+
+/// The state object's contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcState {
+    pub seq: u64,
+    pub phase: Phase,
+    /// The collection's id, for messages and its report.
+    pub run: String,
+    /// Where it runs.
+    pub host: String,
+}
+
+impl GcState {
+    /// What a pusher makes of this state, written at `modified` (the server's clock), at `now`. A
+    /// collection whose state is older than its lease has stopped deleting: it counts as ended.
+    pub fn observation(&self, modified: Option<SystemTime>, now: SystemTime) -> Observation {
+        let expired = modified.is_some_and(|m| m + LEASE + CLOCK_SKEW < now);
+        if self.phase != Phase::Idle && expired {
+            Observation {
+                seq: self.seq + 1,
+                phase: Phase::Idle,
+            }
+        } else {
+            Observation {
+                seq: self.seq,
+                phase: self.phase,
+            }
+        }
+    }
+}
+
 /// A collection's phase: `Deleting` is the only one in which objects go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Phase {
     Idle,
     Marking,
@@ -48,6 +92,27 @@ mod tests {
 
     fn at(seq: u64, phase: Phase) -> Observation {
         Observation { seq, phase }
+    }
+
+    #[test]
+    fn a_collector_silent_past_its_lease_counts_as_ended() {
+        let state = GcState {
+            seq: 7,
+            phase: Phase::Deleting,
+            run: "r".into(),
+            host: "h".into(),
+        };
+        let now = SystemTime::now();
+        assert_eq!(
+            state.observation(Some(now - LEASE), now),
+            at(7, Phase::Deleting)
+        );
+        let ended = state.observation(Some(now - LEASE - CLOCK_SKEW - LEASE), now);
+        assert_eq!(ended, at(8, Phase::Idle));
+        assert!(ended.deleted_since(&at(6, Phase::Marking)));
+        let json = serde_json::to_string(&state).unwrap();
+        assert!(json.contains(r#""phase":"deleting""#), "{json}");
+        assert_eq!(serde_json::from_str::<GcState>(&json).unwrap(), state);
     }
 
     #[test]

@@ -14,7 +14,9 @@
 mod cache;
 mod error;
 pub mod fence;
+mod objects;
 mod publisher;
+pub mod session;
 mod source;
 mod spool;
 mod target;
@@ -23,10 +25,11 @@ mod verify;
 
 pub use cache::{Cache, CacheReader};
 pub use error::{CacheError, error_chain};
+pub use objects::Objects;
 pub use publisher::{Event, Publisher, PushOptions, PushSummary};
 pub use source::{NarSource, SourceError};
 pub use spool::{CompressOptions, MEMORY_SPOOL, Spool, SpooledNar, spool_nar};
-pub use target::RequestObserver;
+pub use target::{Expect, ObjectEntry, RequestObserver};
 pub use url::{AddressingStyle, Location, StoreUrl, UrlError};
 pub use verify::{
     Finding, Problem, Scope, Subject, Upstream, Verifier, VerifyEvent, VerifySummary,

@@ -26,11 +26,24 @@ pub(crate) enum Target {
 /// ended (`2xx` to `5xx` by status class, or `error` when no answer came: a timeout, a reset).
 pub type RequestObserver = std::sync::Arc<dyn Fn(&str, &str) + Send + Sync>;
 
-/// An object in a listing: its key and size in bytes.
+/// An object in a listing: its key, size in bytes, when it was last written (by the server's
+/// clock, to the second on S3) and its entity tag (on S3 the server's; for a file, size and
+/// modification time), which changes when the object is written anew.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectEntry {
     pub key: String,
     pub size: u64,
+    pub modified: Option<std::time::SystemTime>,
+    pub etag: Option<String>,
+}
+
+/// The condition of a conditional write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// Only if no object has the key (`If-None-Match: *`).
+    Absent,
+    /// Only if the object is still the one with this entity tag (`If-Match`).
+    Etag(String),
 }
 
 /// An upload that was started and never completed or aborted.
@@ -113,6 +126,65 @@ impl Target {
             Target::S3(t) => t.read(key).await,
             Target::File(t) => t.read(key).await,
             Target::Http(t) => t.read(key).await,
+        }
+    }
+
+    /// The objects whose keys start with `prefix`; `shallow`: not those below a further `/`.
+    pub async fn list_prefix(
+        &self,
+        prefix: &str,
+        shallow: bool,
+    ) -> Result<Vec<ObjectEntry>, CacheError> {
+        match self {
+            Target::S3(t) => t.list_prefix(prefix, shallow).await,
+            Target::File(t) => t.list_prefix(prefix, shallow).await,
+            Target::Http(t) => Err(CacheError::NotListable {
+                url: t.base().to_owned(),
+            }),
+        }
+    }
+
+    /// An object's listing entry, or `None` if it does not exist.
+    pub async fn head(&self, key: &str) -> Result<Option<ObjectEntry>, CacheError> {
+        match self {
+            Target::S3(t) => t.head(key).await,
+            Target::File(t) => t.head(key).await,
+            Target::Http(t) => Ok(t.size(key).await?.map(|size| ObjectEntry {
+                key: key.to_owned(),
+                size,
+                modified: None,
+                etag: None,
+            })),
+        }
+    }
+
+    /// Deletes an object; one already gone is no error.
+    pub async fn delete(&self, key: &str) -> Result<(), CacheError> {
+        match self {
+            Target::S3(t) => t.delete(key).await,
+            Target::File(t) => t.delete(key).await,
+            Target::Http(t) => Err(CacheError::ReadOnly {
+                url: t.base().to_owned(),
+            }),
+        }
+    }
+
+    /// Writes an object only if `expect` holds, atomically with the check where the server
+    /// supports conditional writes (some ignore the condition: see `nixpush gc`). Returns whether
+    /// it was written.
+    pub async fn put_if(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        expect: &Expect,
+    ) -> Result<bool, CacheError> {
+        match self {
+            Target::S3(t) => t.put_if(key, body, content_type, expect).await,
+            Target::File(t) => t.put_if(key, body, expect).await,
+            Target::Http(t) => Err(CacheError::ReadOnly {
+                url: t.base().to_owned(),
+            }),
         }
     }
 

@@ -9,7 +9,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use nixpush_format::Sha256;
 use nixpush_format::hash::HashingWriter;
 
-use super::{IncompleteUpload, ObjectEntry, ObjectReader};
+use super::{Expect, IncompleteUpload, ObjectEntry, ObjectReader};
 use crate::CacheError;
 
 /// Objects and directories are readable by everyone: whoever serves the directory (nginx, a
@@ -148,10 +148,7 @@ impl FileTarget {
                         } else {
                             format!("{sub}/{name}")
                         };
-                        out.push(ObjectEntry {
-                            key,
-                            size: meta.len(),
-                        });
+                        out.push(entry_of(key, &meta));
                     }
                 }
             }
@@ -189,7 +186,127 @@ impl FileTarget {
     pub async fn put_bytes(&self, key: &str, body: &[u8]) -> Result<(), CacheError> {
         let dest = self.path(key)?;
         let body = body.to_vec();
-        run_blocking(move || write_atomically(&dest, |f| f.write_all(&body), |_| Ok(()))).await
+        run_blocking(move || {
+            if let Some(parent) = dest.parent() {
+                create_dirs(parent)?;
+            }
+            write_atomically(&dest, |f| f.write_all(&body), |_| Ok(()))
+        })
+        .await
+    }
+
+    pub async fn head(&self, key: &str) -> Result<Option<ObjectEntry>, CacheError> {
+        let p = self.path(key)?;
+        match tokio::fs::metadata(&p).await {
+            Ok(m) => Ok(Some(entry_of(key.to_owned(), &m))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(err("checking", &p)(e)),
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), CacheError> {
+        let p = self.path(key)?;
+        tokio::task::spawn_blocking(move || {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(err("deleting", &p)(e)),
+            }
+            let dir = p.parent().unwrap_or(Path::new("/"));
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(err("syncing", dir))
+        })
+        .await
+        .expect("deleting panicked")
+    }
+
+    /// The check and the write happen under an exclusive lock on a file in the cache, which every
+    /// conditional write to this cache takes: as atomic as S3's, for writers on this machine (and
+    /// on a network filesystem whose locks work).
+    pub async fn put_if(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        expect: &Expect,
+    ) -> Result<bool, CacheError> {
+        let dest = self.path(key)?;
+        let lock = self.dir.join("nixpush").join("conditional-writes.lock");
+        let (key, expect) = (key.to_owned(), expect.clone());
+        tokio::task::spawn_blocking(move || {
+            create_dirs(lock.parent().expect("has a parent"))?;
+            let held = std::fs::File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock)
+                .and_then(|f| f.lock().map(|()| f))
+                .map_err(err("locking", &lock))?;
+            let current = match std::fs::metadata(&dest) {
+                Ok(m) => Some(entry_of(key, &m)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(err("checking", &dest)(e)),
+            };
+            let holds = match (&expect, current) {
+                (Expect::Absent, current) => current.is_none(),
+                (Expect::Etag(etag), Some(current)) => current.etag.as_ref() == Some(etag),
+                (Expect::Etag(_), None) => false,
+            };
+            if holds {
+                if let Some(parent) = dest.parent() {
+                    create_dirs(parent)?;
+                }
+                write_atomically(&dest, |f| f.write_all(&body), |_| Ok(()))?;
+            }
+            drop(held);
+            Ok(holds)
+        })
+        .await
+        .expect("conditional write panicked")
+    }
+
+    /// The objects below the directory part of `prefix` whose keys start with it; `shallow`: in
+    /// that directory only.
+    pub async fn list_prefix(
+        &self,
+        prefix: &str,
+        shallow: bool,
+    ) -> Result<Vec<ObjectEntry>, CacheError> {
+        let (dir_part, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+        let start = if dir_part.is_empty() {
+            self.dir.clone()
+        } else {
+            self.path(dir_part)?
+        };
+        let (root, prefix) = (self.dir.clone(), prefix.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let mut todo = vec![start];
+            while let Some(dir) = todo.pop() {
+                for (name, meta) in entries(&dir)? {
+                    if name.starts_with(TEMP_PREFIX) {
+                        continue;
+                    }
+                    let path = dir.join(&name);
+                    let key = path
+                        .strip_prefix(&root)
+                        .expect("below the cache")
+                        .to_string_lossy()
+                        .into_owned();
+                    if meta.is_dir() {
+                        if !shallow && (key.starts_with(&prefix) || prefix.starts_with(&key)) {
+                            todo.push(path);
+                        }
+                    } else if meta.is_file() && key.starts_with(&prefix) {
+                        out.push(entry_of(key, &meta));
+                    }
+                }
+            }
+            out.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(out)
+        })
+        .await
+        .expect("directory listing panicked")
     }
 
     /// Copies the spool file `src`, hashing what is copied: a file that no longer holds the `len`
@@ -278,6 +395,24 @@ fn write_atomically<T>(
         .and_then(|d| d.sync_all())
         .map_err(err("syncing", dir))?;
     Ok(())
+}
+
+/// A file's listing entry. Its entity tag is its size and modification time: it changes whenever
+/// the file is written anew (each write is a new file renamed into place).
+fn entry_of(key: String, meta: &std::fs::Metadata) -> ObjectEntry {
+    use std::os::unix::fs::MetadataExt;
+    ObjectEntry {
+        key,
+        size: meta.len(),
+        modified: meta.modified().ok(),
+        etag: Some(format!(
+            "{}-{}.{}-{}",
+            meta.len(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ino()
+        )),
+    }
 }
 
 /// The entries of `dir` with their metadata (not following symlinks); a missing `dir` has none.

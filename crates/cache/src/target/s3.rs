@@ -24,7 +24,7 @@ use aws_smithy_types::config_bag::ConfigBag;
 use nixpush_format::Sha256;
 
 use super::{
-    ChunkReader, IncompleteUpload, ObjectEntry, ObjectReader, PieceDigest, RequestObserver,
+    ChunkReader, Expect, IncompleteUpload, ObjectEntry, ObjectReader, PieceDigest, RequestObserver,
     content_md5, spool_digests,
 };
 use crate::url::AddressingStyle;
@@ -270,6 +270,10 @@ impl S3Target {
     }
 
     pub async fn size(&self, key: &str) -> Result<Option<u64>, CacheError> {
+        Ok(self.head(key).await?.map(|e| e.size))
+    }
+
+    pub async fn head(&self, key: &str) -> Result<Option<ObjectEntry>, CacheError> {
         match self
             .client
             .head_object()
@@ -278,9 +282,55 @@ impl S3Target {
             .send()
             .await
         {
-            Ok(out) => Ok(Some(out.content_length().unwrap_or_default().max(0) as u64)),
+            Ok(out) => Ok(Some(ObjectEntry {
+                key: key.to_owned(),
+                size: out.content_length().unwrap_or_default().max(0) as u64,
+                modified: out.last_modified().and_then(|t| (*t).try_into().ok()),
+                etag: out.e_tag().map(str::to_owned),
+            })),
             Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
             Err(e) => Err(self.classify(e, "HEAD", key)),
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), CacheError> {
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(()),
+            Err(e) => Err(self.classify(e, "DELETE", key)),
+        }
+    }
+
+    pub async fn put_if(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        expect: &Expect,
+    ) -> Result<bool, CacheError> {
+        let request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .content_md5(content_md5(&body))
+            .body(ByteStream::from(body));
+        let request = match expect {
+            Expect::Absent => request.if_none_match("*"),
+            Expect::Etag(etag) => request.if_match(etag),
+        };
+        match request.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => Ok(false),
+            Err(e) => Err(self.classify(e, "PUT", key)),
         }
     }
 
@@ -346,11 +396,21 @@ impl S3Target {
     }
 
     pub async fn list(&self) -> Result<Vec<ObjectEntry>, CacheError> {
+        self.list_prefix("", false).await
+    }
+
+    pub async fn list_prefix(
+        &self,
+        prefix: &str,
+        shallow: bool,
+    ) -> Result<Vec<ObjectEntry>, CacheError> {
         let mut out = Vec::new();
         let mut pages = self
             .client
             .list_objects_v2()
             .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_delimiter(shallow.then(|| "/".to_owned()))
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
@@ -360,6 +420,8 @@ impl S3Target {
                     out.push(ObjectEntry {
                         key: key.to_owned(),
                         size: o.size().unwrap_or_default().max(0) as u64,
+                        modified: o.last_modified().and_then(|t| (*t).try_into().ok()),
+                        etag: o.e_tag().map(str::to_owned),
                     });
                 }
             }

@@ -1,0 +1,64 @@
+//! The cache's objects as such, for what manages a cache rather than publishes to it (`nixpush
+//! gc`, pins): listings with times and entity tags, reads, conditional writes and deletions.
+
+use std::sync::Arc;
+
+use crate::target::{Expect, ObjectEntry, Target};
+use crate::{CacheError, StoreUrl};
+
+#[derive(Clone)]
+pub struct Objects {
+    target: Arc<Target>,
+}
+
+impl Objects {
+    /// Opens a cache to manage (for S3: resolves credentials and checks the bucket). A directory
+    /// must exist already: managing one that does not is a typo.
+    pub async fn open(url: &StoreUrl) -> Result<Self, CacheError> {
+        if let crate::Location::File { dir } = &url.location
+            && !dir.is_dir()
+        {
+            return Err(CacheError::NoCacheDirectory { dir: dir.clone() });
+        }
+        Ok(Objects {
+            target: Arc::new(Target::open(url, None, None).await?),
+        })
+    }
+
+    /// The objects whose keys start with `prefix`; `shallow`: not those below a further `/`.
+    pub async fn list(&self, prefix: &str, shallow: bool) -> Result<Vec<ObjectEntry>, CacheError> {
+        self.target.list_prefix(prefix, shallow).await
+    }
+
+    pub async fn head(&self, key: &str) -> Result<Option<ObjectEntry>, CacheError> {
+        self.target.head(key).await
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        self.target.get(key).await
+    }
+
+    pub async fn put(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(), CacheError> {
+        self.target.put_bytes(key, body, content_type).await
+    }
+
+    /// Writes only if `expect` holds; returns whether it wrote.
+    pub async fn put_if(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        expect: &Expect,
+    ) -> Result<bool, CacheError> {
+        self.target.put_if(key, body, content_type, expect).await
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), CacheError> {
+        self.target.delete(key).await
+    }
+}
