@@ -12,6 +12,9 @@ pub const STATE_KEY: &str = "nixpush/gc/state.json";
 /// A collector rewrites its state at least this often while it deletes, and stops deleting when it
 /// could not for this long: a state older than this (and [`CLOCK_SKEW`]) is a collector's that died.
 pub const LEASE: Duration = Duration::from_secs(300);
+/// A pusher puts a narinfo up within this of uploading its NAR (else it uploads the NAR again);
+/// the collector keeps NARs younger than this (and [`CLOCK_SKEW`]) whoever needs them.
+pub const NAR_WINDOW: Duration = Duration::from_secs(3600);
 /// How far the clocks of a pusher and the server may differ: S3 refuses requests signed further
 /// apart than this.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(900);

@@ -6,6 +6,7 @@ mod config;
 mod daemon;
 mod enqueue;
 pub mod exit;
+mod gc;
 mod generate;
 pub mod hook;
 mod keygen;
@@ -48,6 +49,10 @@ enum Command {
     Wait(wait::WaitArgs),
     Enqueue(enqueue::EnqueueArgs),
     Mark(wait::MarkArgs),
+    Gc(gc::GcArgs),
+    Pin(gc::PinArgs),
+    Unpin(gc::UnpinArgs),
+    Pins(gc::PinsArgs),
     #[command(hide = true)]
     Generate(generate::Args),
 }
@@ -92,6 +97,10 @@ pub fn main() -> ExitCode {
         Command::Wait(args) => wait::wait(args),
         Command::Enqueue(args) => enqueue::enqueue(args),
         Command::Mark(args) => wait::mark(args),
+        Command::Gc(args) => gc::gc(args),
+        Command::Pin(args) => gc::pin(args),
+        Command::Unpin(args) => gc::unpin(args),
+        Command::Pins(args) => gc::list(args),
         Command::Generate(args) => generate::run(args),
     };
     exit::report(result)

@@ -12,4 +12,44 @@
 //! The protocol between the collector and concurrent pushers, and why it leaves no hole, is in
 //! README.md ("Retention"); `tests/model.rs` explores its interleavings.
 
+pub mod collect;
+pub mod pins;
 pub mod plan;
+
+use nixpush_cache::CacheError;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum RetentionError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(
+        "a collection is already under way (run {run} on {host}, {phase}); if it died, its lease \
+         runs out within 20 minutes and the next run takes over"
+    )]
+    Busy {
+        run: String,
+        host: String,
+        phase: String,
+    },
+    #[error("another collection wrote the collector's state meanwhile; nothing more was deleted")]
+    Raced,
+    #[error(
+        "the server ignores conditional writes (Garage does), so two collections could run at \
+         once: run a single scheduled collector and pass --single-runner"
+    )]
+    NoConditionalWrites,
+    #[error(
+        "the plan deletes {dead} of {of} narinfos, more than --max-delete {max} allows; nothing was \
+         deleted (a missing pin or session prefix looks like this)"
+    )]
+    TooMuch { dead: usize, of: usize, max: String },
+    #[error("the collector could not renew its lease in time; it stopped deleting")]
+    LeaseLost,
+    #[error("{0} is not in the cache: a pin of it would keep nothing")]
+    NotInCache(String),
+    #[error("{0:?} is not a pin name: use letters, digits, '-', '_' and '.', not first, up to 200")]
+    BadPinName(String),
+    #[error("a task of the collection panicked: {0}")]
+    Panicked(String),
+}

@@ -31,15 +31,21 @@ pub fn live<'a>(
     live
 }
 
-/// `dead` in an order that deletes each narinfo before any it references, so that after every
-/// deletion what remains of a set closed under references is still closed: a reader never finds a
-/// narinfo whose reference is gone. (References among dead narinfos only; cycles cannot occur in a
-/// store, and would be broken arbitrarily.)
-pub fn deletion_order(dead: &BTreeSet<String>, narinfos: &BTreeMap<String, Node>) -> Vec<String> {
-    // Kahn's algorithm on the dead subgraph, with in-degree = referrers not yet deleted.
+/// `dead` in layers: each narinfo is in a layer before any it references, so that deleting the
+/// layers one after the other (each one's members in any order, at once) never leaves a narinfo
+/// whose reference is gone, as long as what remains was closed under references to begin with.
+/// (References among dead narinfos only; a store has no cycles, and one here is broken at its
+/// smallest member.)
+pub fn deletion_layers(
+    dead: &BTreeSet<String>,
+    narinfos: &BTreeMap<String, Node>,
+) -> Vec<Vec<String>> {
+    // Kahn's algorithm on the dead subgraph: a narinfo is ready once no dead narinfo left refers
+    // to it.
+    let refs = |h: &str| narinfos.get(h).map_or(&[][..], |n| &n.references[..]);
     let mut referrers: BTreeMap<&str, usize> = dead.iter().map(|h| (h.as_str(), 0)).collect();
     for hash in dead {
-        for r in narinfos.get(hash).map_or(&[][..], |n| &n.references[..]) {
+        for r in refs(hash) {
             if r != hash
                 && let Some(n) = referrers.get_mut(r.as_str())
             {
@@ -47,34 +53,34 @@ pub fn deletion_order(dead: &BTreeSet<String>, narinfos: &BTreeMap<String, Node>
             }
         }
     }
-    let mut ready: BTreeSet<&str> = referrers
-        .iter()
-        .filter(|(_, n)| **n == 0)
-        .map(|(h, _)| *h)
-        .collect();
-    let mut order = Vec::with_capacity(dead.len());
-    while order.len() < dead.len() {
-        let next = match ready.pop_first() {
-            Some(h) => h,
-            // A cycle: break it at its smallest member.
-            None => *referrers
-                .iter()
-                .find(|(h, _)| !order.iter().any(|o: &String| o == *h))
-                .map(|(h, _)| h)
-                .expect("a member is left"),
-        };
-        referrers.remove(next);
-        order.push(next.to_owned());
-        for r in narinfos.get(next).map_or(&[][..], |n| &n.references[..]) {
-            if let Some(n) = referrers.get_mut(r.as_str()) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    ready.insert(r.as_str());
+    let mut layers = Vec::new();
+    while !referrers.is_empty() {
+        let mut layer: Vec<&str> = referrers
+            .iter()
+            .filter(|(_, n)| **n == 0)
+            .map(|(h, _)| *h)
+            .collect();
+        if layer.is_empty() {
+            layer.push(referrers.keys().next().expect("not empty"));
+        }
+        for h in &layer {
+            referrers.remove(h);
+        }
+        for h in &layer {
+            for r in refs(h) {
+                if let Some(n) = referrers.get_mut(r.as_str()) {
+                    *n = n.saturating_sub(1);
                 }
             }
         }
+        layers.push(layer.into_iter().map(str::to_owned).collect());
     }
-    order
+    layers
+}
+
+/// [`deletion_layers`], one after the other.
+pub fn deletion_order(dead: &BTreeSet<String>, narinfos: &BTreeMap<String, Node>) -> Vec<String> {
+    deletion_layers(dead, narinfos).concat()
 }
 
 /// The NARs among `nars` that nothing needs: no surviving narinfo points to them, and `protected`
@@ -187,6 +193,19 @@ mod tests {
                 prop_assert!(closed(&present, &g), "after deleting {}", h);
             }
             prop_assert_eq!(present, live);
+        }
+
+        /// Within a layer, no member references another: deleting them at once, in any order,
+        /// keeps the cache closed.
+        #[test]
+        fn no_member_of_a_layer_references_another(g in dag()) {
+            let dead: BTreeSet<String> = g.keys().cloned().collect();
+            for layer in deletion_layers(&dead, &g) {
+                let members: BTreeSet<&String> = layer.iter().collect();
+                for h in &layer {
+                    prop_assert!(g[h].references.iter().all(|r| !members.contains(r)));
+                }
+            }
         }
     }
 }

@@ -297,7 +297,10 @@ impl FileTarget {
                         if !shallow && (key.starts_with(&prefix) || prefix.starts_with(&key)) {
                             todo.push(path);
                         }
-                    } else if meta.is_file() && key.starts_with(&prefix) {
+                    } else if (meta.is_file() || meta.file_type().is_symlink())
+                        && key.starts_with(&prefix)
+                    {
+                        // A link is listed, and refused when read if it leads out of the cache.
                         out.push(entry_of(key, &meta));
                     }
                 }
