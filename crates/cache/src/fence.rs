@@ -3,9 +3,13 @@
 //! compares two observations to learn whether a collection may have deleted something between
 //! them, so that it knows when what it found present, or uploaded, can no longer be trusted.
 
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
+
+use crate::CacheError;
+use crate::target::Target;
 
 /// Where the collector keeps its state.
 pub const STATE_KEY: &str = "nixpush/gc/state.json";
@@ -18,6 +22,12 @@ pub const NAR_WINDOW: Duration = Duration::from_secs(3600);
 /// How far the clocks of a pusher and the server may differ: S3 refuses requests signed further
 /// apart than this.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(900);
+
+/// How long a pusher waits for a collection's deletions to end before its push fails (to be tried
+/// again).
+pub const WAIT_FOR_DELETIONS: Duration = Duration::from_secs(600);
+/// How often it looks while it waits.
+const POLL_WHILE_DELETING: Duration = Duration::from_secs(1);
 
 /// The state object's contents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +56,65 @@ impl GcState {
                 phase: self.phase,
             }
         }
+    }
+}
+
+/// The collector's state as one publisher follows it. A look is a GET of the state object; looks
+/// that need one begun after the same moment share it.
+pub(crate) struct Watch {
+    target: Arc<Target>,
+    /// The last look: when it began, what it saw, and the run it saw.
+    last: tokio::sync::Mutex<Option<(Instant, Observation, String)>>,
+}
+
+impl Watch {
+    pub(crate) fn new(target: Arc<Target>) -> Self {
+        Watch {
+            target,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The state as a look begun after `after` saw it, once it is not Deleting: while a collection
+    /// deletes, this waits (up to [`WAIT_FOR_DELETIONS`]) and looks again.
+    pub(crate) async fn look_after(&self, mut after: Instant) -> Result<Observation, CacheError> {
+        let started = Instant::now();
+        loop {
+            let (seen, run) = {
+                let mut last = self.last.lock().await;
+                match &*last {
+                    Some((at, seen, run)) if *at >= after => (*seen, run.clone()),
+                    _ => {
+                        let at = Instant::now();
+                        let (seen, run) = self.read().await?;
+                        *last = Some((at, seen, run.clone()));
+                        (seen, run)
+                    }
+                }
+            };
+            if seen.phase != Phase::Deleting {
+                return Ok(seen);
+            }
+            if started.elapsed() >= WAIT_FOR_DELETIONS {
+                return Err(CacheError::CollectionDeleting {
+                    run,
+                    waited_s: started.elapsed().as_secs(),
+                });
+            }
+            tokio::time::sleep(POLL_WHILE_DELETING).await;
+            after = Instant::now();
+        }
+    }
+
+    async fn read(&self) -> Result<(Observation, String), CacheError> {
+        let Some((body, modified)) = self.target.get_dated(STATE_KEY).await? else {
+            return Ok((Observation::NEVER, String::new()));
+        };
+        let state: GcState = serde_json::from_slice(&body).map_err(|e| CacheError::BadRecord {
+            key: STATE_KEY.to_owned(),
+            message: e.to_string(),
+        })?;
+        Ok((state.observation(modified, SystemTime::now()), state.run))
     }
 }
 

@@ -29,7 +29,7 @@ pub use objects::Objects;
 pub use publisher::{Event, Publisher, PushOptions, PushSummary};
 pub use source::{NarSource, SourceError};
 pub use spool::{CompressOptions, MEMORY_SPOOL, Spool, SpooledNar, spool_nar};
-pub use target::{Expect, ObjectEntry, RequestObserver};
+pub use target::{Conditional, Expect, ObjectEntry, RequestObserver};
 pub use url::{AddressingStyle, Location, StoreUrl, UrlError};
 pub use verify::{
     Finding, Problem, Scope, Subject, Upstream, Verifier, VerifyEvent, VerifySummary,

@@ -3,12 +3,14 @@
 
 use std::sync::Arc;
 
-use crate::target::{Expect, ObjectEntry, Target};
+use crate::fence::{Observation, Watch};
+use crate::target::{Conditional, Expect, ObjectEntry, Target};
 use crate::{CacheError, StoreUrl};
 
 #[derive(Clone)]
 pub struct Objects {
     target: Arc<Target>,
+    watch: Arc<Watch>,
 }
 
 impl Objects {
@@ -20,9 +22,25 @@ impl Objects {
         {
             return Err(CacheError::NoCacheDirectory { dir: dir.clone() });
         }
-        Ok(Objects {
-            target: Arc::new(Target::open(url, None, None).await?),
-        })
+        Ok(Self::of(Target::open(url, None, None).await?))
+    }
+
+    /// Opens a cache to read, changing nothing (a directory's layout is not created).
+    pub async fn open_read(url: &StoreUrl) -> Result<Self, CacheError> {
+        Ok(Self::of(Target::open_read(url).await?))
+    }
+
+    fn of(target: Target) -> Self {
+        let target = Arc::new(target);
+        Objects {
+            watch: Arc::new(Watch::new(target.clone())),
+            target,
+        }
+    }
+
+    /// The collector's state, once no collection is deleting (waiting while one is).
+    pub async fn look(&self) -> Result<Observation, CacheError> {
+        self.watch.look_after(std::time::Instant::now()).await
     }
 
     /// The objects whose keys start with `prefix`; `shallow`: not those below a further `/`.
@@ -47,14 +65,14 @@ impl Objects {
         self.target.put_bytes(key, body, content_type).await
     }
 
-    /// Writes only if `expect` holds; returns whether it wrote.
+    /// Writes only if `expect` holds.
     pub async fn put_if(
         &self,
         key: &str,
         body: Vec<u8>,
         content_type: &str,
         expect: &Expect,
-    ) -> Result<bool, CacheError> {
+    ) -> Result<Conditional, CacheError> {
         self.target.put_if(key, body, content_type, expect).await
     }
 

@@ -5,6 +5,13 @@
 //! path that several want is probed and uploaded by one of them while the others wait for its
 //! result, and paths known to be in the cache are remembered (up to a bound), so dependencies that
 //! every build shares are not asked about again.
+//!
+//! Each push keeps the retention protocol's side (README.md, "Retention"): it writes its session
+//! (the paths it publishes or relies on) and looks at the collector's state before it probes; it
+//! records a large NAR it finds present in the session, and looks again, before relying on it; and
+//! it looks after uploading each NAR and before the narinfo that points to it, uploading the NAR
+//! again if a collection may have deleted it meanwhile (or if the narinfo would go up more than
+//! half of [`NAR_WINDOW`] after it).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -21,6 +28,8 @@ use tokio::task::JoinSet;
 use crate::CacheError;
 use crate::cache::ThreadBudget;
 use crate::error_chain;
+use crate::fence::{NAR_WINDOW, Observation, Watch};
+use crate::session::{Session, local_host};
 use crate::source::NarSource;
 use crate::spool::{CompressOptions, PARALLEL_MIN_NAR, Spool, spool_nar};
 use crate::target::Target;
@@ -124,6 +133,70 @@ struct Shared {
     probes: Semaphore,
     threads: Arc<ThreadBudget>,
     paths: Mutex<Paths>,
+    /// The collector's state, as this publisher follows it.
+    watch: Watch,
+    /// The look under which what `paths.known` holds was last confirmed.
+    memory_checked: Mutex<Observation>,
+    host: String,
+}
+
+/// How often a push writes its session again while it runs.
+const SESSION_REFRESH: Duration = Duration::from_secs(15 * 60);
+
+/// Stops a push's session refresh when the push ends.
+struct Refresh(tokio::task::JoinHandle<()>);
+
+impl Drop for Refresh {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One push's session record, written before the push relies on anything and rewritten when it
+/// relies on a NAR it found present.
+struct SessionRecord {
+    key: String,
+    session: tokio::sync::Mutex<Session>,
+}
+
+impl SessionRecord {
+    fn new(host: &str, closure: &[PathInfo], skipped: &[StorePath]) -> Self {
+        let mut paths: Vec<String> = closure
+            .iter()
+            .flat_map(|i| std::iter::once(&i.path).chain(&i.references))
+            .chain(skipped)
+            .map(|p| p.hash_part().to_owned())
+            .collect();
+        paths.sort();
+        paths.dedup();
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        SessionRecord {
+            key: Session::key(host, started, getrandom::u64().unwrap_or_default()),
+            session: tokio::sync::Mutex::new(Session {
+                host: host.to_owned(),
+                paths,
+                nars: Vec::new(),
+            }),
+        }
+    }
+
+    async fn write(&self, target: &Target) -> Result<(), CacheError> {
+        let session = self.session.lock().await;
+        let body = serde_json::to_vec(&*session).expect("a session serializes");
+        target.put_bytes(&self.key, body, "application/json").await
+    }
+
+    /// Adds a NAR relied on, and writes the record again (one writer at a time).
+    async fn add_nar(&self, target: &Target, nar: &str) -> Result<(), CacheError> {
+        let mut session = self.session.lock().await;
+        if !session.nars.iter().any(|n| n == nar) {
+            session.nars.push(nar.to_owned());
+        }
+        let body = serde_json::to_vec(&*session).expect("a session serializes");
+        target.put_bytes(&self.key, body, "application/json").await
+    }
 }
 
 struct Paths {
@@ -180,7 +253,6 @@ impl Publisher {
     ) -> Self {
         Publisher {
             shared: Arc::new(Shared {
-                target,
                 source,
                 compress,
                 keys: opts.keys.clone(),
@@ -195,6 +267,10 @@ impl Publisher {
                     in_hand: HashMap::new(),
                     known: Remembered::new(REMEMBERED, REMEMBER_FOR),
                 }),
+                watch: Watch::new(target.clone()),
+                memory_checked: Mutex::new(Observation::NEVER),
+                host: local_host(),
+                target,
             }),
         }
     }
@@ -243,6 +319,43 @@ impl Publisher {
                 None => candidates.push(info),
             }
         }
+
+        // The session, then a look at the collector: whatever this push relies on from here on is
+        // named in a session that a collection's second mark sees, or is looked at after that
+        // collection's deletions.
+        let record = Arc::new(SessionRecord::new(&sh.host, &candidates, &summary.skipped));
+        let looked = async {
+            record.write(&sh.target).await?;
+            sh.watch.look_after(Instant::now()).await
+        };
+        // A collection keeps sessions younger than its --keep-within (an hour at least): one
+        // that runs long is written again, so that it never ages out while the push relies on it.
+        let _refresh = Refresh(tokio::spawn({
+            let (record, target) = (record.clone(), sh.target.clone());
+            async move {
+                loop {
+                    tokio::time::sleep(SESSION_REFRESH).await;
+                    if let Err(e) = record.write(&target).await {
+                        tracing::warn!(error = %error_chain(&e), "cannot write the push's session again");
+                    }
+                }
+            }
+        }));
+        let looked = match looked.await {
+            Ok(looked) => looked,
+            Err(e) => {
+                let e = Arc::new(e);
+                for info in candidates {
+                    on_event(Event::Failed {
+                        path: info.path.clone(),
+                        error: error_chain(&*e),
+                    });
+                    summary.failed.push((info.path, e.clone()));
+                }
+                return summary;
+            }
+        };
+        sh.check_memory(looked);
 
         // Each path is in another push's hands, known, or taken in hand by this one. A reference
         // outside the closure (known when the closure was walked) is waited for if some push has
@@ -404,9 +517,12 @@ impl Publisher {
                     None => Dep::Available,
                 })
                 .collect();
-            let sh = sh.clone();
+            let (sh, record) = (sh.clone(), record.clone());
             tasks.spawn(async move {
-                let result = sh.publish(&info, deps).await.map_err(Arc::new);
+                let result = sh
+                    .publish(&info, deps, looked, &record)
+                    .await
+                    .map_err(Arc::new);
                 hand.settle(result.as_ref().map(|_| ()).map_err(Arc::clone));
                 (info, result)
             });
@@ -521,10 +637,70 @@ struct Published {
 }
 
 impl Shared {
+    /// Forgets what the cache was known to hold if a collection may have deleted since that was
+    /// last confirmed.
+    fn check_memory(&self, looked: Observation) {
+        let mut checked = self
+            .memory_checked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // A later look has confirmed it already.
+        if looked.seq < checked.seq {
+            return;
+        }
+        if looked.deleted_since(&checked) {
+            tracing::info!(
+                collection = looked.seq,
+                "a collection ran since the cache was last looked at; forgetting what it held"
+            );
+            self.paths().known.clear();
+        }
+        *checked = looked;
+    }
+
+    /// Uploads a NAR, then looks at the collector: if a collection may have deleted since
+    /// `looked` (the look before), the NAR may be gone, and goes up again. Returns when the
+    /// upload that counts began, and the last look.
+    async fn put_nar(
+        &self,
+        key: &str,
+        spool: &Spool,
+        file_size: u64,
+        file_hash: nixpush_format::Sha256,
+        mut looked: Observation,
+    ) -> Result<(Instant, Observation), CacheError> {
+        loop {
+            let began = Instant::now();
+            match spool {
+                Spool::Memory(bytes) => {
+                    self.target
+                        .put_bytes(key, bytes.clone(), CONTENT_TYPE_NAR)
+                        .await?
+                }
+                Spool::File(f) => {
+                    self.target
+                        .put_file(key, f.path(), file_size, file_hash, CONTENT_TYPE_NAR)
+                        .await?
+                }
+            }
+            let seen = self.watch.look_after(Instant::now()).await?;
+            if !seen.deleted_since(&looked) {
+                return Ok((began, seen));
+            }
+            tracing::info!(
+                nar = key,
+                "a collection ran while the NAR went up; uploading it again"
+            );
+            looked = seen;
+        }
+    }
+
     async fn publish(
         self: &Arc<Self>,
         info: &PathInfo,
         deps: Vec<Dep>,
+        looked: Observation,
+        record: &SessionRecord,
     ) -> Result<Published, CacheError> {
         // A reference that has already failed dooms this path: do not upload a NAR nobody can use.
         if let Some(e) = deps.iter().find_map(|d| d.known_failure(&info.path)) {
@@ -539,7 +715,7 @@ impl Shared {
             .collect();
         // The job slot covers the NAR only; waiting for references below must not hold one, or a
         // path could wait on a reference that waits for a slot.
-        let (mut narinfo, published) = {
+        let (mut narinfo, published, uploaded) = {
             // Small NARs (most of any closure) are latency, not bandwidth or CPU: a round trip
             // each, many at once, outside the `jobs` that bound large ones.
             let _slot = if info.nar_size <= SMALL_NAR {
@@ -576,26 +752,31 @@ impl Shared {
             // large one is not sent again, provided its size matches: one a server acknowledged
             // and then lost the end of (or a crashed copy left short) is replaced. For a small NAR
             // the question costs as much as the answer, and rewriting identical bytes is harmless.
-            let nar_existed = spooled.file_size >= ASK_BEFORE_PUT
-                && self.target.size(&key).await? == Some(spooled.file_size);
-            if !nar_existed {
-                match spooled.spool {
-                    Spool::Memory(bytes) => {
-                        self.target.put_bytes(&key, bytes, CONTENT_TYPE_NAR).await?
-                    }
-                    Spool::File(ref f) => {
-                        self.target
-                            .put_file(
-                                &key,
-                                f.path(),
-                                spooled.file_size,
-                                spooled.file_hash,
-                                CONTENT_TYPE_NAR,
-                            )
-                            .await?
-                    }
-                }
-            }
+            // A large NAR is named in the session, and the collector looked at, before the cache
+            // is asked for it: found present, it is relied on; uploaded (many parts, dated by the
+            // server maybe from the first), its narinfo may go up long after its date. Either way
+            // the session keeps it.
+            let nar_existed = if spooled.file_size >= ASK_BEFORE_PUT {
+                record.add_nar(&self.target, &key).await?;
+                self.watch.look_after(Instant::now()).await?;
+                self.target.size(&key).await? == Some(spooled.file_size)
+            } else {
+                false
+            };
+            let uploaded = if nar_existed {
+                None
+            } else {
+                Some(
+                    self.put_nar(
+                        &key,
+                        &spooled.spool,
+                        spooled.file_size,
+                        spooled.file_hash,
+                        looked,
+                    )
+                    .await?,
+                )
+            };
             let mut references = info.references.clone();
             references.sort();
             let narinfo = NarInfo {
@@ -617,6 +798,7 @@ impl Shared {
                     file_size: spooled.file_size,
                     nar_existed,
                 },
+                uploaded.map(|u| (u, spooled)),
             )
         };
         for (reference, mut rx) in awaited {
@@ -630,6 +812,20 @@ impl Shared {
                     reference,
                 });
             }
+        }
+        // The collector keeps a NAR younger than NAR_WINDOW, or one a narinfo points to: a
+        // narinfo going up much later than its NAR needs the NAR uploaded again.
+        if let Some(((began, seen), spooled)) = uploaded
+            && began.elapsed() > NAR_WINDOW / 2
+        {
+            self.put_nar(
+                &narinfo.url,
+                &spooled.spool,
+                spooled.file_size,
+                spooled.file_hash,
+                seen,
+            )
+            .await?;
         }
         for key in &self.keys {
             // NarSize was checked non-zero against the real NAR above, so signing cannot fail.

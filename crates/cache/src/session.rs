@@ -34,6 +34,15 @@ impl Session {
     }
 }
 
+/// This machine's name, for session keys.
+pub fn local_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// A host name as one key component: only what is safe in a key and a file name.
 fn sanitize(host: &str) -> String {
     let s: String = host

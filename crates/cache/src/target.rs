@@ -37,6 +37,15 @@ pub struct ObjectEntry {
     pub etag: Option<String>,
 }
 
+/// How a conditional write went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conditional {
+    /// Written: the new object's entity tag, if the server gave one.
+    Written(Option<String>),
+    /// The condition did not hold; nothing was written.
+    Refused,
+}
+
 /// The condition of a conditional write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expect {
@@ -119,6 +128,18 @@ impl Target {
         }
     }
 
+    /// A whole small object and when it was written (the server's clock), or `None`.
+    pub async fn get_dated(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, Option<std::time::SystemTime>)>, CacheError> {
+        match self {
+            Target::S3(t) => t.get_dated(key).await,
+            Target::File(t) => t.get_dated(key).await,
+            Target::Http(t) => Ok(t.get(key).await?.map(|b| (b, None))),
+        }
+    }
+
     /// An object as a blocking reader with bounded buffering, or `None` if it does not exist. The
     /// reader must be used off the async runtime (in `spawn_blocking`).
     pub async fn read(&self, key: &str) -> Result<Option<ObjectReader>, CacheError> {
@@ -170,15 +191,14 @@ impl Target {
     }
 
     /// Writes an object only if `expect` holds, atomically with the check where the server
-    /// supports conditional writes (some ignore the condition: see `nixpush gc`). Returns whether
-    /// it was written.
+    /// supports conditional writes (some ignore the condition: see `nixpush gc`).
     pub async fn put_if(
         &self,
         key: &str,
         body: Vec<u8>,
         content_type: &str,
         expect: &Expect,
-    ) -> Result<bool, CacheError> {
+    ) -> Result<Conditional, CacheError> {
         match self {
             Target::S3(t) => t.put_if(key, body, content_type, expect).await,
             Target::File(t) => t.put_if(key, body, expect).await,

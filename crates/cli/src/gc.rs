@@ -97,19 +97,15 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-async fn open(store: &str) -> Result<Objects> {
+/// Opens the cache to change it, or only to read it (a dry run, a listing).
+async fn open(store: &str, write: bool) -> Result<Objects> {
     let url: StoreUrl = store.parse()?;
-    Objects::open(&url)
-        .await
-        .with_context(|| format!("cannot open the cache {}", url.display_base()))
-}
-
-fn host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown".into())
+    let opened = if write {
+        Objects::open(&url).await
+    } else {
+        Objects::open_read(&url).await
+    };
+    opened.with_context(|| format!("cannot open the cache {}", url.display_base()))
 }
 
 pub fn gc(args: GcArgs) -> Result<()> {
@@ -129,9 +125,10 @@ pub fn gc(args: GcArgs) -> Result<()> {
         single_runner: args.single_runner,
     };
     let report = runtime()?.block_on(async {
-        let objects = open(&args.store).await?;
+        let objects = open(&args.store, !args.dry_run).await?;
         let collected = async {
-            let collector = Collector::begin(objects, policy, &host()).await?;
+            let collector =
+                Collector::begin(objects, policy, &nixpush_cache::session::local_host()).await?;
             eprintln!(
                 "nixpush gc: run {}{}",
                 collector.run_id(),
@@ -185,7 +182,7 @@ pub fn pin(args: PinArgs) -> Result<()> {
         .map(|p| paths::store_path_of(p))
         .collect::<Result<Vec<_>>>()?;
     let pin = runtime()?.block_on(async {
-        let objects = open(&args.store).await?;
+        let objects = open(&args.store, true).await?;
         Ok::<_, anyhow::Error>(pins::pin(&objects, &args.name, &paths, args.expires_in).await?)
     })?;
     eprintln!(
@@ -204,7 +201,7 @@ pub fn pin(args: PinArgs) -> Result<()> {
 
 pub fn unpin(args: UnpinArgs) -> Result<()> {
     let existed = runtime()?.block_on(async {
-        let objects = open(&args.store).await?;
+        let objects = open(&args.store, true).await?;
         Ok::<_, anyhow::Error>(pins::unpin(&objects, &args.name).await?)
     })?;
     if !existed {
@@ -215,7 +212,7 @@ pub fn unpin(args: UnpinArgs) -> Result<()> {
 
 pub fn list(args: PinsArgs) -> Result<()> {
     let all = runtime()?.block_on(async {
-        let objects = open(&args.store).await?;
+        let objects = open(&args.store, false).await?;
         Ok::<_, anyhow::Error>(pins::list(&objects).await?)
     })?;
     if args.json {

@@ -263,3 +263,224 @@ fn an_unreadable_narinfo_stops_the_run_with_nothing_deleted() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(!cache.has_narinfo(&old));
 }
+
+/// What a reader of the bucket would fail on right now: a narinfo whose NAR or reference is
+/// missing while the narinfo is still there. (A narinfo deleted while it was being looked at is
+/// not a failure.)
+fn broken_now(dir: &Path) -> Option<String> {
+    let names: Vec<String> = fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".narinfo"))
+        .collect();
+    for name in names {
+        let Ok(text) = fs::read_to_string(dir.join(&name)) else {
+            continue;
+        };
+        let Ok(info) = text.parse::<nixpush_format::NarInfo>() else {
+            continue;
+        };
+        let mut missing = Vec::new();
+        if !dir.join(&info.url).exists() {
+            missing.push(info.url.clone());
+        }
+        for r in &info.references {
+            let key = format!("{}.narinfo", r.hash_part());
+            if !dir.join(&key).exists() {
+                missing.push(key);
+            }
+        }
+        if !missing.is_empty() && dir.join(&name).exists() {
+            return Some(format!("{name} is visible without {missing:?}"));
+        }
+    }
+    None
+}
+
+/// Collections run again and again while builds are published through the hook and by `push`,
+/// each round's new closures sharing a dependency with an old, unpinned one that is dead until
+/// they are published: a collection that marks it dead races the pushers that rely on it. A reader polling the bucket
+/// never finds a narinfo without its NAR or references; at the end the old root is gone, the
+/// shared dependency stays, and the pinned and new closures verify and substitute with Nix 2.8.
+#[test]
+fn collections_overlapping_pushes_leave_no_hole() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let mut f = common::flow::Flow::new("");
+    let url = f.s3.store_url("");
+    let dir = f.s3.bucket_dir();
+    let cache = Cache {
+        url: url.clone(),
+        dir: dir.clone(),
+    };
+    // Shared derivations, each the same expression every time it is used (no nonce), so that
+    // builds of the old closures and of the new ones depend on the same outputs: one per round,
+    // dead (old, unrooted) until that round's new closures are published.
+    const ROUNDS: usize = 6;
+    let token = nixpush_testbed::unique("race-shared");
+    let shared_expr = |i: usize| {
+        format!(
+            "derivation {{ name = \"gc-race-shared-{i}\"; system = builtins.currentSystem; \
+             builder = \"/bin/sh\"; args = [ \"-c\" \"echo {token}-{i} > $out\" ]; }}"
+        )
+    };
+    let on_shared = |name: &str, i: usize| {
+        format!(
+            "let dep = {}; in {}",
+            shared_expr(i),
+            derivation(name, &format!("echo {name} ${{dep}} > $out")).replace("\\${dep}", "${dep}")
+        )
+    };
+    let sk = f.dir.path().join("sk");
+    let push = |f: &common::flow::Flow, paths: &[String]| {
+        let o = f
+            .nixpush()
+            .args(["push", "--to", &url, "--store", &f.nix.store_url()])
+            .arg("--secret-key-file")
+            .arg(&sk)
+            .args(paths)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "push: {}", text(&o));
+    };
+    // The old closures, published through the hook as well as by `push`, then made two days old.
+    f.start_daemon();
+    let old: Vec<String> = (0..ROUNDS)
+        .map(|i| f.build(&on_shared(&format!("gc-race-old-{i}"), i)).0[0].clone())
+        .collect();
+    let (pinned, _) = f.build(&derivation("gc-race-pinned", "echo pinned > $out"));
+    let mut first = old.clone();
+    first.push(pinned[0].clone());
+    push(&f, &first);
+    f.wait_published(&first);
+    common::flow::wait_for("the daemon to finish its items", || {
+        f.queue_items()
+            .iter()
+            .all(|(_, s)| *s == nixpush_queue::State::Done)
+    });
+    cache.age_everything();
+    let shared: Vec<String> = f
+        .nix
+        .requisites(&old)
+        .into_iter()
+        .filter(|p| p.contains("gc-race-shared-"))
+        .collect();
+    assert_eq!(shared.len(), ROUNDS);
+    let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .args(["pin", "--store", &url, "pinned", &pinned[0]])
+        .envs(f.s3.credentials_env())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let broken = Arc::new(Mutex::new(None::<String>));
+    let reader = {
+        let (stop, broken, dir) = (stop.clone(), broken.clone(), dir.clone());
+        std::thread::spawn(move || {
+            let mut looks = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                if let Some(b) = broken_now(&dir) {
+                    *broken.lock().unwrap() = Some(b);
+                    break;
+                }
+                looks += 1;
+                // A sampling interval, so the reader leaves the two cores to the others.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            looks
+        })
+    };
+    let collector = {
+        let (stop, url, env) = (stop.clone(), url.clone(), f.s3.credentials_env());
+        std::thread::spawn(move || {
+            let mut runs = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+                    .args([
+                        "gc",
+                        "--store",
+                        &url,
+                        "--keep-within",
+                        "1h",
+                        "--nar-grace",
+                        "0s",
+                    ])
+                    .args(["--json"])
+                    .envs(env.clone())
+                    .output()
+                    .unwrap();
+                runs.push(o);
+            }
+            runs
+        })
+    };
+    let mut new = Vec::new();
+    for i in 0..ROUNDS {
+        let (built, _) = f.build(&on_shared(&format!("gc-race-hook-{i}"), i));
+        new.extend(built);
+        let (built, _) = f.build(&on_shared(&format!("gc-race-push-{i}"), i));
+        push(&f, &built);
+        new.extend(built);
+    }
+    f.wait_published(&new);
+    stop.store(true, Ordering::SeqCst);
+    let looks = reader.join().unwrap();
+    let runs = collector.join().unwrap();
+    assert!(
+        broken.lock().unwrap().is_none(),
+        "a reader saw a broken cache: {:?}",
+        broken.lock().unwrap()
+    );
+    // A run may stop because another holds the fence (none here) or a read raced a deletion;
+    // every run that finished deleted only what no root needed, and at least one finished.
+    let finished = runs.iter().filter(|o| o.status.success()).count();
+    assert!(finished > 0, "no collection finished: {}", text(&runs[0]));
+    eprintln!(
+        "{} collections ({finished} finished) while a reader looked {looks} times",
+        runs.len()
+    );
+
+    // The old roots go in a last run (two days old, and nothing needs them).
+    let o = f
+        .nixpush()
+        .args([
+            "gc",
+            "--store",
+            &url,
+            "--keep-within",
+            "1h",
+            "--nar-grace",
+            "0s",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    for p in &old {
+        assert!(!cache.has_narinfo(p), "the old root {p} is deleted");
+    }
+    for p in &shared {
+        assert!(cache.has_narinfo(p), "the shared dependency {p} stays");
+    }
+    assert!(broken_now(&dir).is_none());
+    let mut roots = new.clone();
+    roots.push(pinned[0].clone());
+    let o = f
+        .nixpush()
+        .args([
+            "verify",
+            "--store",
+            &url,
+            "--trusted-public-key",
+            f.public.trim(),
+        ])
+        .args(&roots)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let mut delete = vec!["--delete"];
+    delete.extend(old.iter().map(String::as_str));
+    f.nix.run("nix-store", &delete);
+    f.substitute_back(&roots, &f.nix.requisites(&roots));
+}

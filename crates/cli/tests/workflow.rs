@@ -737,6 +737,7 @@ fn chaos(kind: S3Kind) {
                 window: Duration::ZERO..CHAOS,
                 limit: None,
                 retry_after_secs: 1,
+                corrupt_min_body: 0,
             },
             one_request_per_connection: true,
             ..RelayConfig::default()

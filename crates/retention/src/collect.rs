@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nixpush_cache::fence::{CLOCK_SKEW, GcState, LEASE, NAR_WINDOW, Phase, STATE_KEY};
 use nixpush_cache::session::{SESSIONS_PREFIX, Session};
-use nixpush_cache::{CacheError, Expect, ObjectEntry, Objects, error_chain};
+use nixpush_cache::{CacheError, Conditional, Expect, ObjectEntry, Objects, error_chain};
 use nixpush_format::NarInfo;
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -18,8 +18,12 @@ use crate::plan::{self, Node};
 
 /// Requests at once while reading and deleting.
 const IN_FLIGHT: usize = 64;
-/// The collector rewrites its state this often while it deletes.
+/// The collector rewrites its state (renewing its lease) at least this often, whatever phase it is
+/// in.
 const RENEW_EVERY: Duration = Duration::from_secs(60);
+/// It stops writing and deleting this long before its lease runs out, so that a request sent just
+/// before reaches the server before pushers count the run as ended.
+const LEASE_MARGIN: Duration = Duration::from_secs(60);
 /// Where the NARs found orphaned, and since when, are kept between runs (the NAR grace).
 pub const ORPHANS_KEY: &str = "nixpush/gc/orphans.json";
 pub const REPORTS_PREFIX: &str = "nixpush/gc/reports/";
@@ -120,6 +124,7 @@ pub struct Collector {
     /// The state as written last, and its entity tag.
     state: GcState,
     etag: Option<String>,
+    /// When the last state write was sent: the lease counts from then.
     renewed: Instant,
     t0: SystemTime,
 }
@@ -176,7 +181,7 @@ impl Collector {
                     });
                 }
                 tracing::warn!(run = %s.run, host = %s.host, "taking over from a collection that stopped renewing its lease");
-                // Pushers already count it as ended (one step on).
+                // Pushers already count it as ended, one step on (see GcState::observation).
                 s.seq + 1
             }
             (Some(s), None) => s.seq,
@@ -188,27 +193,19 @@ impl Collector {
             host: host.to_owned(),
         };
         let expect = match &entry {
-            Some(e) => Expect::Etag(e.etag.clone().unwrap_or_default()),
+            Some(e) => Expect::Etag(e.etag.clone().ok_or(RetentionError::NoEtag)?),
             None => Expect::Absent,
         };
-        let body = serde_json::to_vec(&state).expect("the state serializes");
-        if !objects.put_if(STATE_KEY, body, JSON, &expect).await? {
-            return Err(RetentionError::Raced);
-        }
+        let sent = Instant::now();
+        let etag = write_state(&objects, &state, &expect, policy.single_runner).await?;
         let written = objects
             .head(STATE_KEY)
             .await?
             .ok_or(RetentionError::Raced)?;
         let t0 = written.modified.unwrap_or_else(SystemTime::now);
-        Ok(Self::new(
-            objects,
-            policy,
-            host,
-            run,
-            state,
-            written.etag,
-            t0,
-        ))
+        let mut collector = Self::new(objects, policy, host, run, state, etag.or(written.etag), t0);
+        collector.renewed = sent;
+        Ok(collector)
     }
 
     fn new(
@@ -268,16 +265,9 @@ impl Collector {
 
     async fn collect(&mut self) -> Result<(), RetentionError> {
         // Mark.
-        let pins = pins::list(&self.objects).await?;
-        let now = SystemTime::now();
-        let pinned: BTreeSet<String> = pins
-            .iter()
-            .filter(|(_, p)| !p.expired(now))
-            .flat_map(|(_, p)| p.hashes())
-            .collect();
-        self.report.pins = pins.len();
+        let pinned = self.pinned().await?;
         let narinfos = self.read_narinfos(BTreeMap::new()).await?;
-        let (kept, dropped) = self.sessions().await?;
+        let (kept, _) = self.sessions().await?;
         let dead = self.dead(&narinfos, &pinned, &kept);
         self.report.narinfos = narinfos.len();
         self.report.live = narinfos.len() - dead.len();
@@ -304,7 +294,8 @@ impl Collector {
         // session before it, and this listing sees it.
         self.set_phase(Phase::Deleting).await?;
         let mut narinfos = self.read_narinfos(narinfos).await?;
-        let (kept, _) = self.sessions().await?;
+        let pinned = self.pinned().await?;
+        let (kept, dropped) = self.sessions().await?;
         let dead: BTreeSet<String> = self
             .dead(&narinfos, &pinned, &kept)
             .intersection(&dead)
@@ -329,6 +320,21 @@ impl Collector {
         self.report.deleted_sessions = dropped.len();
         self.delete_all(dropped).await?;
         Ok(())
+    }
+
+    /// The hash parts of the paths pins keep (those not expired).
+    async fn pinned(&mut self) -> Result<BTreeSet<String>, RetentionError> {
+        let pins = pins::list(&self.objects).await?;
+        self.report.pins = pins.len();
+        let now = SystemTime::now();
+        let mut pinned = BTreeSet::new();
+        for (name, pin) in pins.iter().filter(|(_, p)| !p.expired(now)) {
+            pinned.extend(pin.hashes().map_err(|e| CacheError::BadRecord {
+                key: format!("{}{name}.json", pins::PINS_PREFIX),
+                message: e,
+            })?);
+        }
+        Ok(pinned)
     }
 
     /// Narinfos no root reaches.
@@ -607,20 +613,18 @@ impl Collector {
         while let Some(done) = tasks.join_next().await {
             let (key, body) = done.map_err(|e| RetentionError::Panicked(e.to_string()))?;
             out.push((key, body?));
+            if out.len() % 256 == 0 {
+                self.keep_lease().await?;
+            }
         }
         Ok(out)
     }
 
     /// Deletes `keys`, many at once, renewing the lease as it goes; stops (with an error) when the
-    /// lease could not be renewed in time, since pushers then count the run as ended.
+    /// lease could not be kept, since pushers then count the run as ended.
     async fn delete_all(&mut self, keys: Vec<String>) -> Result<(), RetentionError> {
         for chunk in keys.chunks(IN_FLIGHT * 4) {
-            if self.renewed.elapsed() >= RENEW_EVERY {
-                self.set_phase(self.state.phase).await?;
-            }
-            if self.renewed.elapsed() >= LEASE - RENEW_EVERY {
-                return Err(RetentionError::LeaseLost);
-            }
+            self.keep_lease().await?;
             let limit = Arc::new(Semaphore::new(IN_FLIGHT));
             let mut tasks = tokio::task::JoinSet::new();
             for key in chunk {
@@ -630,33 +634,90 @@ impl Collector {
                     objects.delete(&key).await
                 });
             }
-            while let Some(done) = tasks.join_next().await {
-                done.map_err(|e| RetentionError::Panicked(e.to_string()))??;
+            let deleted = tokio::time::timeout_at(self.lease_end(), async {
+                while let Some(done) = tasks.join_next().await {
+                    done.map_err(|e| RetentionError::Panicked(e.to_string()))??;
+                }
+                Ok::<(), RetentionError>(())
+            })
+            .await;
+            match deleted {
+                Ok(result) => result?,
+                Err(_) => {
+                    tasks.abort_all();
+                    return Err(RetentionError::LeaseLost);
+                }
             }
         }
         Ok(())
     }
 
     /// Writes the state with `phase` (a new phase takes the next sequence number; the same phase
-    /// renews the lease), on the condition that nobody else wrote it since.
+    /// renews the lease), on the condition that nobody else wrote it since. Never once the lease
+    /// is gone: pushers may count the run as ended by then.
     async fn set_phase(&mut self, phase: Phase) -> Result<(), RetentionError> {
-        if phase != self.state.phase {
-            self.state.seq += 1;
-            self.state.phase = phase;
+        self.check_lease()?;
+        let mut state = self.state.clone();
+        if phase != state.phase {
+            state.seq += 1;
+            state.phase = phase;
         }
-        let body = serde_json::to_vec(&self.state).expect("the state serializes");
-        let expect = Expect::Etag(self.etag.clone().unwrap_or_default());
-        if !self.objects.put_if(STATE_KEY, body, JSON, &expect).await? {
-            return Err(RetentionError::Raced);
-        }
-        self.renewed = Instant::now();
-        self.etag = self
-            .objects
-            .head(STATE_KEY)
-            .await?
-            .ok_or(RetentionError::Raced)?
-            .etag;
+        let expect = Expect::Etag(self.etag.clone().ok_or(RetentionError::NoEtag)?);
+        let sent = Instant::now();
+        let etag = write_state(&self.objects, &state, &expect, self.policy.single_runner).await?;
+        self.state = state;
+        self.renewed = sent;
+        self.etag = match etag {
+            Some(etag) => Some(etag),
+            None => self.objects.head(STATE_KEY).await?.and_then(|e| e.etag),
+        };
         Ok(())
+    }
+
+    /// Renews the lease if it was last renewed [`RENEW_EVERY`] ago; fails once it is gone.
+    async fn keep_lease(&mut self) -> Result<(), RetentionError> {
+        if self.policy.dry_run {
+            return Ok(());
+        }
+        if self.renewed.elapsed() >= RENEW_EVERY {
+            self.set_phase(self.state.phase).await?;
+        }
+        self.check_lease()
+    }
+
+    fn check_lease(&self) -> Result<(), RetentionError> {
+        if self.renewed.elapsed() >= LEASE - LEASE_MARGIN {
+            return Err(RetentionError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    /// When the lease ends, as this process measures it.
+    fn lease_end(&self) -> tokio::time::Instant {
+        (self.renewed + (LEASE - LEASE_MARGIN)).into()
+    }
+}
+
+/// Writes the collector's state on `expect` (unconditionally for a single runner); returns the
+/// new entity tag if the server gave one. A refusal that finds the state as this write would have
+/// left it (the SDK retried a write that had landed) is the write's success.
+async fn write_state(
+    objects: &Objects,
+    state: &GcState,
+    expect: &Expect,
+    single_runner: bool,
+) -> Result<Option<String>, RetentionError> {
+    let body = serde_json::to_vec(state).expect("the state serializes");
+    if single_runner {
+        objects.put(STATE_KEY, body, JSON).await?;
+        return Ok(None);
+    }
+    match objects.put_if(STATE_KEY, body, JSON, expect).await? {
+        Conditional::Written(etag) => Ok(etag),
+        Conditional::Refused => match read_state(objects).await? {
+            (Some(now), _) if now == *state => Ok(None),
+            _ => Err(RetentionError::Raced),
+        },
     }
 }
 
@@ -676,19 +737,24 @@ async fn read_state(
     Ok((Some(state), Some(entry)))
 }
 
-/// A conditional write that must fail, on a scratch key: a server that lets it through ignores
-/// conditions, and two collections could then run at once.
+/// Conditional writes that must be refused, on a scratch key: a server that lets either through
+/// ignores conditions, and two collections could then run at once.
 async fn check_conditional_writes(objects: &Objects, run: &str) -> Result<(), RetentionError> {
     let key = format!("nixpush/gc/probe-{run}");
-    let first = objects
-        .put_if(&key, b"probe".to_vec(), JSON, &Expect::Absent)
-        .await?;
-    let second = objects
-        .put_if(&key, b"probe".to_vec(), JSON, &Expect::Absent)
+    let body = || b"probe".to_vec();
+    let first = objects.put_if(&key, body(), JSON, &Expect::Absent).await?;
+    let again = objects.put_if(&key, body(), JSON, &Expect::Absent).await;
+    let stale = objects
+        .put_if(
+            &key,
+            body(),
+            JSON,
+            &Expect::Etag("\"0-not-this-one\"".into()),
+        )
         .await;
     objects.delete(&key).await?;
-    match (first, second?) {
-        (true, false) => Ok(()),
+    match (first, again?, stale?) {
+        (Conditional::Written(_), Conditional::Refused, Conditional::Refused) => Ok(()),
         _ => Err(RetentionError::NoConditionalWrites),
     }
 }

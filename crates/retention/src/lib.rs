@@ -46,6 +46,11 @@ pub enum RetentionError {
     TooMuch { dead: usize, of: usize, max: String },
     #[error("the collector could not renew its lease in time; it stopped deleting")]
     LeaseLost,
+    #[error(
+        "the server gave the collector's state no entity tag, so it cannot be written \
+         conditionally: pass --single-runner if only one collector runs"
+    )]
+    NoEtag,
     #[error("{0} is not in the cache: a pin of it would keep nothing")]
     NotInCache(String),
     #[error("{0:?} is not a pin name: use letters, digits, '-', '_' and '.', not first, up to 200")]

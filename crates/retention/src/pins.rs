@@ -29,12 +29,17 @@ impl Pin {
             .is_some_and(|e| UNIX_EPOCH + Duration::from_secs(e) <= now)
     }
 
-    /// Hash parts of the pinned paths (those that parse).
-    pub fn hashes(&self) -> impl Iterator<Item = String> + '_ {
+    /// Hash parts of the pinned paths; a path that does not parse is an error (a pin must not
+    /// silently keep less than it says).
+    pub fn hashes(&self) -> Result<Vec<String>, String> {
         self.paths
             .iter()
-            .filter_map(|p| p.parse::<StorePath>().ok())
-            .map(|p| p.hash_part().to_owned())
+            .map(|p| {
+                p.parse::<StorePath>()
+                    .map(|p| p.hash_part().to_owned())
+                    .map_err(|e| format!("{p:?}: {e}"))
+            })
+            .collect()
     }
 }
 
@@ -58,7 +63,9 @@ fn key(name: &str) -> String {
 }
 
 /// Pins `paths` under `name` (replacing a pin of that name). Each path must be in the cache: a pin
-/// of what is not there would keep nothing.
+/// of what is not there would keep nothing. As a push does, the pin is written first, then the
+/// collector's state is looked at (waiting while it deletes), and only then is the cache asked:
+/// a collection that did not see the pin has finished deleting by then.
 pub async fn pin(
     objects: &Objects,
     name: &str,
@@ -66,11 +73,6 @@ pub async fn pin(
     expires_in: Option<Duration>,
 ) -> Result<Pin, RetentionError> {
     check_name(name)?;
-    for p in paths {
-        if objects.head(&narinfo_key(p)).await?.is_none() {
-            return Err(RetentionError::NotInCache(p.to_string()));
-        }
-    }
     let now = SystemTime::now();
     let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let pin = Pin {
@@ -80,6 +82,13 @@ pub async fn pin(
     };
     let body = serde_json::to_vec_pretty(&pin).expect("a pin serializes");
     objects.put(&key(name), body, "application/json").await?;
+    objects.look().await?;
+    for p in paths {
+        if objects.head(&narinfo_key(p)).await?.is_none() {
+            objects.delete(&key(name)).await?;
+            return Err(RetentionError::NotInCache(p.to_string()));
+        }
+    }
     Ok(pin)
 }
 

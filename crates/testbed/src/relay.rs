@@ -73,6 +73,9 @@ pub struct Faults {
     pub limit: Option<usize>,
     /// The `Retry-After` seconds of [`Fault::SlowDown`].
     pub retry_after_secs: u32,
+    /// [`Fault::Corrupt`] leaves request bodies shorter than this alone (a client's small
+    /// bookkeeping writes go through, its uploads do not).
+    pub corrupt_min_body: usize,
 }
 
 impl Faults {
@@ -85,6 +88,7 @@ impl Faults {
             window: Duration::ZERO..Duration::MAX,
             limit: None,
             retry_after_secs: 1,
+            corrupt_min_body: 0,
         }
     }
 
@@ -432,9 +436,10 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// Follows the requests in a client's stream (heads, and bodies by `Content-Length`) and flips one
-/// bit in the middle of each body.
+/// bit in the middle of each body of at least `min_body` bytes.
 #[derive(Default)]
 struct BodyFlipper {
+    min_body: usize,
     /// Stream offset where the current request's head begins, once the previous body has passed.
     start: usize,
     /// The current head so far.
@@ -478,7 +483,7 @@ impl BodyFlipper {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
             let body_start = self.start + len;
-            let middle = if body > 0 {
+            let middle = if body > 0 && body >= self.min_body {
                 body_start + body / 2
             } else {
                 usize::MAX
@@ -639,7 +644,10 @@ async fn direction(
         let mut forwarded = 0usize;
         let mut own_free = tokio::time::Instant::now();
         let mut flipper = (fault == Some(Fault::Corrupt) && matches!(watch, Watch::Method(..)))
-            .then(BodyFlipper::default);
+            .then(|| BodyFlipper {
+                min_body: shared.config.lock().unwrap().faults.corrupt_min_body,
+                ..BodyFlipper::default()
+            });
         loop {
             let n = match from.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
@@ -753,6 +761,25 @@ mod tests {
             assert_eq!(flipped, 2, "split {split}");
             assert_eq!(out, expected, "split {split}");
         }
+    }
+
+    #[test]
+    fn bodies_shorter_than_the_minimum_go_through_untouched() {
+        let put = |body: &[u8]| {
+            let mut r =
+                format!("PUT /y HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+            r.extend_from_slice(body);
+            r
+        };
+        let stream = [put(b"short"), put(b"long enough")].concat();
+        let mut flipper = BodyFlipper {
+            min_body: 8,
+            ..BodyFlipper::default()
+        };
+        let mut out = stream.clone();
+        assert_eq!(flipper.flip(0, &mut out), 1);
+        assert_eq!(&out[..stream.len() - 11], &stream[..stream.len() - 11]);
+        assert_ne!(out, stream);
     }
 
     #[test]

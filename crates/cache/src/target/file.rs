@@ -9,7 +9,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use nixpush_format::Sha256;
 use nixpush_format::hash::HashingWriter;
 
-use super::{Expect, IncompleteUpload, ObjectEntry, ObjectReader};
+use super::{Conditional, Expect, IncompleteUpload, ObjectEntry, ObjectReader};
 use crate::CacheError;
 
 /// Objects and directories are readable by everyone: whoever serves the directory (nginx, a
@@ -99,12 +99,20 @@ impl FileTarget {
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        Ok(self.get_dated(key).await?.map(|(body, _)| body))
+    }
+
+    pub async fn get_dated(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, Option<std::time::SystemTime>)>, CacheError> {
         let Some((mut f, p)) = self.open(key)? else {
             return Ok(None);
         };
+        let modified = f.metadata().and_then(|m| m.modified()).ok();
         let mut bytes = Vec::new();
         io::Read::read_to_end(&mut f, &mut bytes).map_err(err("reading", &p))?;
-        Ok(Some(bytes))
+        Ok(Some((bytes, modified)))
     }
 
     pub async fn read(&self, key: &str) -> Result<Option<ObjectReader>, CacheError> {
@@ -229,7 +237,7 @@ impl FileTarget {
         key: &str,
         body: Vec<u8>,
         expect: &Expect,
-    ) -> Result<bool, CacheError> {
+    ) -> Result<Conditional, CacheError> {
         let dest = self.path(key)?;
         let lock = self.dir.join("nixpush").join("conditional-writes.lock");
         let (key, expect) = (key.to_owned(), expect.clone());
@@ -243,7 +251,7 @@ impl FileTarget {
                 .and_then(|f| f.lock().map(|()| f))
                 .map_err(err("locking", &lock))?;
             let current = match std::fs::metadata(&dest) {
-                Ok(m) => Some(entry_of(key, &m)),
+                Ok(m) => Some(entry_of(key.clone(), &m)),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => None,
                 Err(e) => return Err(err("checking", &dest)(e)),
             };
@@ -252,14 +260,16 @@ impl FileTarget {
                 (Expect::Etag(etag), Some(current)) => current.etag.as_ref() == Some(etag),
                 (Expect::Etag(_), None) => false,
             };
-            if holds {
-                if let Some(parent) = dest.parent() {
-                    create_dirs(parent)?;
-                }
-                write_atomically(&dest, |f| f.write_all(&body), |_| Ok(()))?;
+            if !holds {
+                return Ok(Conditional::Refused);
             }
+            if let Some(parent) = dest.parent() {
+                create_dirs(parent)?;
+            }
+            write_atomically(&dest, |f| f.write_all(&body), |_| Ok(()))?;
+            let written = std::fs::metadata(&dest).map_err(err("checking", &dest))?;
             drop(held);
-            Ok(holds)
+            Ok(Conditional::Written(entry_of(key, &written).etag))
         })
         .await
         .expect("conditional write panicked")

@@ -24,8 +24,8 @@ use aws_smithy_types::config_bag::ConfigBag;
 use nixpush_format::Sha256;
 
 use super::{
-    ChunkReader, Expect, IncompleteUpload, ObjectEntry, ObjectReader, PieceDigest, RequestObserver,
-    content_md5, spool_digests,
+    ChunkReader, Conditional, Expect, IncompleteUpload, ObjectEntry, ObjectReader, PieceDigest,
+    RequestObserver, content_md5, spool_digests,
 };
 use crate::url::AddressingStyle;
 use crate::{CacheError, StoreUrl};
@@ -314,7 +314,7 @@ impl S3Target {
         body: Vec<u8>,
         content_type: &str,
         expect: &Expect,
-    ) -> Result<bool, CacheError> {
+    ) -> Result<Conditional, CacheError> {
         let request = self
             .client
             .put_object()
@@ -328,8 +328,10 @@ impl S3Target {
             Expect::Etag(etag) => request.if_match(etag),
         };
         match request.send().await {
-            Ok(_) => Ok(true),
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => Ok(false),
+            Ok(out) => Ok(Conditional::Written(out.e_tag().map(str::to_owned))),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => {
+                Ok(Conditional::Refused)
+            }
             Err(e) => Err(self.classify(e, "PUT", key)),
         }
     }
@@ -354,16 +356,25 @@ impl S3Target {
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        Ok(self.get_dated(key).await?.map(|(body, _)| body))
+    }
+
+    /// The object's body, and when it was written (by the server's clock).
+    pub async fn get_dated(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, Option<std::time::SystemTime>)>, CacheError> {
         let Some(out) = self.get_object(key).await? else {
             return Ok(None);
         };
+        let modified = out.last_modified().and_then(|t| (*t).try_into().ok());
         let body = out.body.collect().await.map_err(|e| CacheError::S3 {
             operation: "GET",
             key: key.to_owned(),
             message: e.to_string(),
             status: None,
         })?;
-        Ok(Some(body.to_vec()))
+        Ok(Some((body.to_vec(), modified)))
     }
 
     /// Streams the object's body through a bounded channel, so a slow reader holds back the
