@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::fence::{Observation, Watch};
-use crate::target::{Conditional, Expect, ObjectEntry, Target};
+use crate::target::{Conditional, Expect, ObjectEntry, RequestObserver, Target};
 use crate::{CacheError, StoreUrl};
 
 #[derive(Clone)]
@@ -16,18 +16,24 @@ pub struct Objects {
 impl Objects {
     /// Opens a cache to manage (for S3: resolves credentials and checks the bucket). A directory
     /// must exist already: managing one that does not is a typo.
-    pub async fn open(url: &StoreUrl) -> Result<Self, CacheError> {
+    pub async fn open(
+        url: &StoreUrl,
+        observer: Option<RequestObserver>,
+    ) -> Result<Self, CacheError> {
         if let crate::Location::File { dir } = &url.location
             && !dir.is_dir()
         {
             return Err(CacheError::NoCacheDirectory { dir: dir.clone() });
         }
-        Ok(Self::of(Target::open(url, None, None).await?))
+        Ok(Self::of(Target::open(url, None, observer).await?))
     }
 
     /// Opens a cache to read, changing nothing (a directory's layout is not created).
-    pub async fn open_read(url: &StoreUrl) -> Result<Self, CacheError> {
-        Ok(Self::of(Target::open_read(url).await?))
+    pub async fn open_read(
+        url: &StoreUrl,
+        observer: Option<RequestObserver>,
+    ) -> Result<Self, CacheError> {
+        Ok(Self::of(Target::open_read_observed(url, observer).await?))
     }
 
     fn of(target: Target) -> Self {
@@ -46,6 +52,30 @@ impl Objects {
     /// The objects whose keys start with `prefix`; `shallow`: not those below a further `/`.
     pub async fn list(&self, prefix: &str, shallow: bool) -> Result<Vec<ObjectEntry>, CacheError> {
         self.target.list_prefix(prefix, shallow).await
+    }
+
+    /// Like [`Objects::list`], for keys that continue `prefix` with a nix32 hash (narinfos, NARs):
+    /// on S3, listed as 32 prefixes at once, since one listing pages through 1,000 keys a round
+    /// trip. Keys that continue otherwise are not listed there.
+    pub async fn list_hashed(
+        &self,
+        prefix: &str,
+        shallow: bool,
+    ) -> Result<Vec<ObjectEntry>, CacheError> {
+        if !self.target.is_s3() {
+            return self.list(prefix, shallow).await;
+        }
+        let mut shards = tokio::task::JoinSet::new();
+        for c in nixpush_format::nix32::ALPHABET.iter().map(|&b| b as char) {
+            let (target, prefix) = (self.target.clone(), format!("{prefix}{c}"));
+            shards.spawn(async move { target.list_prefix(&prefix, shallow).await });
+        }
+        let mut all = Vec::new();
+        while let Some(shard) = shards.join_next().await {
+            all.extend(shard.expect("listing panicked")?);
+        }
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(all)
     }
 
     pub async fn head(&self, key: &str) -> Result<Option<ObjectEntry>, CacheError> {

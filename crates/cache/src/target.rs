@@ -85,13 +85,25 @@ impl Target {
 
     /// Opens a cache to read from, changing nothing: a missing directory is an error.
     pub async fn open_read(url: &StoreUrl) -> Result<Self, CacheError> {
+        Self::open_read_observed(url, None).await
+    }
+
+    /// Like [`Target::open_read`], telling `observer` of every S3 request.
+    pub async fn open_read_observed(
+        url: &StoreUrl,
+        observer: Option<RequestObserver>,
+    ) -> Result<Self, CacheError> {
         Ok(match &url.location {
-            Location::S3 { bucket } => {
-                Target::S3(Box::new(s3::S3Target::open(url, bucket, None, None).await?))
-            }
+            Location::S3 { bucket } => Target::S3(Box::new(
+                s3::S3Target::open(url, bucket, None, observer).await?,
+            )),
             Location::File { dir } => Target::File(file::FileTarget::existing(dir).await?),
             Location::Http { base } => Target::Http(http::HttpTarget::open(base)?),
         })
+    }
+
+    pub fn is_s3(&self) -> bool {
+        matches!(self, Target::S3(_))
     }
 
     /// Aborts multipart uploads a crash left behind (recorded in the journal).

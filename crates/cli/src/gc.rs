@@ -1,6 +1,8 @@
 //! `nixpush gc`, `pin`, `unpin` and `pins`: retention for a shared cache (see README.md,
 //! "Retention").
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -50,6 +52,13 @@ pub struct GcArgs {
     /// Print the report as JSON on stdout
     #[arg(long)]
     json: bool,
+    /// Where to remember what was read of each narinfo between runs, so that a run reads only what
+    /// is new [default: ~/.cache/nixpush/gc-HASH.json]
+    #[arg(long, value_name = "FILE", conflicts_with = "no_memo")]
+    memo: Option<std::path::PathBuf>,
+    /// Read every narinfo, remembering nothing
+    #[arg(long)]
+    no_memo: bool,
 }
 
 /// Pin store paths in a cache: every collection keeps their closures
@@ -98,12 +107,16 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Opens the cache to change it, or only to read it (a dry run, a listing).
-async fn open(store: &str, write: bool) -> Result<Objects> {
+async fn open(
+    store: &str,
+    write: bool,
+    observer: Option<nixpush_cache::RequestObserver>,
+) -> Result<Objects> {
     let url: StoreUrl = store.parse()?;
     let opened = if write {
-        Objects::open(&url).await
+        Objects::open(&url, observer).await
     } else {
-        Objects::open_read(&url).await
+        Objects::open_read(&url, observer).await
     };
     opened.with_context(|| format!("cannot open the cache {}", url.display_base()))
 }
@@ -123,9 +136,25 @@ pub fn gc(args: GcArgs) -> Result<()> {
         max_delete: args.max_delete,
         dry_run: args.dry_run,
         single_runner: args.single_runner,
+        memo: if args.no_memo {
+            None
+        } else {
+            args.memo
+                .clone()
+                .or_else(|| nixpush_retention::memo::default_path(&args.store))
+        },
     };
+    let requests: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let counted = requests.clone();
+    let observer: nixpush_cache::RequestObserver = Arc::new(move |operation, _| {
+        *counted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(operation.to_owned())
+            .or_default() += 1;
+    });
     let report = runtime()?.block_on(async {
-        let objects = open(&args.store, !args.dry_run).await?;
+        let objects = open(&args.store, !args.dry_run, Some(observer)).await?;
         let collected = async {
             let collector =
                 Collector::begin(objects, policy, &nixpush_cache::session::local_host()).await?;
@@ -141,8 +170,15 @@ pub fn gc(args: GcArgs) -> Result<()> {
             .map_err(|e: RetentionError| anyhow::Error::from(e).context("nixpush gc stopped"))
     })?;
     print(&report);
+    let requests = requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if !requests.is_empty() {
+        let list: Vec<String> = requests.iter().map(|(op, n)| format!("{op} {n}")).collect();
+        eprintln!("nixpush gc: S3 requests: {}", list.join(", "));
+    }
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        let mut out = serde_json::to_value(&report)?;
+        out["requests"] = serde_json::to_value(&requests)?;
+        println!("{out}");
     }
     Ok(())
 }
@@ -150,8 +186,8 @@ pub fn gc(args: GcArgs) -> Result<()> {
 fn print(r: &Report) {
     let verb = if r.dry_run { "would delete" } else { "deleted" };
     eprintln!(
-        "nixpush gc: {} narinfos, {} live (roots: {} pins, {} of {} sessions kept, and what was written within the window)",
-        r.narinfos, r.live, r.pins, r.sessions_kept, r.sessions
+        "nixpush gc: {} narinfos ({} read), {} live (roots: {} pins, {} of {} sessions kept, and what was written within the window)",
+        r.narinfos, r.narinfos_read, r.live, r.pins, r.sessions_kept, r.sessions
     );
     eprintln!(
         "nixpush gc: {verb} {} narinfos (NARs of {}); NARs no narinfo needs: {} ({}), {} waiting out the NAR grace",
@@ -182,7 +218,7 @@ pub fn pin(args: PinArgs) -> Result<()> {
         .map(|p| paths::store_path_of(p))
         .collect::<Result<Vec<_>>>()?;
     let pin = runtime()?.block_on(async {
-        let objects = open(&args.store, true).await?;
+        let objects = open(&args.store, true, None).await?;
         Ok::<_, anyhow::Error>(pins::pin(&objects, &args.name, &paths, args.expires_in).await?)
     })?;
     eprintln!(
@@ -201,7 +237,7 @@ pub fn pin(args: PinArgs) -> Result<()> {
 
 pub fn unpin(args: UnpinArgs) -> Result<()> {
     let existed = runtime()?.block_on(async {
-        let objects = open(&args.store, true).await?;
+        let objects = open(&args.store, true, None).await?;
         Ok::<_, anyhow::Error>(pins::unpin(&objects, &args.name).await?)
     })?;
     if !existed {
@@ -212,7 +248,7 @@ pub fn unpin(args: UnpinArgs) -> Result<()> {
 
 pub fn list(args: PinsArgs) -> Result<()> {
     let all = runtime()?.block_on(async {
-        let objects = open(&args.store, false).await?;
+        let objects = open(&args.store, false, None).await?;
         Ok::<_, anyhow::Error>(pins::list(&objects).await?)
     })?;
     if args.json {

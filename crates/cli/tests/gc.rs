@@ -137,8 +137,10 @@ fn collects_what_no_root_needs(bed: &Bed, cache: &Cache) {
     );
 
     let before = cache.keys();
+    let memo = bed.dir.path().join("gc-memo.json");
     let gc = |extra: &[&str]| {
         let mut args = vec!["gc", "--keep-within", "1d", "--nar-grace", "0s", "--json"];
+        args.extend(["--memo", memo.to_str().unwrap()]);
         args.extend(extra);
         cache.nixpush(bed, &args)
     };
@@ -147,6 +149,7 @@ fn collects_what_no_root_needs(bed: &Bed, cache: &Cache) {
     let plan = json(&o);
     assert_eq!(plan["dead"], 2, "the old root and the dead twin: {plan}");
     assert_eq!(plan["nar_garbage"], 1, "only the old root's NAR: {plan}");
+    assert_eq!(plan["narinfos_read"], 6, "{plan}");
     assert_eq!(cache.keys(), before, "a dry run changes nothing");
 
     let o = gc(&["--max-delete", "1"]);
@@ -159,6 +162,10 @@ fn collects_what_no_root_needs(bed: &Bed, cache: &Cache) {
     let report = json(&o);
     assert_eq!(report["deleted_narinfos"], 2, "{report}");
     assert_eq!(report["deleted_nars"], 1, "{report}");
+    assert_eq!(
+        report["narinfos_read"], 0,
+        "remembered from the earlier runs, unchanged: {report}"
+    );
     assert!(!cache.has_narinfo(&old) && !cache.has_narinfo(&dead_twin));
     for p in [&new, &shared, &pinned, &live_twin] {
         assert!(cache.has_narinfo(p), "{p} deleted");

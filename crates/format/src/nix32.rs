@@ -5,7 +5,7 @@
 
 use thiserror::Error;
 
-const ALPHABET: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
+pub const ALPHABET: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum Nix32Error {

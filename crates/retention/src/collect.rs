@@ -13,6 +13,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::RetentionError;
+use crate::memo;
 use crate::pins;
 use crate::plan::{self, Node};
 
@@ -45,6 +46,8 @@ pub struct Policy {
     /// The operator vouches that no other collection runs at once (for servers without
     /// conditional writes).
     pub single_runner: bool,
+    /// Where what was read of narinfos is remembered between runs (see [`crate::memo`]).
+    pub memo: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -88,6 +91,8 @@ pub struct Report {
     pub sessions: usize,
     pub sessions_kept: usize,
     pub narinfos: usize,
+    /// Narinfos read (GET) in all: those new or changed since the memo, and again in later marks.
+    pub narinfos_read: usize,
     pub live: usize,
     /// Dead narinfos, and the bytes of their NARs (as their narinfos say).
     pub dead: usize,
@@ -266,7 +271,31 @@ impl Collector {
     async fn collect(&mut self) -> Result<(), RetentionError> {
         // Mark.
         let pinned = self.pinned().await?;
-        let narinfos = self.read_narinfos(BTreeMap::new()).await?;
+        let remembered = self
+            .policy
+            .memo
+            .as_deref()
+            .map(memo::load)
+            .unwrap_or_default();
+        let known = remembered
+            .into_iter()
+            .map(|(hash, r)| {
+                let listed = Listed {
+                    entry: ObjectEntry {
+                        key: format!("{hash}.narinfo"),
+                        size: 0,
+                        modified: None,
+                        etag: Some(r.etag.clone()),
+                    },
+                    node: r.node(),
+                    deriver: r.deriver,
+                    file_size: r.file_size,
+                };
+                (hash, listed)
+            })
+            .collect();
+        let narinfos = self.read_narinfos(known).await?;
+        self.remember(&narinfos);
         let (kept, _) = self.sessions().await?;
         let dead = self.dead(&narinfos, &pinned, &kept);
         self.report.narinfos = narinfos.len();
@@ -283,11 +312,7 @@ impl Collector {
             });
         }
         if self.policy.dry_run {
-            let survivors = narinfos
-                .into_iter()
-                .filter(|(h, _)| !dead.contains(h))
-                .collect();
-            self.nar_garbage(&survivors, &kept, &dead).await?;
+            self.nar_garbage(&narinfos, &kept, &dead).await?;
             return Ok(());
         }
         // Announce, then mark again: a pusher that looked before the announcement wrote its
@@ -314,6 +339,7 @@ impl Collector {
         for h in &dead {
             narinfos.remove(h);
         }
+        self.remember(&narinfos);
         self.delete_attachments(&narinfos, &dead).await?;
         self.sweep_nars(&narinfos, &kept).await?;
         let dropped: Vec<String> = dropped.into_iter().map(|e| e.key).collect();
@@ -429,7 +455,7 @@ impl Collector {
     ) -> Result<BTreeMap<String, Listed>, RetentionError> {
         let listed: Vec<ObjectEntry> = self
             .objects
-            .list("", true)
+            .list_hashed("", true)
             .await?
             .into_iter()
             .filter(|e| e.key.ends_with(".narinfo") && !e.key.contains('/'))
@@ -439,13 +465,14 @@ impl Collector {
         for entry in listed {
             let hash = entry.key.trim_end_matches(".narinfo").to_owned();
             match known.remove(&hash) {
-                Some(l) if entry.etag.is_some() && l.entry.etag == entry.etag => {
+                Some(l) if tag(&entry).is_some() && tag(&l.entry) == tag(&entry) => {
                     out.insert(hash, Listed { entry, ..l });
                 }
                 _ => to_read.push(entry),
             }
         }
         let keys: Vec<String> = to_read.iter().map(|e| e.key.clone()).collect();
+        self.report.narinfos_read += keys.len();
         let bodies: HashMap<String, Option<Vec<u8>>> =
             self.get_all(keys).await?.into_iter().collect();
         for entry in to_read {
@@ -481,6 +508,27 @@ impl Collector {
         Ok(out)
     }
 
+    /// Saves what was read of `narinfos` for the next run.
+    fn remember(&self, narinfos: &BTreeMap<String, Listed>) {
+        let Some(path) = &self.policy.memo else {
+            return;
+        };
+        let memo = narinfos
+            .iter()
+            .filter_map(|(hash, l)| {
+                let remembered = memo::Remembered {
+                    etag: tag(&l.entry)?,
+                    references: l.node.references.clone(),
+                    nar: l.node.nar.clone(),
+                    deriver: l.deriver.clone(),
+                    file_size: l.file_size,
+                };
+                Some((hash.clone(), remembered))
+            })
+            .collect();
+        memo::save(path, &memo);
+    }
+
     /// `t0` less `d`, or the epoch.
     fn before_t0(&self, d: Duration) -> SystemTime {
         self.t0.checked_sub(d).unwrap_or(UNIX_EPOCH)
@@ -496,7 +544,7 @@ impl Collector {
     ) -> Result<(), RetentionError> {
         let listings: Vec<String> = self
             .objects
-            .list("", true)
+            .list_hashed("", true)
             .await?
             .into_iter()
             .filter_map(|e| {
@@ -526,19 +574,19 @@ impl Collector {
         self.delete_all(logs).await
     }
 
-    /// The NARs no narinfo needs: none of `survivors` (and of the narinfos written since they
-    /// were read) points to them, no kept session relied on them, and they were not written
-    /// within the window a pusher may take between a NAR and its narinfo. `planned`: narinfos a
-    /// dry run would have deleted, still listed. Returns them.
+    /// The NARs no narinfo needs: none of the narinfos listed now (`read`: as last read) points to
+    /// them, no kept session relied on them, and they were not written within the window a pusher
+    /// may take between a NAR and its narinfo. `planned`: narinfos a dry run would have deleted,
+    /// still listed. Returns them.
     async fn nar_garbage(
         &mut self,
-        survivors: &BTreeMap<String, Listed>,
+        read: &BTreeMap<String, Listed>,
         kept: &[Session],
         planned: &BTreeSet<String>,
     ) -> Result<BTreeSet<String>, RetentionError> {
-        let mut now_listed = self.read_narinfos(survivors.clone()).await?;
+        let mut now_listed = self.read_narinfos(read.clone()).await?;
         now_listed.retain(|h, _| !planned.contains(h));
-        let nars = self.objects.list("nar/", false).await?;
+        let nars = self.objects.list_hashed("nar/", false).await?;
         self.report.nars = nars.len();
         let young = self.before_t0(NAR_WINDOW + CLOCK_SKEW);
         let protected: BTreeSet<String> = kept
@@ -719,6 +767,20 @@ async fn write_state(
             _ => Err(RetentionError::Raced),
         },
     }
+}
+
+/// What tells one version of an object from another: its entity tag, or where a server lists
+/// none (s3s-fs), its size and time.
+fn tag(entry: &ObjectEntry) -> Option<String> {
+    entry.etag.clone().or_else(|| {
+        let secs = entry.modified?.duration_since(UNIX_EPOCH).ok()?;
+        Some(format!(
+            "{}@{}.{:09}",
+            entry.size,
+            secs.as_secs(),
+            secs.subsec_nanos()
+        ))
+    })
 }
 
 async fn read_state(

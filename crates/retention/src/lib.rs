@@ -13,6 +13,7 @@
 //! README.md ("Retention"); `tests/model.rs` explores its interleavings.
 
 pub mod collect;
+pub mod memo;
 pub mod pins;
 pub mod plan;
 
