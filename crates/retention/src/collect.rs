@@ -643,29 +643,34 @@ impl Collector {
         self.delete_all(due).await
     }
 
+    /// Reads `keys`, [`IN_FLIGHT`] at a time (only that many requests exist at once: a task per
+    /// key up front held a few KiB each, hundreds of MiB for a large cache), renewing the lease as
+    /// it goes.
     async fn get_all(
         &mut self,
         keys: Vec<String>,
     ) -> Result<Vec<(String, Option<Vec<u8>>)>, RetentionError> {
-        let limit = Arc::new(Semaphore::new(IN_FLIGHT));
+        let mut keys = keys.into_iter();
         let mut tasks = tokio::task::JoinSet::new();
-        for key in keys {
-            let (objects, limit) = (self.objects.clone(), limit.clone());
-            tasks.spawn(async move {
-                let _permit = limit.acquire_owned().await;
-                let body = objects.get(&key).await;
-                (key, body)
-            });
-        }
         let mut out = Vec::new();
-        while let Some(done) = tasks.join_next().await {
+        loop {
+            while tasks.len() < IN_FLIGHT {
+                let Some(key) = keys.next() else { break };
+                let objects = self.objects.clone();
+                tasks.spawn(async move {
+                    let body = objects.get(&key).await;
+                    (key, body)
+                });
+            }
+            let Some(done) = tasks.join_next().await else {
+                return Ok(out);
+            };
             let (key, body) = done.map_err(|e| RetentionError::Panicked(e.to_string()))?;
             out.push((key, body?));
             if out.len() % 256 == 0 {
                 self.keep_lease().await?;
             }
         }
-        Ok(out)
     }
 
     /// Deletes `keys`, many at once, renewing the lease as it goes; stops (with an error) when the
