@@ -10,15 +10,7 @@ use nixpush_testbed::{Fault, Faults, Relay, RelayConfig, derivation};
 #[macro_use]
 mod common;
 use common::flow::*;
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::text;
 
 fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(o)))

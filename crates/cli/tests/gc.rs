@@ -9,16 +9,7 @@ use std::time::{Duration, SystemTime};
 use nixpush_testbed::derivation;
 
 mod common;
-use common::Bed;
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{Bed, text};
 
 fn hash_part(p: &str) -> String {
     p.trim_start_matches("/nix/store/")[..32].to_owned()
@@ -309,6 +300,9 @@ fn broken_now(dir: &Path) -> Option<String> {
 /// they are published: a collection that marks it dead races the pushers that rely on it. A reader polling the bucket
 /// never finds a narinfo without its NAR or references; at the end the old root is gone, the
 /// shared dependency stays, and the pinned and new closures verify and substitute with Nix 2.8.
+/// How the race test collects: everything older than an hour that no root needs, NARs at once.
+const RACE_GC: [&str; 5] = ["--keep-within", "1h", "--nar-grace", "0s", "--json"];
+
 #[test]
 fn collections_overlapping_pushes_leave_no_hole() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -405,16 +399,8 @@ fn collections_overlapping_pushes_leave_no_hole() {
             let mut runs = Vec::new();
             while !stop.load(Ordering::SeqCst) {
                 let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
-                    .args([
-                        "gc",
-                        "--store",
-                        &url,
-                        "--keep-within",
-                        "1h",
-                        "--nar-grace",
-                        "0s",
-                    ])
-                    .args(["--json"])
+                    .args(["gc", "--store", &url])
+                    .args(RACE_GC)
                     .envs(env.clone())
                     .output()
                     .unwrap();
@@ -452,15 +438,8 @@ fn collections_overlapping_pushes_leave_no_hole() {
     // The old roots go in a last run (two days old, and nothing needs them).
     let o = f
         .nixpush()
-        .args([
-            "gc",
-            "--store",
-            &url,
-            "--keep-within",
-            "1h",
-            "--nar-grace",
-            "0s",
-        ])
+        .args(["gc", "--store", &url])
+        .args(RACE_GC)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));

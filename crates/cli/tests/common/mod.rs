@@ -35,6 +35,16 @@ macro_rules! on_every_server {
     };
 }
 
+/// A command's exit status and output, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "exit {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 pub struct Bed {
     pub nix: NixDaemon,
     pub s3: S3Server,
