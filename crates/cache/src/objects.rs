@@ -78,6 +78,16 @@ impl Objects {
         Ok(all)
     }
 
+    /// The bucket's versioning status (see [`Objects::is_s3`]): `Enabled` keeps deleted objects as
+    /// noncurrent versions, which can be restored.
+    pub async fn versioning(&self) -> Result<Option<String>, CacheError> {
+        self.target.versioning().await
+    }
+
+    pub fn is_s3(&self) -> bool {
+        self.target.is_s3()
+    }
+
     pub async fn head(&self, key: &str) -> Result<Option<ObjectEntry>, CacheError> {
         self.target.head(key).await
     }

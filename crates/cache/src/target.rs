@@ -102,6 +102,15 @@ impl Target {
         })
     }
 
+    /// An S3 bucket's versioning status (`Enabled`, `Suspended`, or `None` if never enabled);
+    /// other caches have none.
+    pub async fn versioning(&self) -> Result<Option<String>, CacheError> {
+        match self {
+            Target::S3(t) => t.versioning().await,
+            Target::File(_) | Target::Http(_) => Ok(None),
+        }
+    }
+
     pub fn is_s3(&self) -> bool {
         matches!(self, Target::S3(_))
     }

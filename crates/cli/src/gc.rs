@@ -59,6 +59,10 @@ pub struct GcArgs {
     /// Read every narinfo, remembering nothing
     #[arg(long)]
     no_memo: bool,
+    /// Write the run's figures in Prometheus's text format to this file (atomically), for
+    /// node_exporter's textfile collector; a run that stops says so there too
+    #[arg(long, value_name = "FILE")]
+    metrics_textfile: Option<std::path::PathBuf>,
 }
 
 /// Pin store paths in a cache: every collection keeps their closures
@@ -168,7 +172,24 @@ pub fn gc(args: GcArgs) -> Result<()> {
         collected
             .await
             .map_err(|e: RetentionError| anyhow::Error::from(e).context("nixpush gc stopped"))
-    })?;
+    });
+    if let Some(file) = &args.metrics_textfile
+        && !args.dry_run
+    {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let text = nixpush_retention::metrics::render(report.as_ref().ok(), now);
+        let tmp = file.with_extension("prom.tmp");
+        let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, file));
+        if let Err(e) = written {
+            eprintln!(
+                "nixpush gc: WARNING: cannot write the metrics file {}: {e}",
+                file.display()
+            );
+        }
+    }
+    let report = report?;
     print(&report);
     let requests = requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
     if !requests.is_empty() {
@@ -202,6 +223,13 @@ fn print(r: &Report) {
             "nixpush gc: deleted {} narinfos, {} NARs, {} logs, {} sessions in {:.1} s",
             r.deleted_narinfos, r.deleted_nars, r.deleted_logs, r.deleted_sessions, r.seconds
         );
+    }
+    match r.versioning.as_str() {
+        "Enabled" => eprintln!(
+            "nixpush gc: bucket versioning is on: what was deleted stays restorable as noncurrent versions until the bucket's lifecycle removes them"
+        ),
+        "not a bucket" => {}
+        other => eprintln!("nixpush gc: bucket versioning: {other}: deletions cannot be undone"),
     }
     if !r.missing_references.is_empty() {
         eprintln!(

@@ -148,9 +148,38 @@ fn collects_what_no_root_needs(bed: &Bed, cache: &Cache) {
     assert!(text(&o).contains("max-delete"), "{}", text(&o));
     assert!(cache.has_narinfo(&old), "a refused plan deletes nothing");
 
-    let o = gc(&[]);
+    let prom = bed.dir.path().join("gc.prom");
+    let o = gc(&["--metrics-textfile", prom.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     let report = json(&o);
+    let lines: Vec<std::io::Result<String>> = fs::read_to_string(&prom)
+        .unwrap()
+        .lines()
+        .map(|l| Ok(l.to_owned()))
+        .collect();
+    let scrape = prometheus_parse::Scrape::parse(lines.into_iter()).unwrap();
+    let value = |name: &str, kind: Option<&str>| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && kind.is_none_or(|k| s.labels.get("kind") == Some(k)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    assert_eq!(value("nixpush_gc_deleted", Some("narinfo")), Some(2.0));
+    assert_eq!(value("nixpush_gc_last_run_success", None), Some(1.0));
+    // s3s-fs does not implement GetBucketVersioning: the report says so rather than guess.
+    let versioning = report["versioning"].as_str().unwrap();
+    if cache.url.starts_with("file://") {
+        assert_eq!(versioning, "not a bucket");
+    } else {
+        assert!(
+            versioning == "off" || versioning.starts_with("unknown ("),
+            "{versioning}"
+        );
+    }
     assert_eq!(report["deleted_narinfos"], 2, "{report}");
     assert_eq!(report["deleted_nars"], 1, "{report}");
     assert_eq!(

@@ -109,6 +109,9 @@ pub struct Report {
     pub deleted_sessions: usize,
     /// References that have no narinfo (a hole found, not made, by this run).
     pub missing_references: Vec<String>,
+    /// The bucket's versioning: `Enabled` (deleted objects stay restorable as noncurrent
+    /// versions), `Suspended`, `off`, `not a bucket`, or why it could not be asked.
+    pub versioning: String,
     pub seconds: f64,
 }
 
@@ -269,6 +272,16 @@ impl Collector {
     }
 
     async fn collect(&mut self) -> Result<(), RetentionError> {
+        self.report.versioning = if !self.objects.is_s3() {
+            "not a bucket".into()
+        } else {
+            match self.objects.versioning().await {
+                Ok(Some(status)) => status,
+                Ok(None) => "off".into(),
+                // Only a report: some servers do not implement it.
+                Err(e) => format!("unknown ({})", error_chain(&e)),
+            }
+        };
         // Mark.
         let pinned = self.pinned().await?;
         let remembered = self

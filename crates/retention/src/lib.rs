@@ -14,6 +14,7 @@
 
 pub mod collect;
 pub mod memo;
+pub mod metrics;
 pub mod pins;
 pub mod plan;
 

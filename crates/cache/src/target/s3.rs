@@ -293,6 +293,18 @@ impl S3Target {
         }
     }
 
+    /// The bucket's versioning status (`Enabled`, `Suspended`), `None` if it was never enabled.
+    pub async fn versioning(&self) -> Result<Option<String>, CacheError> {
+        let out = self
+            .client
+            .get_bucket_versioning()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|e| self.classify(e, "GetBucketVersioning", &self.bucket))?;
+        Ok(out.status().map(|s| s.as_str().to_owned()))
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), CacheError> {
         match self
             .client
