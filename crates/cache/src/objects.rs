@@ -116,6 +116,11 @@ impl Objects {
         self.target.put_if(key, body, content_type, expect).await
     }
 
+    /// Deletes up to 1,000 objects at once (one request on S3).
+    pub async fn delete_many(&self, keys: &[String]) -> Result<(), CacheError> {
+        self.target.delete_many(keys).await
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), CacheError> {
         self.target.delete(key).await
     }

@@ -102,6 +102,22 @@ impl Target {
         })
     }
 
+    /// Deletes up to 1,000 objects at once (one request on S3); ones already gone are no error.
+    pub async fn delete_many(&self, keys: &[String]) -> Result<(), CacheError> {
+        match self {
+            Target::S3(t) => t.delete_many(keys).await,
+            Target::File(t) => {
+                for key in keys {
+                    t.delete(key).await?;
+                }
+                Ok(())
+            }
+            Target::Http(t) => Err(CacheError::ReadOnly {
+                url: t.base().to_owned(),
+            }),
+        }
+    }
+
     /// An S3 bucket's versioning status (`Enabled`, `Suspended`, or `None` if never enabled);
     /// other caches have none.
     pub async fn versioning(&self) -> Result<Option<String>, CacheError> {

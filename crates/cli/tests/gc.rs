@@ -170,6 +170,14 @@ fn collects_what_no_root_needs(bed: &Bed, cache: &Cache) {
     };
     assert_eq!(value("nixpush_gc_deleted", Some("narinfo")), Some(2.0));
     assert_eq!(value("nixpush_gc_last_run_success", None), Some(1.0));
+    if !cache.url.starts_with("file://") {
+        // A request per batch of keys, not per key (the probe of conditional writes is one).
+        assert!(
+            report["requests"]["DeleteObjects"].as_u64() >= Some(1),
+            "{report}"
+        );
+        assert_eq!(report["requests"]["DeleteObject"], 1, "{report}");
+    }
     // s3s-fs does not implement GetBucketVersioning: the report says so rather than guess.
     let versioning = report["versioning"].as_str().unwrap();
     if cache.url.starts_with("file://") {

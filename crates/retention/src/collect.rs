@@ -2,7 +2,6 @@
 //! README.md, "Retention", for the protocol and why it holds).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nixpush_cache::fence::{CLOCK_SKEW, GcState, LEASE, NAR_WINDOW, Phase, STATE_KEY};
@@ -10,15 +9,17 @@ use nixpush_cache::session::{SESSIONS_PREFIX, Session};
 use nixpush_cache::{CacheError, Conditional, Expect, ObjectEntry, Objects, error_chain};
 use nixpush_format::NarInfo;
 use serde::Serialize;
-use tokio::sync::Semaphore;
 
 use crate::RetentionError;
 use crate::memo;
 use crate::pins;
 use crate::plan::{self, Node};
 
-/// Requests at once while reading and deleting.
+/// Requests at once while reading.
 const IN_FLIGHT: usize = 64;
+/// Keys a DeleteObjects request takes at most, and such requests at once.
+const DELETE_BATCH: usize = 1000;
+const BATCHES_IN_FLIGHT: usize = 4;
 /// The collector rewrites its state (renewing its lease) at least this often, whatever phase it is
 /// in.
 const RENEW_EVERY: Duration = Duration::from_secs(60);
@@ -686,19 +687,17 @@ impl Collector {
         }
     }
 
-    /// Deletes `keys`, many at once, renewing the lease as it goes; stops (with an error) when the
-    /// lease could not be kept, since pushers then count the run as ended.
+    /// Deletes `keys`, a batch of [`DELETE_BATCH`] a request and [`BATCHES_IN_FLIGHT`] requests
+    /// at once, renewing the lease between rounds; stops (with an error) when the lease could not
+    /// be kept, since pushers then count the run as ended. The order of `keys` is kept between
+    /// rounds: a caller that needs one set gone before another calls twice.
     async fn delete_all(&mut self, keys: Vec<String>) -> Result<(), RetentionError> {
-        for chunk in keys.chunks(IN_FLIGHT * 4) {
+        for round in keys.chunks(DELETE_BATCH * BATCHES_IN_FLIGHT) {
             self.keep_lease().await?;
-            let limit = Arc::new(Semaphore::new(IN_FLIGHT));
             let mut tasks = tokio::task::JoinSet::new();
-            for key in chunk {
-                let (objects, limit, key) = (self.objects.clone(), limit.clone(), key.clone());
-                tasks.spawn(async move {
-                    let _permit = limit.acquire_owned().await;
-                    objects.delete(&key).await
-                });
+            for batch in round.chunks(DELETE_BATCH) {
+                let (objects, batch) = (self.objects.clone(), batch.to_vec());
+                tasks.spawn(async move { objects.delete_many(&batch).await });
             }
             let deleted = tokio::time::timeout_at(self.lease_end(), async {
                 while let Some(done) = tasks.join_next().await {

@@ -293,6 +293,57 @@ impl S3Target {
         }
     }
 
+    /// Deletes up to 1,000 keys in one request (DeleteObjects, quiet: only failures come back).
+    /// The SDK sends a CRC32 checksum; S3's own API and many servers (MinIO, Ceph, OVH) demand
+    /// Content-MD5 of the body, so it is added before the request is signed.
+    pub async fn delete_many(&self, keys: &[String]) -> Result<(), CacheError> {
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        let first = keys.first().cloned().unwrap_or_default();
+        let built = |e: aws_sdk_s3::error::BuildError| CacheError::S3 {
+            operation: "DeleteObjects",
+            key: first.clone(),
+            message: e.to_string(),
+            status: None,
+        };
+        let objects = keys
+            .iter()
+            .map(|k| ObjectIdentifier::builder().key(k).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(built)?;
+        let delete = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+            .map_err(built)?;
+        let out = self
+            .client
+            .delete_objects()
+            .bucket(&self.bucket)
+            .delete(delete)
+            .customize()
+            .mutate_request(|request| {
+                if let Some(md5) = request.body().bytes().map(content_md5) {
+                    request.headers_mut().insert("content-md5", md5);
+                }
+            })
+            .send()
+            .await
+            .map_err(|e| self.classify(e, "DeleteObjects", &first))?;
+        match out.errors().first() {
+            None => Ok(()),
+            Some(e) => Err(CacheError::S3 {
+                operation: "DeleteObjects",
+                key: e.key().unwrap_or_default().to_owned(),
+                message: format!(
+                    "{}: {}",
+                    e.code().unwrap_or("error"),
+                    e.message().unwrap_or_default()
+                ),
+                status: None,
+            }),
+        }
+    }
+
     /// The bucket's versioning status (`Enabled`, `Suspended`), `None` if it was never enabled.
     pub async fn versioning(&self) -> Result<Option<String>, CacheError> {
         let out = self
