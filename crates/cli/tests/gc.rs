@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use nixpush_testbed::derivation;
 
+#[macro_use]
 mod common;
 use common::{Bed, text};
 
@@ -507,3 +508,52 @@ fn collections_overlapping_pushes_leave_no_hole() {
     f.nix.run("nix-store", &delete);
     f.substitute_back(&roots, &f.nix.requisites(&roots));
 }
+
+on_every_server!(a_collection_runs_on_every_server, |kind| {
+    // Everything here is fresh, so nothing is deleted: this is about the fence and the listings
+    // on each server. Garage ignores conditional writes: the probe finds it, and the run is
+    // refused until the operator vouches for a single collector.
+    let bed = Bed::on(kind);
+    let url = bed.s3.store_url("");
+    let (top, dep) = bed
+        .nix
+        .build_pair("gc-every-dep", "echo dep > $out", "gc-every-top");
+    bed.push_ok(&url, &[&top]);
+    let gc = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nixpush"))
+            .args(["gc", "--store", &url, "--keep-within", "1h", "--json"])
+            .args(extra)
+            .envs(bed.s3.credentials_env())
+            .output()
+            .unwrap()
+    };
+    let o = gc(&[]);
+    let o = if kind == S3Kind::Garage {
+        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+        assert!(
+            text(&o).contains("ignores conditional writes"),
+            "{}",
+            text(&o)
+        );
+        gc(&["--single-runner"])
+    } else {
+        o
+    };
+    assert!(o.status.success(), "{}", text(&o));
+    let report = json(&o);
+    assert_eq!(report["narinfos"], 2, "{report}");
+    assert_eq!(report["deleted_narinfos"], 0, "{report}");
+    let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .args([
+            "verify",
+            "--store",
+            &url,
+            "--trusted-public-key",
+            bed.public.trim(),
+        ])
+        .args([&top, &dep])
+        .envs(bed.s3.credentials_env())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+});
