@@ -402,6 +402,7 @@ fn build_logs_reach_the_cache_and_nix_log_reads_them() {
     );
     let o = std::process::Command::new(nixpush_testbed::find_program("nix"))
         .env("NIX_CONF_DIR", &f.nix.conf_dir)
+        .env("XDG_CACHE_HOME", f.dir.path().join("xdg-cache"))
         .env_remove("NIX_REMOTE")
         .args(["log", "--store", &f.s3.http_url, &outs[0]])
         .output()

@@ -86,6 +86,10 @@ impl NixDaemon {
     pub fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new(find_program(program));
         c.env("NIX_CONF_DIR", &self.conf_dir)
+            // Nix remembers binary caches by URL in ~/.cache/nix (that one exists, which narinfos
+            // it lacks): a test's server on a port an earlier test used would inherit that, and
+            // `nix copy` would skip writing nix-cache-info.
+            .env("XDG_CACHE_HOME", self.dir.path().join("xdg-cache"))
             .env_remove("NIX_REMOTE")
             .arg("--store")
             .arg(self.store_url());
