@@ -10,7 +10,7 @@ use nixpush_testbed::{Fault, Faults, Relay, RelayConfig, derivation};
 #[macro_use]
 mod common;
 use common::flow::*;
-use common::text;
+use common::{assert_refused, text};
 
 fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(o)))
@@ -114,8 +114,7 @@ fn wait_since_a_mark_and_for_given_paths() {
         .args(["wait", "--since", "yesterday"])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("not a mark"), "{}", text(&o));
+    assert_refused(&o, "not a mark");
 }
 
 /// The endpoint is dead: `wait --timeout 5` gives up at its deadline, exit 1, naming the item and
@@ -186,8 +185,7 @@ fn wait_without_a_daemon_or_a_queue_cannot_run() {
         .args(["wait", "--timeout", "1"])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("no queue"), "{}", text(&o));
+    assert_refused(&o, "no queue");
 
     let (_, err) = f.build(&derivation(
         &nixpush_testbed::unique("no-daemon"),
@@ -199,8 +197,7 @@ fn wait_without_a_daemon_or_a_queue_cannot_run() {
         .args(["wait", "--timeout", "1"])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("no daemon answered"), "{}", text(&o));
+    assert_refused(&o, "no daemon answered");
     let o = f
         .nixpush()
         .args(["wait", "--timeout", "1", "--best-effort"])
@@ -318,8 +315,7 @@ fn enqueue_queues_what_no_hook_saw() {
         .args(["enqueue", "/tmp/not-a-store-path"])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("not-a-store-path"), "{}", text(&o));
+    assert_refused(&o, "not-a-store-path");
 }
 
 /// A successful build's log goes to the cache after its outputs, where Nix 2.8's `nix log` reads
@@ -334,12 +330,7 @@ fn build_logs_reach_the_cache_and_nix_log_reads_them() {
         .args(["wait", "--logs", "failed"])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("--logs needs --since"),
-        "{}",
-        text(&o)
-    );
+    assert_refused(&o, "--logs needs --since");
     let fail = |tag: &str| {
         let said = nixpush_testbed::unique(tag);
         let expr = f.dir.path().join(format!("{tag}.nix"));

@@ -10,7 +10,7 @@ use nixpush_testbed::derivation;
 
 #[macro_use]
 mod common;
-use common::{Bed, text};
+use common::{Bed, assert_refused, text};
 
 fn hash_part(p: &str) -> String {
     p.trim_start_matches("/nix/store/")[..32].to_owned()
@@ -145,8 +145,7 @@ fn collects_what_no_root_needs(bed: &Bed, cache: &Cache) {
     assert_eq!(cache.keys(), before, "a dry run changes nothing");
 
     let o = gc(&["--max-delete", "1"]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("max-delete"), "{}", text(&o));
+    assert_refused(&o, "max-delete");
     assert!(cache.has_narinfo(&old), "a refused plan deletes nothing");
 
     let prom = bed.dir.path().join("gc.prom");
@@ -208,17 +207,7 @@ fn collects_what_no_root_needs(bed: &Bed, cache: &Cache) {
     );
     // What is left is whole: verified, and substituted by Nix.
     let roots = [new.clone(), pinned.clone(), live_twin.clone()];
-    let o = cache.nixpush(
-        bed,
-        &[
-            "verify",
-            "--trusted-public-key",
-            bed.public.trim(),
-            &roots[0],
-            &roots[1],
-            &roots[2],
-        ],
-    );
+    let o = bed.verify(&cache.url, &[&roots[0], &roots[1], &roots[2]]);
     assert!(o.status.success(), "{}", text(&o));
     let closure = bed.nix.requisites(&roots);
     // The old root still refers to the shared path locally.
@@ -276,12 +265,7 @@ fn an_unreadable_narinfo_stops_the_run_with_nothing_deleted() {
     .unwrap();
     let before = cache.keys();
     let o = cache.nixpush(&bed, &["gc", "--keep-within", "1d", "--nar-grace", "0s"]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(
-        text(&o).contains("00000000000000000000000000000000.narinfo"),
-        "{}",
-        text(&o)
-    );
+    assert_refused(&o, "00000000000000000000000000000000.narinfo");
     assert!(cache.has_narinfo(&old), "nothing deleted");
     let after: Vec<String> = cache
         .keys()
@@ -529,12 +513,7 @@ on_every_server!(a_collection_runs_on_every_server, |kind| {
     };
     let o = gc(&[]);
     let o = if kind == S3Kind::Garage {
-        assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-        assert!(
-            text(&o).contains("ignores conditional writes"),
-            "{}",
-            text(&o)
-        );
+        assert_refused(&o, "ignores conditional writes");
         gc(&["--single-runner"])
     } else {
         o
@@ -543,17 +522,6 @@ on_every_server!(a_collection_runs_on_every_server, |kind| {
     let report = json(&o);
     assert_eq!(report["narinfos"], 2, "{report}");
     assert_eq!(report["deleted_narinfos"], 0, "{report}");
-    let o = Command::new(env!("CARGO_BIN_EXE_nixpush"))
-        .args([
-            "verify",
-            "--store",
-            &url,
-            "--trusted-public-key",
-            bed.public.trim(),
-        ])
-        .args([&top, &dep])
-        .envs(bed.s3.credentials_env())
-        .output()
-        .unwrap();
+    let o = bed.verify(&url, &[&top, &dep]);
     assert!(o.status.success(), "{}", text(&o));
 });

@@ -13,22 +13,6 @@ use serde_json::Value;
 mod common;
 use common::Bed;
 
-fn verify(bed: &Bed, store: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nixpush"))
-        .args([
-            "verify",
-            "--store",
-            store,
-            "--trusted-public-key",
-            &bed.public,
-        ])
-        .args(args)
-        .envs(bed.s3.credentials_env())
-        .env_remove("CI")
-        .output()
-        .unwrap()
-}
-
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -37,7 +21,7 @@ fn text(b: &[u8]) -> String {
 fn verify_json(bed: &Bed, store: &str, args: &[&str]) -> (Option<i32>, Value) {
     let mut all = args.to_vec();
     all.push("--json");
-    let o = verify(bed, store, &all);
+    let o = bed.verify(store, &all);
     let report = serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("no JSON ({e}); stderr: {}", text(&o.stderr)));
     (o.status.code(), report)
@@ -106,7 +90,7 @@ fn nixpush_caches_verify_clean(kind: S3Kind) {
     assert_eq!(report["nars"], nar_objects as u64);
 
     // Without --json: nothing on stdout, a summary naming the key on stderr.
-    let o = verify(&bed, &s3, &args);
+    let o = bed.verify(&s3, &args);
     assert!(o.status.success());
     assert!(o.stdout.is_empty(), "{}", text(&o.stdout));
     let err = text(&o.stderr);
@@ -274,7 +258,7 @@ fn each_injected_fault_is_found_and_named() {
     assert_eq!(problems(&report), with_orphans, "{report:#}");
 
     // The human report: one line per problem on stdout, naming the path and the problem.
-    let o = verify(&bed, &url, &all);
+    let o = bed.verify(&url, &all);
     assert_eq!(o.status.code(), Some(1));
     let out = text(&o.stdout);
     assert_eq!(out.lines().count(), expected.len(), "{out}");
@@ -378,7 +362,7 @@ fn unfinished_multipart_upload(kind: S3Kind) {
     let url = bed.s3.store_url("");
     bed.push_ok(&url, &[&out[0]]);
     bed.s3.start_multipart_upload("nar/unfinished.nar.zst");
-    let o = verify(&bed, &url, &["--all"]);
+    let o = bed.verify(&url, &["--all"]);
     let (stdout, stderr) = (text(&o.stdout), text(&o.stderr));
     if kind == S3Kind::S3sFs {
         // s3s-fs does not implement ListMultipartUploads: the audit says so and stands.
@@ -424,34 +408,30 @@ fn what_stops_an_audit_is_a_clear_error_with_exit_2() {
         .unwrap();
     fails(o, "access denied to bucket `cache`");
     fails(
-        verify(
-            &bed,
+        bed.verify(
             "s3://cache?endpoint=http://127.0.0.1:1&region=us-east-1",
             &[path],
         ),
         "cannot reach the S3 endpoint",
     );
-    fails(verify(&bed, "ftp://x", &[path]), "is not supported");
+    fails(bed.verify("ftp://x", &[path]), "is not supported");
     fails(
-        verify(&bed, &bed.s3.http_url, &["--all"]),
+        bed.verify(&bed.s3.http_url, &["--all"]),
         "cannot be listed: --all needs an s3:// or file:// cache",
     );
     fails(
-        verify(&bed, "file:///nonexistent/cache", &[path]),
+        bed.verify("file:///nonexistent/cache", &[path]),
         "/nonexistent/cache",
     );
     fails(
-        verify(&bed, &url, &["--trusted-public-key", "nokey", path]),
+        bed.verify(&url, &["--trusted-public-key", "nokey", path]),
         "\"nokey\" is neither a public key nor a file",
     );
-    fails(
-        verify(&bed, &url, &["/tmp"]),
-        "/tmp is not in the Nix store",
-    );
+    fails(bed.verify(&url, &["/tmp"]), "/tmp is not in the Nix store");
 
     // A path that is not in the cache is a finding, not an error.
     let absent = bed.nix.build(&derivation("audit-absent", "echo a > $out"));
-    let o = verify(&bed, &url, &[&absent[0]]);
+    let o = bed.verify(&url, &[&absent[0]]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         text(&o.stdout).trim(),
@@ -564,11 +544,7 @@ fn a_cache_that_refuses_anonymous_reads_is_an_access_error() {
     let bed = Bed::new();
     for status in ["401 Unauthorized", "403 Forbidden"] {
         let url = answering(status);
-        let o = verify(
-            &bed,
-            &url,
-            &["/nix/store/hcz0rpyq8sljlg33vz0pl29n35k4d2w3-x"],
-        );
+        let o = bed.verify(&url, &["/nix/store/hcz0rpyq8sljlg33vz0pl29n35k4d2w3-x"]);
         let err = text(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{status}: {err}");
         let code = &status[..3];

@@ -21,6 +21,9 @@ const DIR_MODE: u32 = 0o755;
 /// Prefix of the temporary files objects are written through; one left behind is an upload a crash
 /// interrupted.
 const TEMP_PREFIX: &str = ".nixpush-";
+/// How long a conditional write waits for another writer's lock (each holds it for one small
+/// write).
+const LOCK_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 /// The directories of the layout below the top level: NARs and build logs.
 const SUBDIRS: [&str; 2] = ["nar", "log"];
 
@@ -248,7 +251,7 @@ impl FileTarget {
                 .truncate(false)
                 .write(true)
                 .open(&lock)
-                .and_then(|f| f.lock().map(|()| f))
+                .and_then(|f| lock_within(&f, LOCK_DEADLINE).map(|()| f))
                 .map_err(err("locking", &lock))?;
             let current = match std::fs::metadata(&dest) {
                 Ok(m) => Some(entry_of(key.clone(), &m)),
@@ -410,6 +413,27 @@ fn write_atomically<T>(
     Ok(())
 }
 
+/// Takes an exclusive lock on `f`, or fails after `deadline` (a writer stuck on a hung network
+/// filesystem must not hold every other forever).
+fn lock_within(f: &std::fs::File, deadline: std::time::Duration) -> io::Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("another writer held the lock for {} s", deadline.as_secs()),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+}
+
 /// A file's listing entry. Its entity tag is its size and modification time: it changes whenever
 /// the file is written anew (each write is a new file renamed into place).
 fn entry_of(key: String, meta: &std::fs::Metadata) -> ObjectEntry {
@@ -450,4 +474,22 @@ async fn run_blocking(
     tokio::task::spawn_blocking(f)
         .await
         .expect("file writer panicked")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lock_held_elsewhere_is_given_up_on_at_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let holder = std::fs::File::create(&path).unwrap();
+        holder.lock().unwrap();
+        let other = std::fs::File::open(&path).unwrap();
+        let e = lock_within(&other, std::time::Duration::from_millis(50)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        drop(holder);
+        lock_within(&other, std::time::Duration::from_millis(50)).unwrap();
+    }
 }

@@ -45,6 +45,12 @@ pub fn text(o: &Output) -> String {
     )
 }
 
+/// Asserts a command could not run (exit 2) and said `why`.
+pub fn assert_refused(o: &Output, why: &str) {
+    assert_eq!(o.status.code(), Some(2), "{}", text(o));
+    assert!(text(o).contains(why), "expected {why:?} in {}", text(o));
+}
+
 pub struct Bed {
     pub nix: NixDaemon,
     pub s3: S3Server,
@@ -90,6 +96,23 @@ impl Bed {
             ])
             .arg("--spool-dir")
             .arg(self.dir.path().join("push"))
+            .args(args)
+            .envs(self.s3.credentials_env())
+            .env_remove("CI")
+            .output()
+            .unwrap()
+    }
+
+    /// `nixpush verify` of `store` with this bed's key.
+    pub fn verify(&self, store: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_nixpush"))
+            .args([
+                "verify",
+                "--store",
+                store,
+                "--trusted-public-key",
+                &self.public,
+            ])
             .args(args)
             .envs(self.s3.credentials_env())
             .env_remove("CI")
