@@ -35,7 +35,7 @@ pub enum CacheError {
         code: String,
         retry_after: Option<u64>,
     },
-    #[error("S3 {operation} of {key} failed: {message}")]
+    #[error("S3 {operation} of {key} failed{}: {message}", http_status(*status))]
     S3 {
         operation: &'static str,
         key: String,
@@ -136,4 +136,9 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = inner.source();
     }
     s
+}
+
+/// ` (HTTP 500)`, say: the status an operator looks up, beside the server's own words.
+fn http_status(status: Option<u16>) -> String {
+    status.map(|s| format!(" (HTTP {s})")).unwrap_or_default()
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
-use nixpush_testbed::derivation;
+use nixpush_testbed::{Fault, Faults, Relay, RelayConfig, RequestMatch, derivation};
 
 #[macro_use]
 mod common;
@@ -282,6 +282,69 @@ fn an_unreadable_narinfo_stops_the_run_with_nothing_deleted() {
     let o = cache.nixpush(&bed, &["gc", "--keep-within", "1d", "--nar-grace", "0s"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(!cache.has_narinfo(&old));
+}
+
+/// A server error while marking (500 to every GET of one narinfo, through the relay, until the
+/// SDK's retries give up) is not "gone": the run stops naming that narinfo, deletes nothing, and
+/// leaves the cache to the next run.
+#[test]
+fn an_internal_error_while_marking_stops_the_run_with_nothing_deleted() {
+    let bed = Bed::new();
+    let cache = Cache {
+        url: bed.s3.store_url(""),
+        dir: bed.s3.bucket_dir(),
+    };
+    let old = bed.nix.build(&derivation("gc-500", "echo x > $out"))[0].clone();
+    let dead = bed.nix.build(&derivation("gc-500-dead", "echo y > $out"))[0].clone();
+    bed.push_ok(&cache.url, &[&old, &dead]);
+    cache.age_everything();
+    let key = format!("{}.narinfo", hash_part(&old));
+    let relay = Relay::start(
+        &bed.s3.endpoint,
+        RelayConfig {
+            faults: Faults {
+                only: Some(RequestMatch {
+                    method: "GET".into(),
+                    target_contains: key.clone(),
+                }),
+                ..Faults::always(Fault::InternalError)
+            },
+            one_request_per_connection: true,
+            ..RelayConfig::default()
+        },
+    );
+    let through = Cache {
+        url: bed.s3.store_url_at(&relay.endpoint, ""),
+        dir: cache.dir.clone(),
+    };
+    let outside = |keys: Vec<String>| -> Vec<String> {
+        keys.into_iter()
+            .filter(|k| !k.starts_with("nixpush/"))
+            .collect()
+    };
+    let before = outside(cache.keys());
+    let gc = [
+        "gc",
+        "--keep-within",
+        "1d",
+        "--nar-grace",
+        "0s",
+        "--no-memo",
+    ];
+    let o = through.nixpush(&bed, &gc);
+    assert_refused(&o, &key);
+    assert!(
+        text(&o).contains("(HTTP 500): InternalError"),
+        "{}",
+        text(&o)
+    );
+    assert!(relay.injected()[&Fault::InternalError] >= 1);
+    assert_eq!(outside(cache.keys()), before, "nothing deleted");
+    // The run released the cache: the next one, with the server well, collects both.
+    relay.set_config(RelayConfig::default());
+    let o = through.nixpush(&bed, &gc);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!cache.has_narinfo(&old) && !cache.has_narinfo(&dead));
 }
 
 /// What a reader of the bucket would fail on right now: a narinfo whose NAR or reference is

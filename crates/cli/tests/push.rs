@@ -387,7 +387,7 @@ fn distinct_errors(kind: S3Kind) {
 }
 
 /// Regression: Garage answers a HeadBucket signed for another region with a bare 400 (a HEAD has no
-/// body), which nixpush reported as "S3 HeadBucket of cache failed: HTTP 400".
+/// body), which nixpush reported as a bare HTTP 400 to its HeadBucket.
 #[test]
 fn a_wrong_region_is_named_with_the_buckets_own() {
     // Garage checks the region of a signature; s3s-fs and moto accept any.

@@ -735,9 +735,7 @@ fn chaos(kind: S3Kind) {
                 probability: 0.02,
                 kinds: Fault::ALL.to_vec(),
                 window: Duration::ZERO..CHAOS,
-                limit: None,
-                retry_after_secs: 1,
-                corrupt_min_body: 0,
+                ..Faults::none()
             },
             one_request_per_connection: true,
             ..RelayConfig::default()

@@ -207,7 +207,7 @@ mod tests {
         CacheError::S3 {
             operation: "PUT",
             key: "k".into(),
-            message: format!("HTTP {status}"),
+            message: "InternalError".into(),
             status: Some(status),
         }
     }

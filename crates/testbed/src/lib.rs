@@ -16,7 +16,7 @@ mod s3;
 pub use nix::{
     DaemonOptions, NixDaemon, chain_and_diamond, derivation, nix_string, with_dependency,
 };
-pub use relay::{ConnectionLog, Fault, Faults, Relay, RelayConfig};
+pub use relay::{ConnectionLog, Fault, Faults, Relay, RelayConfig, RequestMatch};
 pub use s3::{BucketClient, S3Kind, S3Server};
 
 use std::collections::BTreeSet;

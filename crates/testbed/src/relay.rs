@@ -6,8 +6,9 @@
 //!   held back by the ones before them, only by time).
 //! - **Bandwidth**: client → server bytes are paced to `upstream_bytes_per_sec`.
 //! - **Faults**, decided once per connection from a seeded generator, with a probability, inside a
-//!   time window measured from the relay's start (see [`Faults`] and [`Fault`]). Each decision is
-//!   logged, so a test asserts that the faults it meant to inject really happened.
+//!   time window measured from the relay's start, optionally only for requests of one kind (see
+//!   [`Faults`] and [`Fault`]). Each decision is logged, so a test asserts that the faults it meant
+//!   to inject really happened.
 //!
 //! The relay runs on its own small Tokio runtime; dropping it closes every connection.
 
@@ -76,6 +77,30 @@ pub struct Faults {
     /// [`Fault::Corrupt`] leaves request bodies shorter than this alone (a client's small
     /// bookkeeping writes go through, its uploads do not).
     pub corrupt_min_body: usize,
+    /// Only connections whose first request matches get a fault; the others pass untouched and
+    /// draw nothing from the generator. The relay reads that request's head before deciding. With
+    /// [`RelayConfig::one_request_per_connection`], this picks requests, not connections.
+    pub only: Option<RequestMatch>,
+}
+
+/// A kind of request: its method, and a piece of its target (path and query).
+#[derive(Clone, Debug)]
+pub struct RequestMatch {
+    pub method: String,
+    pub target_contains: String,
+}
+
+impl RequestMatch {
+    /// Whether the request whose head is `head` is of this kind.
+    fn matches(&self, head: &[u8]) -> bool {
+        let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line);
+        let mut parts = line.split(' ');
+        parts.next() == Some(self.method.as_str())
+            && parts
+                .next()
+                .is_some_and(|t| t.contains(&self.target_contains))
+    }
 }
 
 impl Faults {
@@ -89,6 +114,7 @@ impl Faults {
             limit: None,
             retry_after_secs: 1,
             corrupt_min_body: 0,
+            only: None,
         }
     }
 
@@ -197,8 +223,7 @@ impl Relay {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
-                let fault = accept.decide();
-                tokio::spawn(serve(accept.clone(), client, fault));
+                tokio::spawn(accept_one(accept.clone(), client));
             }
         });
         Relay {
@@ -237,32 +262,34 @@ impl Drop for Relay {
 }
 
 impl Shared {
-    fn decide(&self) -> Option<Fault> {
+    /// The fault for a new connection; `eligible` is false for a request [`Faults::only`] leaves out.
+    fn decide(&self, eligible: bool) -> Option<Fault> {
         let config = self.config.lock().unwrap();
         let f = &config.faults;
         let mut log = self.log.lock().unwrap();
         let given = log.iter().filter(|(_, f)| f.is_some()).count();
         let in_window = f.window.contains(&self.started.elapsed());
-        let fault = if in_window && !f.kinds.is_empty() && f.limit.is_none_or(|l| given < l) {
-            let mut state = self.rng.lock().unwrap();
-            let roll = next_random(&mut state);
-            // The top 53 bits as a uniform float in [0, 1).
-            let uniform = (roll >> 11) as f64 / (1u64 << 53) as f64;
-            (uniform < f.probability).then(|| {
-                let mut round = self.round.lock().unwrap();
-                if round.is_empty() {
-                    // A new round: the kinds, shuffled (Fisher-Yates).
-                    *round = f.kinds.clone();
-                    for i in (1..round.len()).rev() {
-                        let j = (next_random(&mut state) % (i as u64 + 1)) as usize;
-                        round.swap(i, j);
+        let fault =
+            if eligible && in_window && !f.kinds.is_empty() && f.limit.is_none_or(|l| given < l) {
+                let mut state = self.rng.lock().unwrap();
+                let roll = next_random(&mut state);
+                // The top 53 bits as a uniform float in [0, 1).
+                let uniform = (roll >> 11) as f64 / (1u64 << 53) as f64;
+                (uniform < f.probability).then(|| {
+                    let mut round = self.round.lock().unwrap();
+                    if round.is_empty() {
+                        // A new round: the kinds, shuffled (Fisher-Yates).
+                        *round = f.kinds.clone();
+                        for i in (1..round.len()).rev() {
+                            let j = (next_random(&mut state) % (i as u64 + 1)) as usize;
+                            round.swap(i, j);
+                        }
                     }
-                }
-                round.pop().expect("a round has every kind")
-            })
-        } else {
-            None
-        };
+                    round.pop().expect("a round has every kind")
+                })
+            } else {
+                None
+            };
         log.push((Instant::now(), fault));
         fault
     }
@@ -285,7 +312,30 @@ fn next_random(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>) {
+/// Decides a new connection's fault (reading its first request's head first when faults are for
+/// some requests only) and serves it.
+async fn accept_one(shared: Arc<Shared>, mut client: TcpStream) {
+    let only = shared.config.lock().unwrap().faults.only.clone();
+    let (eligible, head) = match only {
+        None => (true, Vec::new()),
+        Some(only) => {
+            let mut head = Vec::new();
+            let mut chunk = vec![0u8; 16 * 1024];
+            while head_end(&head).is_none() && head.len() < 64 * 1024 {
+                match client.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&chunk[..n]),
+                }
+            }
+            (only.matches(&head), head)
+        }
+    };
+    let fault = shared.decide(eligible);
+    serve(shared, client, fault, head).await;
+}
+
+/// Serves a connection as `fault` says; `read` is what was already read of it.
+async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>, read: Vec<u8>) {
     let config = shared.config();
     let _ = client.set_nodelay(true);
     // The request and the answer would each cross the link once.
@@ -293,7 +343,7 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>)
     match fault {
         Some(Fault::Reset) => {
             let mut buf = [0u8; 1024];
-            if matches!(client.read(&mut buf).await, Ok(n) if n > 0) {
+            if !read.is_empty() || matches!(client.read(&mut buf).await, Ok(n) if n > 0) {
                 // Linger zero turns the close into a RST.
                 if client.set_zero_linger().is_ok() {
                     shared.applied(Fault::Reset);
@@ -302,7 +352,7 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>)
         }
         Some(Fault::Stall) => {
             let mut buf = vec![0u8; 64 * 1024];
-            if matches!(client.read(&mut buf).await, Ok(n) if n > 0) {
+            if !read.is_empty() || matches!(client.read(&mut buf).await, Ok(n) if n > 0) {
                 shared.applied(Fault::Stall);
                 while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {}
             }
@@ -314,6 +364,7 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>)
             );
             if answer(
                 &mut client,
+                read,
                 "500 Internal Server Error",
                 "",
                 body,
@@ -327,7 +378,16 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>)
         Some(Fault::SlowDown) => {
             let body = s3_error("SlowDown", "Please reduce your request rate.");
             let retry = format!("Retry-After: {}\r\n", config.faults.retry_after_secs);
-            if answer(&mut client, "503 Slow Down", &retry, body, answer_delay).await {
+            if answer(
+                &mut client,
+                read,
+                "503 Slow Down",
+                &retry,
+                body,
+                answer_delay,
+            )
+            .await
+            {
                 shared.applied(Fault::SlowDown);
             }
         }
@@ -342,7 +402,13 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>)
                 (_, None) => Pace::None,
             };
             let close = config.one_request_per_connection;
-            pipe(&shared, client, server, config.delay, pace, fault, close).await;
+            let link = Link {
+                delay: config.delay,
+                pace,
+                fault,
+                close,
+            };
+            pipe(&shared, client, read, server, link).await;
         }
     }
 }
@@ -354,17 +420,18 @@ fn s3_error(code: &str, message: &str) -> String {
     )
 }
 
-/// Reads one request, answers it with `status` after `delay`, and closes gracefully: unread request
-/// bytes at close would make the kernel send a RST that can destroy the answer before the client
-/// reads it. Whether the answer was written.
+/// Reads one request (of which `read` has arrived), answers it with `status` after `delay`, and
+/// closes gracefully: unread request bytes at close would make the kernel send a RST that can
+/// destroy the answer before the client reads it. Whether the answer was written.
 async fn answer(
     client: &mut TcpStream,
+    read: Vec<u8>,
     status: &str,
     headers: &str,
     body: String,
     delay: Duration,
 ) -> bool {
-    let Ok(method) = read_request(client).await else {
+    let Ok(method) = read_request(client, read).await else {
         return false;
     };
     tokio::time::sleep(delay).await;
@@ -385,11 +452,10 @@ async fn answer(
     true
 }
 
-/// Reads a request's head and body (by `Content-Length`, or chunked to its last chunk) and returns
-/// its method. A client that sent `Expect: 100-continue` sends no body before an answer, so none is
-/// read.
-async fn read_request(client: &mut TcpStream) -> std::io::Result<String> {
-    let mut buf = Vec::new();
+/// Reads a request's head and body (by `Content-Length`, or chunked to its last chunk), of which
+/// `buf` has arrived, and returns its method. A client that sent `Expect: 100-continue` sends no
+/// body before an answer, so none is read.
+async fn read_request(client: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<String> {
     let mut chunk = vec![0u8; 64 * 1024];
     let head_len = loop {
         if let Some(end) = head_end(&buf) {
@@ -525,23 +591,37 @@ enum Pace {
     Link,
 }
 
-/// Relays both directions until the server's side ends (or the response is cut).
-async fn pipe(
-    shared: &Arc<Shared>,
-    client: TcpStream,
-    server: TcpStream,
+/// How a relayed connection behaves.
+struct Link {
     delay: Duration,
     pace: Pace,
     fault: Option<Fault>,
+    /// Add `Connection: close` to the first request.
     close: bool,
+}
+
+/// Relays both directions until the server's side ends (or the response is cut); `read` is what
+/// was already read from the client.
+async fn pipe(
+    shared: &Arc<Shared>,
+    client: TcpStream,
+    read: Vec<u8>,
+    server: TcpStream,
+    link: Link,
 ) {
+    let Link {
+        delay,
+        pace,
+        fault,
+        close,
+    } = link;
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     // The method of the first request tells whether its response has a body (HEAD has none).
     let (method_tx, method_rx) = oneshot::channel();
     let up = tokio::spawn(direction(
         shared.clone(),
-        client_read,
+        (read, client_read),
         server_write,
         delay,
         pace,
@@ -555,7 +635,7 @@ async fn pipe(
     };
     let down = direction(
         shared.clone(),
-        server_read,
+        (Vec::new(), server_read),
         client_write,
         delay,
         Pace::None,
@@ -607,11 +687,11 @@ fn cut_point(seen: &[u8], is_head: bool) -> Option<usize> {
     }
 }
 
-/// Reads from `from` into a delay line, paced as `pace` says; a writer releases each chunk `delay`
-/// after it arrived.
+/// Reads from `from` (after what was already read of it) into a delay line, paced as `pace` says; a
+/// writer releases each chunk `delay` after it arrived.
 async fn direction(
     shared: Arc<Shared>,
-    mut from: OwnedReadHalf,
+    (read, mut from): (Vec<u8>, OwnedReadHalf),
     mut to: OwnedWriteHalf,
     delay: Duration,
     pace: Pace,
@@ -648,12 +728,16 @@ async fn direction(
                 min_body: shared.config.lock().unwrap().faults.corrupt_min_body,
                 ..BodyFlipper::default()
             });
+        let mut read = Some(read).filter(|r| !r.is_empty());
         loop {
-            let n = match from.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
+            let mut data = match read.take() {
+                Some(data) => data,
+                None => match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf[..n].to_vec(),
+                },
             };
-            let mut data = buf[..n].to_vec();
+            let n = data.len();
             let cost = |rate: u64| Duration::from_secs_f64(n as f64 / rate as f64);
             let ready = match pace {
                 Pace::None => None,

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use nixpush_testbed::{Fault, Faults, Relay, RelayConfig, S3Server};
+use nixpush_testbed::{Fault, Faults, Relay, RelayConfig, RequestMatch, S3Server};
 
 const BLOB: usize = 256 * 1024;
 
@@ -285,4 +285,34 @@ fn one_request_per_connection_makes_every_request_a_new_connection() {
             "close: {close}, {made} connections"
         );
     }
+}
+
+#[test]
+fn faults_for_one_kind_of_request_leave_the_others_alone() {
+    let b = Bench::new();
+    let key = format!("/{}/blob", b.s3.bucket);
+    let relay = b.relay(RelayConfig {
+        faults: Faults {
+            only: Some(RequestMatch {
+                method: "GET".into(),
+                target_contains: key,
+            }),
+            ..Faults::always(Fault::InternalError)
+        },
+        one_request_per_connection: true,
+        ..RelayConfig::default()
+    });
+    // A PUT, relayed with what the relay read to decide, then the GET it is set on, twice.
+    assert!(b.put(&relay, "other", BLOB).is_success());
+    assert_eq!(b.s3.get("other").unwrap().len(), BLOB);
+    for _ in 0..2 {
+        let (status, _, _) = b.get(&relay).unwrap();
+        assert_eq!(status.as_u16(), 500);
+    }
+    assert_eq!(relay.injected()[&Fault::InternalError], 2);
+    let decided: Vec<_> = relay.connections().into_iter().map(|(_, f)| f).collect();
+    assert_eq!(
+        decided,
+        [None, Some(Fault::InternalError), Some(Fault::InternalError)]
+    );
 }

@@ -232,7 +232,7 @@ impl S3Target {
         let message = match (&e, code.as_deref(), e.message()) {
             (SdkError::ServiceError(_), Some(c), Some(m)) => format!("{c}: {m}"),
             (SdkError::ServiceError(_), Some(c), None) => c.to_owned(),
-            (SdkError::ServiceError(_), None, _) => format!("HTTP {}", status.unwrap_or_default()),
+            (SdkError::ServiceError(_), None, _) => "no error code".to_owned(),
             _ => DisplayErrorContext(&e).to_string(),
         };
         let retry_after = e
