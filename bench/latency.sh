@@ -3,7 +3,9 @@
 # each referencing two of the level below, and a root on top), pushed through relays that add
 # DELAY_MS each way (a round trip of 2 x DELAY_MS), by nixpush push (SigV4 endpoint) and by
 # `nix copy` of Nix 2.8 (HTTP PUTs to the anonymous s3s-fs over the same data). The tools alternate
-# over ROUNDS rounds, each into a fresh bucket; medians are compared.
+# over ROUNDS rounds, each into a fresh bucket; medians are compared. nixpush also pushes through a
+# relay that adds nothing: what the push costs on this machine with no latency at all (client, server,
+# relay and nix-daemon share its cores), so that what the latency adds can be told from the rest.
 # Usage: bench/latency.sh [DELAY_MS] [ROUNDS] [DEPTH] [WIDTH]
 source "$(dirname "$0")/../scripts/lib.sh"
 DELAY_MS="${1:-10}"
@@ -20,15 +22,16 @@ BED_EXTRA_CONF="max-jobs = 4"
 bed_start "$WORK"
 "$NIXPUSH" keygen bench-1 "$WORK/sk" "$WORK/pk" > /dev/null
 
-relay() { # relay UPSTREAM_PORT: starts a relay (stopped by bed_stop) and sets RELAY to its endpoint
-    local out="$WORK/relay.$1"
-    "$REPO/target/release/nixpush-relay" "127.0.0.1:$1" --delay-ms "$DELAY_MS" > "$out" &
+relay() { # relay UPSTREAM_PORT [DELAY_MS]: starts a relay (stopped by bed_stop), sets RELAY to its endpoint
+    local out="$WORK/relay.$1.${2:-$DELAY_MS}"
+    "$REPO/target/release/nixpush-relay" "127.0.0.1:$1" --delay-ms "${2:-$DELAY_MS}" > "$out" &
     PIDS+=($!)
     wait_for "the relay" test -s "$out"
     RELAY=$(head -n 1 "$out")
 }
 relay "$S3_PORT"; S3_RELAY="$RELAY"
 relay "$ANON_PORT"; HTTP_RELAY="$RELAY"
+relay "$S3_PORT" 0; NEAR_RELAY="$RELAY"
 
 say "building the closure ($DEPTH levels of $WIDTH paths and a root)"
 ROOT=$(nix-build --no-out-link "$REPO/bench/bench.nix" -A layered --argstr nonce "latency-$(date +%s%N)" \
@@ -41,8 +44,11 @@ run() { # run TOOL BUCKET: seconds to push the closure into a fresh bucket
     local start end
     start=$(date +%s.%N)
     case "$1" in
-        nixpush) "$NIXPUSH" push --secret-key-file "$WORK/sk" \
-                    --to "s3://$2?endpoint=$S3_RELAY&region=us-east-1&compression=zstd" "$ROOT" \
+        nixpush|nixpush-near)
+            local endpoint="$S3_RELAY"
+            [ "$1" = nixpush ] || endpoint="$NEAR_RELAY"
+            "$NIXPUSH" push --secret-key-file "$WORK/sk" \
+                    --to "s3://$2?endpoint=$endpoint&region=us-east-1&compression=zstd" "$ROOT" \
                     > "$WORK/$2.log" 2>&1 ;;
         nix-copy) nix copy --to "$HTTP_RELAY/$2?compression=zstd&secret-key=$WORK/sk" "$ROOT" \
                     > "$WORK/$2.log" 2>&1 ;;
@@ -53,16 +59,18 @@ run() { # run TOOL BUCKET: seconds to push the closure into a fresh bucket
     python3 -c "print(f'{$end - $start:.2f}')"
 }
 
-say "$ROUNDS rounds, $DELAY_MS ms each way: nix copy and nixpush alternately"
-copy_runs=(); push_runs=()
+say "$ROUNDS rounds, $DELAY_MS ms each way: nix copy, nixpush, and nixpush with no delay, alternately"
+copy_runs=(); push_runs=(); near_runs=()
 for round in $(seq 1 "$ROUNDS"); do
     copy_runs+=("$(run nix-copy "copy-$round")")
     push_runs+=("$(run nixpush "push-$round")")
-    echo "round $round: nix copy ${copy_runs[-1]} s, nixpush ${push_runs[-1]} s"
+    near_runs+=("$(run nixpush-near "near-$round")")
+    echo "round $round: nix copy ${copy_runs[-1]} s, nixpush ${push_runs[-1]} s, nixpush with no delay ${near_runs[-1]} s"
 done
 median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END{print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 copy_s=$(median "${copy_runs[@]}")
 push_s=$(median "${push_runs[@]}")
+near_s=$(median "${near_runs[@]}")
 # The publish order allows a narinfo only after its references' narinfos: one acknowledged PUT per
 # level and the root, after a few round trips to start (HeadBucket, nix-cache-info, the probes).
 floor=$(python3 -c "print(f'{($DEPTH + 1 + 3) * 2 * $DELAY_MS / 1000:.2f}')")
@@ -70,4 +78,7 @@ echo
 echo "$COUNT paths, depth $((DEPTH + 1)), round trip $((2 * DELAY_MS)) ms; medians of $ROUNDS rounds"
 printf '%-26s %8ss\n' "nix copy" "$copy_s"
 printf '%-26s %8ss   (%s x nix copy)\n' "nixpush push" "$push_s" "$(python3 -c "print(f'{$push_s/$copy_s:.3f}')")"
-printf '%-26s %8ss   (nixpush is %s x the floor)\n' "latency floor" "$floor" "$(python3 -c "print(f'{$push_s/$floor:.1f}')")"
+ratio() { python3 -c "print(f'{($1)/($2):.2f}' if ($2) > 0 else '-')"; }
+printf '%-26s %8ss   (nixpush is %s x the floor)\n' "latency floor" "$floor" "$(ratio "$push_s" "$floor")"
+printf '%-26s %8ss   (the latency added %ss: %s x the floor)\n' "nixpush, no delay" "$near_s" \
+    "$(python3 -c "print(f'{$push_s - $near_s:.2f}')")" "$(ratio "$push_s - $near_s" "$floor")"
