@@ -164,8 +164,8 @@ struct Shared {
     round: Mutex<Vec<Fault>>,
     /// Faults as decided when each connection was accepted.
     log: Mutex<ConnectionLog>,
-    /// Faults that really happened: the RST sent, the request read and left unanswered, the answer
-    /// written, the response cut, bytes trickled.
+    /// Faults that really happened: the RST sent, the request read and left unanswered, the request
+    /// read and the answer about to be written, the response cut, bytes trickled.
     applied: Mutex<BTreeMap<Fault, usize>>,
     /// When the shared uplink is free again: `upstream_bytes_per_sec` holds for all connections
     /// together, as on a real link.
@@ -362,34 +362,25 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>,
                 "InternalError",
                 "We encountered an internal error. Please try again.",
             );
-            if answer(
-                &mut client,
-                read,
-                "500 Internal Server Error",
-                "",
-                body,
-                answer_delay,
-            )
-            .await
-            {
-                shared.applied(Fault::InternalError);
-            }
+            let status = "500 Internal Server Error";
+            answer(&mut client, read, status, "", body, answer_delay, || {
+                shared.applied(Fault::InternalError)
+            })
+            .await;
         }
         Some(Fault::SlowDown) => {
             let body = s3_error("SlowDown", "Please reduce your request rate.");
             let retry = format!("Retry-After: {}\r\n", config.faults.retry_after_secs);
-            if answer(
+            answer(
                 &mut client,
                 read,
                 "503 Slow Down",
                 &retry,
                 body,
                 answer_delay,
+                || shared.applied(Fault::SlowDown),
             )
-            .await
-            {
-                shared.applied(Fault::SlowDown);
-            }
+            .await;
         }
         Some(Fault::Cut | Fault::Trickle | Fault::Corrupt) | None => {
             let Ok(server) = TcpStream::connect(&shared.upstream).await else {
@@ -421,8 +412,8 @@ fn s3_error(code: &str, message: &str) -> String {
 }
 
 /// Reads one request (of which `read` has arrived), answers it with `status` after `delay`, and
-/// closes gracefully: unread request bytes at close would make the kernel send a RST that can
-/// destroy the answer before the client reads it. Whether the answer was written.
+/// closes gracefully (see [`drain`]). `counted` runs just before the answer is written, so that a
+/// client holding the answer finds the fault counted (a client gone by then is counted too).
 async fn answer(
     client: &mut TcpStream,
     read: Vec<u8>,
@@ -430,9 +421,10 @@ async fn answer(
     headers: &str,
     body: String,
     delay: Duration,
-) -> bool {
+    counted: impl FnOnce(),
+) {
     let Ok(method) = read_request(client, read).await else {
-        return false;
+        return;
     };
     tokio::time::sleep(delay).await;
     // The answer to a HEAD has the length of the body it does not carry.
@@ -442,14 +434,20 @@ async fn answer(
          Connection: close\r\n\r\n{body}",
         body.len()
     );
+    counted();
     if client.write_all(response.as_bytes()).await.is_err() {
-        return false;
+        return;
     }
     let _ = client.shutdown().await;
+    drain(client).await;
+}
+
+/// Reads what the client still sends until it closes (10 s at most): closing with unread request
+/// bytes would make the kernel send a RST that can destroy the answer before the client reads it.
+async fn drain(client: &mut TcpStream) {
     let mut buf = vec![0u8; 64 * 1024];
-    let drain = async { while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {} };
-    let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
-    true
+    let read_all = async { while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read_all).await;
 }
 
 /// Reads a request's head and body (by `Content-Length`, or chunked to its last chunk), of which
