@@ -27,6 +27,8 @@ pub enum CacheError {
         configured: String,
         actual: String,
     },
+    #[error("the server refused bucket `{bucket}` (HTTP 400); S3 bucket names are {rule}")]
+    BadBucketName { bucket: String, rule: &'static str },
     #[error("bucket `{bucket}` does not exist at {endpoint}")]
     NoSuchBucket { bucket: String, endpoint: String },
     #[error("S3 is throttling requests ({code}) on {key}")]
@@ -35,10 +37,11 @@ pub enum CacheError {
         code: String,
         retry_after: Option<u64>,
     },
-    #[error("S3 {operation} of {key} failed{}: {message}", http_status(*status))]
+    #[error("S3 {operation} of {key} failed{}", outcome(*status, message))]
     S3 {
         operation: &'static str,
         key: String,
+        /// The server's code and message; empty when its answer had none (a HEAD has no body).
         message: String,
         status: Option<u16>,
     },
@@ -138,7 +141,41 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-/// ` (HTTP 500)`, say: the status an operator looks up, beside the server's own words.
-fn http_status(status: Option<u16>) -> String {
-    status.map(|s| format!(" (HTTP {s})")).unwrap_or_default()
+/// How an S3 request ended: the status an operator looks up, beside the server's own words.
+fn outcome(status: Option<u16>, message: &str) -> String {
+    match (status, message) {
+        (Some(s), "") => format!(" with HTTP {s} and no error code"),
+        (Some(s), m) => format!(" (HTTP {s}): {m}"),
+        (None, m) => format!(": {m}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_s3_failure_names_its_status_and_the_servers_words() {
+        let e = |status, message: &str| {
+            CacheError::S3 {
+                operation: "GET",
+                key: "k.narinfo".into(),
+                message: message.into(),
+                status,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            e(Some(500), "InternalError: try again"),
+            "S3 GET of k.narinfo failed (HTTP 500): InternalError: try again"
+        );
+        assert_eq!(
+            e(Some(400), ""),
+            "S3 GET of k.narinfo failed with HTTP 400 and no error code"
+        );
+        assert_eq!(
+            e(None, "connection closed"),
+            "S3 GET of k.narinfo failed: connection closed"
+        );
+    }
 }

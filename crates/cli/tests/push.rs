@@ -386,6 +386,20 @@ fn distinct_errors(kind: S3Kind) {
     assert_eq!(bed.narinfos().len(), 1);
 }
 
+/// A bucket name S3 does not allow: s3s-fs answers HeadBucket with a bare 400, which says nothing
+/// about the name; nixpush names the rule it breaks.
+#[test]
+fn a_bucket_name_s3_refuses_is_named_with_the_rule() {
+    let bed = Bed::new();
+    let out = bed.nix.build(&derivation("bucket-name", "echo b > $out"));
+    let url = bed.s3.store_url("").replacen("s3://cache?", "s3://b1?", 1);
+    assert_fails_cleanly(
+        &bed,
+        bed.push(&url, &[&out[0]]),
+        "the server refused bucket `b1` (HTTP 400); S3 bucket names are 3 to 63 characters",
+    );
+}
+
 /// Regression: Garage answers a HeadBucket signed for another region with a bare 400 (a HEAD has no
 /// body), which nixpush reported as a bare HTTP 400 to its HeadBucket.
 #[test]

@@ -83,6 +83,7 @@ pub fn class_of(e: &CacheError) -> &'static str {
         | CacheError::NoCredentials { .. }
         | CacheError::HttpDenied { .. }
         | CacheError::WrongRegion { .. }
+        | CacheError::BadBucketName { .. }
         | CacheError::NoSuchBucket { .. } => "auth",
         CacheError::S3 {
             status: Some(500..=599),

@@ -179,6 +179,14 @@ impl S3Target {
                     actual,
                 });
             }
+            // Only as the reason for a refusal: old us-east-1 buckets, and some servers, take
+            // names that today's rules do not.
+            if let Some(rule) = bucket_name_problem(&self.bucket) {
+                return Err(CacheError::BadBucketName {
+                    bucket: self.bucket.clone(),
+                    rule,
+                });
+            }
         }
         Err(match self.classify(e, "HeadBucket", &self.bucket) {
             CacheError::S3 {
@@ -232,7 +240,7 @@ impl S3Target {
         let message = match (&e, code.as_deref(), e.message()) {
             (SdkError::ServiceError(_), Some(c), Some(m)) => format!("{c}: {m}"),
             (SdkError::ServiceError(_), Some(c), None) => c.to_owned(),
-            (SdkError::ServiceError(_), None, _) => "no error code".to_owned(),
+            (SdkError::ServiceError(_), None, _) => String::new(),
             _ => DisplayErrorContext(&e).to_string(),
         };
         let retry_after = e
@@ -868,6 +876,25 @@ fn region_named(header: Option<&str>, body: &[u8]) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Which of S3's bucket naming rules `name` breaks, if any.
+fn bucket_name_problem(name: &str) -> Option<&'static str> {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-';
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !(3..=63).contains(&name.len()) {
+        Some("3 to 63 characters")
+    } else if !name.chars().all(allowed) {
+        Some("only lowercase letters, digits, `.` and `-`")
+    } else if !edge(name.chars().next()) || !edge(name.chars().last()) {
+        Some("beginning and ending with a letter or digit")
+    } else if name.contains("..") {
+        Some("no two dots in a row")
+    } else if name.parse::<std::net::Ipv4Addr>().is_ok() {
+        Some("not an IP address")
+    } else {
+        None
+    }
+}
+
 /// GetBucketLocation's `LocationConstraint` as a region: none for us-east-1, and `EU` from the
 /// days before eu-west-1 had its name.
 fn location_region(constraint: Option<&str>) -> String {
@@ -882,6 +909,26 @@ fn location_region(constraint: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bucket_names_are_judged_by_s3s_rules() {
+        for good in ["cache", "nix-cache.example.org", "a1b", &"x".repeat(63)] {
+            assert_eq!(bucket_name_problem(good), None, "{good}");
+        }
+        for (bad, rule) in [
+            ("b1", "3 to 63"),
+            (&*"x".repeat(64), "3 to 63"),
+            ("Cache", "lowercase"),
+            ("my_cache", "lowercase"),
+            ("-cache", "beginning and ending"),
+            ("cache.", "beginning and ending"),
+            ("a..b", "two dots"),
+            ("192.168.1.10", "IP address"),
+        ] {
+            let found = bucket_name_problem(bad).unwrap_or_default();
+            assert!(found.contains(rule), "{bad}: {found:?}");
+        }
+    }
 
     #[test]
     fn the_region_comes_from_aws_header_or_an_error_body() {
