@@ -152,7 +152,7 @@ impl Default for RelayConfig {
     }
 }
 
-/// One accepted connection: when it arrived and the fault it was given.
+/// One accepted connection: when its fault was decided, and the fault.
 pub type ConnectionLog = Vec<(Instant, Option<Fault>)>;
 
 struct Shared {
@@ -162,7 +162,8 @@ struct Shared {
     rng: Mutex<u64>,
     /// The rest of the current round of fault kinds, taken from the end.
     round: Mutex<Vec<Fault>>,
-    /// Faults as decided when each connection was accepted.
+    /// Faults as decided for each connection: when it was accepted, or once its first request's
+    /// head arrived when faults are kept to some requests.
     log: Mutex<ConnectionLog>,
     /// Faults that really happened: the RST sent, the request read and left unanswered, the request
     /// read and the answer about to be written, the response cut, bytes trickled.
@@ -242,7 +243,8 @@ impl Relay {
         *self.shared.config.lock().unwrap() = config;
     }
 
-    /// Every connection accepted so far, in order, with the fault decided for it.
+    /// Every connection accepted so far, in the order of the decisions, with the fault decided for
+    /// it (see [`Faults::only`]).
     pub fn connections(&self) -> ConnectionLog {
         self.shared.log.lock().unwrap().clone()
     }
@@ -321,18 +323,34 @@ async fn accept_one(shared: Arc<Shared>, mut client: TcpStream) {
         Some(only) => {
             let mut head = Vec::new();
             let mut chunk = vec![0u8; 16 * 1024];
-            while head_end(&head).is_none() && head.len() < 64 * 1024 {
-                match client.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => head.extend_from_slice(&chunk[..n]),
+            let read_head = async {
+                while head_end(&head).is_none() && head.len() < 64 * 1024 {
+                    match client.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
                 }
+                true
+            };
+            // A connection a client opened ahead of need (a pool's spare) may say nothing for a
+            // long time: it is relayed as it is, without a fault, once the wait is over.
+            match tokio::time::timeout(HEAD_WAIT, read_head).await {
+                Ok(true) => (only.matches(&head), head),
+                Ok(false) => {
+                    shared.decide(false);
+                    return;
+                }
+                Err(_) => (false, head),
             }
-            (only.matches(&head), head)
         }
     };
     let fault = shared.decide(eligible);
     serve(shared, client, fault, head).await;
 }
+
+/// How long the relay waits for a connection's first request head when faults are kept to some
+/// requests.
+const HEAD_WAIT: Duration = Duration::from_secs(5);
 
 /// Serves a connection as `fault` says; `read` is what was already read of it.
 async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>, read: Vec<u8>) {
@@ -427,7 +445,7 @@ async fn answer(
         return;
     };
     tokio::time::sleep(delay).await;
-    // The answer to a HEAD has the length of the body it does not carry.
+    // The answer to a HEAD has no body.
     let body = if method == "HEAD" { "" } else { body.as_str() };
     let response = format!(
         "HTTP/1.1 {status}\r\n{headers}Content-Type: application/xml\r\nContent-Length: {}\r\n\

@@ -49,6 +49,15 @@ impl Bench {
         })
     }
 
+    /// PUTs `body` through `relay` with the bench's client (connections kept alive, 3 s deadline).
+    fn put_body(&self, relay: &Relay, key: &str, body: Vec<u8>) -> reqwest::StatusCode {
+        let url = format!("{}/{}/{key}", relay.endpoint, self.s3.bucket);
+        self.rt
+            .block_on(async { self.client.put(url).body(body).send().await })
+            .unwrap()
+            .status()
+    }
+
     fn put(&self, relay: &Relay, key: &str, len: usize) -> reqwest::StatusCode {
         let url = format!("{}/{}/{key}", relay.endpoint, self.s3.bucket);
         self.rt.block_on(async {
@@ -302,17 +311,33 @@ fn faults_for_one_kind_of_request_leave_the_others_alone() {
         one_request_per_connection: true,
         ..RelayConfig::default()
     });
-    // A PUT, relayed with what the relay read to decide, then the GET it is set on, twice.
-    assert!(b.put(&relay, "other", BLOB).is_success());
-    assert_eq!(b.s3.get("other").unwrap().len(), BLOB);
+    // PUTs, relayed with the head the relay read to decide, byte for byte; the GET the fault is
+    // set on, twice; one client throughout, whose connections each carry one request.
+    let body =
+        |seed: usize| -> Vec<u8> { (0..BLOB).map(|i| ((i * 7 + seed) % 251) as u8).collect() };
+    assert!(b.put_body(&relay, "first", body(1)).is_success());
     for _ in 0..2 {
         let (status, _, _) = b.get(&relay).unwrap();
         assert_eq!(status.as_u16(), 500);
     }
+    assert!(b.put_body(&relay, "second", body(2)).is_success());
+    assert!(
+        b.s3.get("first") == Some(body(1)),
+        "first PUT changed in transit"
+    );
+    assert!(
+        b.s3.get("second") == Some(body(2)),
+        "second PUT changed in transit"
+    );
     assert_eq!(relay.injected()[&Fault::InternalError], 2);
     let decided: Vec<_> = relay.connections().into_iter().map(|(_, f)| f).collect();
     assert_eq!(
         decided,
-        [None, Some(Fault::InternalError), Some(Fault::InternalError)]
+        [
+            None,
+            Some(Fault::InternalError),
+            Some(Fault::InternalError),
+            None
+        ]
     );
 }
