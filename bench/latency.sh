@@ -22,16 +22,17 @@ BED_EXTRA_CONF="max-jobs = 4"
 bed_start "$WORK"
 "$NIXPUSH" keygen bench-1 "$WORK/sk" "$WORK/pk" > /dev/null
 
-relay() { # relay UPSTREAM_PORT [DELAY_MS]: starts a relay (stopped by bed_stop), sets RELAY to its endpoint
-    local out="$WORK/relay.$1.${2:-$DELAY_MS}"
+relay() { # relay NAME UPSTREAM_PORT [DELAY_MS]: starts a relay (stopped by bed_stop), sets RELAY to its endpoint
+    local out="$WORK/relay.$1"
+    shift
     "$REPO/target/release/nixpush-relay" "127.0.0.1:$1" --delay-ms "${2:-$DELAY_MS}" > "$out" &
     PIDS+=($!)
     wait_for "the relay" test -s "$out"
     RELAY=$(head -n 1 "$out")
 }
-relay "$S3_PORT"; S3_RELAY="$RELAY"
-relay "$ANON_PORT"; HTTP_RELAY="$RELAY"
-relay "$S3_PORT" 0; NEAR_RELAY="$RELAY"
+relay s3 "$S3_PORT"; S3_RELAY="$RELAY"
+relay http "$ANON_PORT"; HTTP_RELAY="$RELAY"
+relay near "$S3_PORT" 0; NEAR_RELAY="$RELAY"
 
 say "building the closure ($DEPTH levels of $WIDTH paths and a root)"
 ROOT=$(nix-build --no-out-link "$REPO/bench/bench.nix" -A layered --argstr nonce "latency-$(date +%s%N)" \
@@ -80,5 +81,6 @@ printf '%-26s %8ss\n' "nix copy" "$copy_s"
 printf '%-26s %8ss   (%s x nix copy)\n' "nixpush push" "$push_s" "$(python3 -c "print(f'{$push_s/$copy_s:.3f}')")"
 ratio() { python3 -c "print(f'{($1)/($2):.2f}' if ($2) > 0 else '-')"; }
 printf '%-26s %8ss   (nixpush is %s x the floor)\n' "latency floor" "$floor" "$(ratio "$push_s" "$floor")"
+# Negative when the delayed runs happened to be the faster ones: the latency then cost nothing measurable.
 printf '%-26s %8ss   (the latency added %ss: %s x the floor)\n' "nixpush, no delay" "$near_s" \
     "$(python3 -c "print(f'{$push_s - $near_s:.2f}')")" "$(ratio "$push_s - $near_s" "$floor")"

@@ -8,22 +8,35 @@ use std::collections::BTreeSet;
 use nixpush_cache::{Objects, StoreUrl};
 use nixpush_testbed::{S3Kind, S3Server};
 
-/// Keys in two hashed shards and two DeleteObjects batches.
-const KEYS: usize = 1_005;
+/// Keys in two hashed shards, one of them more than a page of listing, and two DeleteObjects
+/// batches.
+const KEYS: usize = 1_105;
 
 #[test]
 fn objects_are_listed_with_times_and_tags_and_deleted_in_batches_on_every_server() {
+    // The AWS credential chain reads a credentials file named by the environment; the environment
+    // is set once, before this process starts a thread, and the file rewritten for each server.
+    let credentials = tempfile::NamedTempFile::new().unwrap();
+    // SAFETY: no other thread exists yet.
+    unsafe {
+        std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", credentials.path());
+        std::env::set_var("AWS_CONFIG_FILE", "/nonexistent");
+        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    }
     let rt = tokio::runtime::Runtime::new().unwrap();
     for kind in [S3Kind::S3sFs, S3Kind::Garage, S3Kind::Moto] {
         let s3 = S3Server::start_kind(kind);
-        // The AWS credential chain reads the environment. SAFETY: this binary holds this one test,
-        // and no other thread of it reads the environment while the servers change.
-        for (name, value) in s3.credentials_env() {
-            unsafe { std::env::set_var(name, value) };
-        }
+        std::fs::write(
+            credentials.path(),
+            format!(
+                "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                s3.access_key, s3.secret_key
+            ),
+        )
+        .unwrap();
         let keys: Vec<String> = (0..KEYS)
             .map(|i| {
-                let shard = if i % 2 == 0 { '0' } else { 'z' };
+                let shard = if i < 1_050 { '0' } else { 'z' };
                 format!("{shard}{i:031}.narinfo")
             })
             .collect();
