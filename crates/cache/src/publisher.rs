@@ -13,7 +13,7 @@
 //! again if a collection may have deleted it meanwhile (or if the narinfo would go up more than
 //! half of [`NAR_WINDOW`] after it).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -138,10 +138,17 @@ struct Shared {
     /// The look under which what `paths.known` holds was last confirmed.
     memory_checked: Mutex<Observation>,
     host: String,
+    /// The session record pushes begun now add to.
+    session: Mutex<Arc<SessionRecord>>,
 }
 
 /// How often a push writes its session again while it runs.
 const SESSION_REFRESH: Duration = Duration::from_secs(15 * 60);
+
+/// Pushes that begin within this time of a session record's opening share it: one object,
+/// rewritten as they add to it, rather than one object per push (a daemon's every item), which
+/// the bucket would keep for the whole `--keep-within` and every collection would read.
+const SESSION_PERIOD: Duration = Duration::from_secs(15 * 60);
 
 /// Stops a push's session refresh when the push ends.
 struct Refresh(tokio::task::JoinHandle<()>);
@@ -152,50 +159,105 @@ impl Drop for Refresh {
     }
 }
 
-/// One push's session record, written before the push relies on anything and rewritten when it
-/// relies on a NAR it found present.
+/// The session record of the pushes begun within one [`SESSION_PERIOD`]: what they publish or rely
+/// on, written before they rely on it, and rewritten when one relies on a NAR it found present.
 struct SessionRecord {
     key: String,
-    session: tokio::sync::Mutex<Session>,
+    host: String,
+    opened: Instant,
+    content: Mutex<SessionContent>,
+    /// The version of the content the object in the cache holds; writers take turns.
+    written: tokio::sync::Mutex<u64>,
+}
+
+#[derive(Default)]
+struct SessionContent {
+    paths: BTreeSet<String>,
+    nars: BTreeSet<String>,
+    /// Counts the additions: a write covers those made before it read the content.
+    version: u64,
 }
 
 impl SessionRecord {
-    fn new(host: &str, closure: &[PathInfo], skipped: &[StorePath]) -> Self {
-        let mut paths: Vec<String> = closure
-            .iter()
-            .flat_map(|i| std::iter::once(&i.path).chain(&i.references))
-            .chain(skipped)
-            .map(|p| p.hash_part().to_owned())
-            .collect();
-        paths.sort();
-        paths.dedup();
+    fn open(host: &str) -> Self {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         SessionRecord {
             key: Session::key(host, started, getrandom::u64().unwrap_or_default()),
-            session: tokio::sync::Mutex::new(Session {
-                host: host.to_owned(),
-                paths,
-                nars: Vec::new(),
-            }),
+            host: host.to_owned(),
+            opened: Instant::now(),
+            content: Mutex::default(),
+            written: tokio::sync::Mutex::new(0),
         }
     }
 
-    async fn write(&self, target: &Target) -> Result<(), CacheError> {
-        let session = self.session.lock().await;
-        let body = serde_json::to_vec(&*session).expect("a session serializes");
-        target.put_bytes(&self.key, body, "application/json").await
+    fn content(&self) -> std::sync::MutexGuard<'_, SessionContent> {
+        self.content.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a NAR relied on, and writes the record again (one writer at a time).
+    /// Adds a push's closure (and the known paths its walk stopped at); returns the version the
+    /// object must hold before the push relies on them.
+    fn add_paths(&self, closure: &[PathInfo], skipped: &[StorePath]) -> u64 {
+        let mut content = self.content();
+        let before = content.paths.len();
+        content.paths.extend(
+            closure
+                .iter()
+                .flat_map(|i| std::iter::once(&i.path).chain(&i.references))
+                .chain(skipped)
+                .map(|p| p.hash_part().to_owned()),
+        );
+        if content.paths.len() != before {
+            content.version += 1;
+        }
+        content.version
+    }
+
+    /// Makes the object hold at least `version`: written by this call, or by one that read the
+    /// content after that version was reached.
+    async fn flush(&self, target: &Target, version: u64) -> Result<(), CacheError> {
+        let mut written = self.written.lock().await;
+        if *written >= version && version > 0 {
+            return Ok(());
+        }
+        self.write_locked(target, &mut written).await
+    }
+
+    /// Writes the object again, so that its date is now (while a long push relies on it).
+    async fn rewrite(&self, target: &Target) -> Result<(), CacheError> {
+        let mut written = self.written.lock().await;
+        self.write_locked(target, &mut written).await
+    }
+
+    async fn write_locked(&self, target: &Target, written: &mut u64) -> Result<(), CacheError> {
+        let (body, version) = {
+            let content = self.content();
+            let session = Session {
+                host: self.host.clone(),
+                paths: content.paths.iter().cloned().collect(),
+                nars: content.nars.iter().cloned().collect(),
+            };
+            let body = serde_json::to_vec(&session).expect("a session serializes");
+            (body, content.version)
+        };
+        target
+            .put_bytes(&self.key, body, "application/json")
+            .await?;
+        *written = version;
+        Ok(())
+    }
+
+    /// Adds a NAR relied on, and has the object hold it.
     async fn add_nar(&self, target: &Target, nar: &str) -> Result<(), CacheError> {
-        let mut session = self.session.lock().await;
-        if !session.nars.iter().any(|n| n == nar) {
-            session.nars.push(nar.to_owned());
-        }
-        let body = serde_json::to_vec(&*session).expect("a session serializes");
-        target.put_bytes(&self.key, body, "application/json").await
+        let version = {
+            let mut content = self.content();
+            if content.nars.insert(nar.to_owned()) {
+                content.version += 1;
+            }
+            content.version
+        };
+        self.flush(target, version).await
     }
 }
 
@@ -208,6 +270,16 @@ struct Paths {
 impl Shared {
     fn paths(&self) -> std::sync::MutexGuard<'_, Paths> {
         self.paths.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session record for a push begun now: the current one, or a new one once its period is
+    /// over (pushes still relying on the old one keep it fresh themselves).
+    fn session(&self) -> Arc<SessionRecord> {
+        let mut current = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        if current.opened.elapsed() >= SESSION_PERIOD {
+            *current = Arc::new(SessionRecord::open(&self.host));
+        }
+        current.clone()
     }
 }
 
@@ -251,6 +323,7 @@ impl Publisher {
         source: Arc<dyn NarSource>,
         opts: &PushOptions,
     ) -> Self {
+        let host = local_host();
         Publisher {
             shared: Arc::new(Shared {
                 source,
@@ -269,7 +342,8 @@ impl Publisher {
                 }),
                 watch: Watch::new(target.clone()),
                 memory_checked: Mutex::new(Observation::NEVER),
-                host: local_host(),
+                session: Mutex::new(Arc::new(SessionRecord::open(&host))),
+                host,
                 target,
             }),
         }
@@ -323,9 +397,10 @@ impl Publisher {
         // The session, then a look at the collector: whatever this push relies on from here on is
         // named in a session that a collection's second mark sees, or is looked at after that
         // collection's deletions.
-        let record = Arc::new(SessionRecord::new(&sh.host, &candidates, &summary.skipped));
+        let record = sh.session();
+        let version = record.add_paths(&candidates, &summary.skipped);
         let looked = async {
-            record.write(&sh.target).await?;
+            record.flush(&sh.target, version).await?;
             sh.watch.look_after(Instant::now()).await
         };
         // A collection keeps sessions younger than its --keep-within (an hour at least): one
@@ -335,7 +410,7 @@ impl Publisher {
             async move {
                 loop {
                     tokio::time::sleep(SESSION_REFRESH).await;
-                    if let Err(e) = record.write(&target).await {
+                    if let Err(e) = record.rewrite(&target).await {
                         tracing::warn!(error = %error_chain(&e), "cannot write the push's session again");
                     }
                 }

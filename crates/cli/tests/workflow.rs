@@ -37,6 +37,26 @@ fn twenty_builds(kind: S3Kind) {
     );
     assert!(log.contains("(daemon)"), "{log}");
     f.wait_published(&outs);
+    // The twenty items, pushed within minutes, share one session record, which names them all.
+    let sessions: Vec<String> =
+        f.s3.keys()
+            .into_iter()
+            .filter(|k| k.starts_with("nixpush/sessions/"))
+            .collect();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let session: serde_json::Value =
+        serde_json::from_slice(&f.s3.get(&sessions[0]).unwrap()).unwrap();
+    for out in &outs {
+        let hash = &out.trim_start_matches("/nix/store/")[..32];
+        assert!(
+            session["paths"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p == hash),
+            "{out} is not in {session}"
+        );
+    }
     let closure = f.nix.requisites(&outs);
     f.substitute_back(&outs, &closure);
     // SIGTERM: a clean stop.
