@@ -446,6 +446,10 @@ fn collections_overlapping_pushes_leave_no_hole() {
             .iter()
             .all(|(_, s)| *s == nixpush_queue::State::Done)
     });
+    // A daemon's pushes share a session for 15 minutes, rewriting it as items come: the old
+    // closures are an earlier daemon's, whose session ages with everything else.
+    assert!(f.signal_daemon(libc::SIGTERM).success(), "{}", f.log());
+    f.start_daemon();
     cache.age_everything();
     let shared: Vec<String> = f
         .nix
