@@ -16,7 +16,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nixpush_format::cache_keys::{
     CONTENT_TYPE_LOG, CONTENT_TYPE_NAR, CONTENT_TYPE_NARINFO, log_key, nar_key, narinfo_key,
@@ -150,24 +150,28 @@ const SESSION_REFRESH: Duration = Duration::from_secs(15 * 60);
 /// the bucket would keep for the whole `--keep-within` and every collection would read.
 const SESSION_PERIOD: Duration = Duration::from_secs(15 * 60);
 
-/// Stops a push's session refresh when the push ends.
-struct Refresh(tokio::task::JoinHandle<()>);
-
-impl Drop for Refresh {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+/// A write of a session record older than this is not relied on: a push that finds its paths
+/// written writes again anyway, so that what it relies on is named by an object a collection
+/// counts as young (after a machine's suspension, say, that no `Instant` saw).
+const SESSION_WRITE_TRUSTED: Duration = Duration::from_secs(5 * 60);
 
 /// The session record of the pushes begun within one [`SESSION_PERIOD`]: what they publish or rely
 /// on, written before they rely on it, and rewritten when one relies on a NAR it found present.
 struct SessionRecord {
     key: String,
     host: String,
-    opened: Instant,
+    /// Wall-clock time, which goes on while a machine is suspended.
+    opened: SystemTime,
     content: Mutex<SessionContent>,
-    /// The version of the content the object in the cache holds; writers take turns.
-    written: tokio::sync::Mutex<u64>,
+    /// What the object in the cache holds; writers take turns.
+    written: tokio::sync::Mutex<Written>,
+}
+
+/// The last write that succeeded: the version of the content it read, and when it was made.
+#[derive(Default)]
+struct Written {
+    version: u64,
+    at: Option<SystemTime>,
 }
 
 #[derive(Default)]
@@ -180,16 +184,22 @@ struct SessionContent {
 
 impl SessionRecord {
     fn open(host: &str) -> Self {
-        let started = std::time::SystemTime::now()
+        let opened = SystemTime::now();
+        let started = opened
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         SessionRecord {
             key: Session::key(host, started, getrandom::u64().unwrap_or_default()),
             host: host.to_owned(),
-            opened: Instant::now(),
+            opened,
             content: Mutex::default(),
-            written: tokio::sync::Mutex::new(0),
+            written: tokio::sync::Mutex::default(),
         }
+    }
+
+    /// Whether pushes beginning now may still join this record.
+    fn open_to_new_pushes(&self) -> bool {
+        self.opened.elapsed().is_ok_and(|age| age < SESSION_PERIOD)
     }
 
     fn content(&self) -> std::sync::MutexGuard<'_, SessionContent> {
@@ -214,11 +224,15 @@ impl SessionRecord {
         content.version
     }
 
-    /// Makes the object hold at least `version`: written by this call, or by one that read the
-    /// content after that version was reached.
+    /// Makes the object hold at least `version`: written by this call, or by a recent one that
+    /// read the content after that version was reached.
     async fn flush(&self, target: &Target, version: u64) -> Result<(), CacheError> {
         let mut written = self.written.lock().await;
-        if *written >= version && version > 0 {
+        let recent = written
+            .at
+            .and_then(|at| at.elapsed().ok())
+            .is_some_and(|age| age < SESSION_WRITE_TRUSTED);
+        if written.version >= version && version > 0 && recent {
             return Ok(());
         }
         self.write_locked(target, &mut written).await
@@ -230,7 +244,7 @@ impl SessionRecord {
         self.write_locked(target, &mut written).await
     }
 
-    async fn write_locked(&self, target: &Target, written: &mut u64) -> Result<(), CacheError> {
+    async fn write_locked(&self, target: &Target, written: &mut Written) -> Result<(), CacheError> {
         let (body, version) = {
             let content = self.content();
             let session = Session {
@@ -241,10 +255,14 @@ impl SessionRecord {
             let body = serde_json::to_vec(&session).expect("a session serializes");
             (body, content.version)
         };
+        let at = SystemTime::now();
         target
             .put_bytes(&self.key, body, "application/json")
             .await?;
-        *written = version;
+        *written = Written {
+            version,
+            at: Some(at),
+        };
         Ok(())
     }
 
@@ -276,7 +294,7 @@ impl Shared {
     /// over (pushes still relying on the old one keep it fresh themselves).
     fn session(&self) -> Arc<SessionRecord> {
         let mut current = self.session.lock().unwrap_or_else(|e| e.into_inner());
-        if current.opened.elapsed() >= SESSION_PERIOD {
+        if !current.open_to_new_pushes() {
             *current = Arc::new(SessionRecord::open(&self.host));
         }
         current.clone()
@@ -405,17 +423,24 @@ impl Publisher {
         };
         // A collection keeps sessions younger than its --keep-within (an hour at least): one
         // that runs long is written again, so that it never ages out while the push relies on it.
-        let _refresh = Refresh(tokio::spawn({
+        // Dropped when the push ends, which stops the refresh between writes, never in the middle
+        // of one: a request cancelled on the way could still reach the server after a later
+        // write and put an older record back.
+        let (_refresh, mut push_ended) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn({
             let (record, target) = (record.clone(), sh.target.clone());
             async move {
                 loop {
-                    tokio::time::sleep(SESSION_REFRESH).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(SESSION_REFRESH) => {}
+                        _ = &mut push_ended => return,
+                    }
                     if let Err(e) = record.rewrite(&target).await {
                         tracing::warn!(error = %error_chain(&e), "cannot write the push's session again");
                     }
                 }
             }
-        }));
+        });
         let looked = match looked.await {
             Ok(looked) => looked,
             Err(e) => {

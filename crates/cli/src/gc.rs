@@ -33,7 +33,8 @@ pub struct GcArgs {
     /// Push sessions and narinfos written this recently are roots (at least 1h)
     #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_duration)]
     keep_within: Duration,
-    /// Also keep each host's N newest push sessions, however old
+    /// Also keep each host's N newest push sessions, however old (a session covers the pushes one
+    /// process began within 15 minutes)
     #[arg(long, value_name = "N")]
     keep_last: Option<usize>,
     /// Delete a NAR only once no narinfo has needed it for this long: clients cache the narinfos
