@@ -1119,6 +1119,52 @@ mod tests {
         Cache::open(url).await.unwrap()
     }
 
+    /// Pushes share a session record: a write covers what was added before it; a push whose paths
+    /// a recent write holds writes nothing; an old write is not relied on.
+    #[tokio::test]
+    async fn a_shared_session_is_written_when_it_lacks_a_push_or_its_write_is_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let url: StoreUrl = format!("file://{}/cache", dir.path().display())
+            .parse()
+            .unwrap();
+        let target = Target::open(&url, None, None).await.unwrap();
+        let record = SessionRecord::open("builder");
+        let object = dir.path().join("cache").join(&record.key);
+        let read =
+            || -> Session { serde_json::from_slice(&std::fs::read(&object).unwrap()).unwrap() };
+        let a = info("a", &["b"]);
+        let v = record.add_paths(std::slice::from_ref(&a), &[]);
+        record.flush(&target, v).await.unwrap();
+        let hashes = |names: &[&str]| -> Vec<String> {
+            let mut h: Vec<String> = names
+                .iter()
+                .map(|n| store_path(n).hash_part().to_owned())
+                .collect();
+            h.sort();
+            h
+        };
+        assert_eq!(read().paths, hashes(&["a", "b"]));
+        // The same paths again: the write a moment ago holds them, nothing is written.
+        std::fs::remove_file(&object).unwrap();
+        let again = record.add_paths(std::slice::from_ref(&a), &[]);
+        assert_eq!(again, v);
+        record.flush(&target, again).await.unwrap();
+        assert!(!object.exists(), "written again for nothing");
+        // Once that write is older than can be trusted, it is made again.
+        record.written.lock().await.at = Some(SystemTime::now() - SESSION_WRITE_TRUSTED);
+        record.flush(&target, again).await.unwrap();
+        assert_eq!(read().paths, hashes(&["a", "b"]));
+        // Another push's paths and a NAR relied on are added to the same object.
+        let c = info("c", &[]);
+        let v = record.add_paths(std::slice::from_ref(&c), &[store_path("d")]);
+        record.flush(&target, v).await.unwrap();
+        record.add_nar(&target, "nar/x.nar.zst").await.unwrap();
+        let session = read();
+        assert_eq!(session.paths, hashes(&["a", "b", "c", "d"]));
+        assert_eq!(session.nars, ["nar/x.nar.zst"]);
+        assert_eq!(session.host, "builder");
+    }
+
     /// Regression: a directory cache had no `log/`, so every log upload (and with it every built
     /// item) failed. A cache an earlier version made gets one when opened.
     #[tokio::test]
