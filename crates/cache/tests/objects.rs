@@ -19,6 +19,14 @@ fn objects_are_listed_with_times_and_tags_and_deleted_in_batches_on_every_server
     let credentials = tempfile::NamedTempFile::new().unwrap();
     // SAFETY: no other thread exists yet.
     unsafe {
+        for taken_first in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+        ] {
+            std::env::remove_var(taken_first);
+        }
         std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", credentials.path());
         std::env::set_var("AWS_CONFIG_FILE", "/nonexistent");
         std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
