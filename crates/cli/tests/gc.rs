@@ -50,6 +50,14 @@ impl Cache {
         out
     }
 
+    /// The keys substituters read: all but nixpush's own bookkeeping under `nixpush/`.
+    fn cache_keys(&self) -> Vec<String> {
+        self.keys()
+            .into_iter()
+            .filter(|k| !k.starts_with("nixpush/"))
+            .collect()
+    }
+
     fn has_narinfo(&self, path: &str) -> bool {
         self.dir
             .join(format!("{}.narinfo", hash_part(path)))
@@ -263,20 +271,11 @@ fn an_unreadable_narinfo_stops_the_run_with_nothing_deleted() {
         dir.join("00000000000000000000000000000000.narinfo"),
     )
     .unwrap();
-    let before = cache.keys();
+    let before = cache.cache_keys();
     let o = cache.nixpush(&bed, &["gc", "--keep-within", "1d", "--nar-grace", "0s"]);
     assert_refused(&o, "00000000000000000000000000000000.narinfo");
     assert!(cache.has_narinfo(&old), "nothing deleted");
-    let after: Vec<String> = cache
-        .keys()
-        .into_iter()
-        .filter(|k| !k.starts_with("nixpush/"))
-        .collect();
-    let before: Vec<String> = before
-        .into_iter()
-        .filter(|k| !k.starts_with("nixpush/"))
-        .collect();
-    assert_eq!(after, before);
+    assert_eq!(cache.cache_keys(), before);
     // The run released the cache: the next one can begin.
     fs::remove_file(dir.join("00000000000000000000000000000000.narinfo")).unwrap();
     let o = cache.nixpush(&bed, &["gc", "--keep-within", "1d", "--nar-grace", "0s"]);
@@ -317,12 +316,7 @@ fn an_internal_error_while_marking_stops_the_run_with_nothing_deleted() {
         url: bed.s3.store_url_at(&relay.endpoint, ""),
         dir: cache.dir.clone(),
     };
-    let outside = |keys: Vec<String>| -> Vec<String> {
-        keys.into_iter()
-            .filter(|k| !k.starts_with("nixpush/"))
-            .collect()
-    };
-    let before = outside(cache.keys());
+    let before = cache.cache_keys();
     let gc = [
         "gc",
         "--keep-within",
@@ -340,7 +334,7 @@ fn an_internal_error_while_marking_stops_the_run_with_nothing_deleted() {
     );
     // The SDK tried three times before the run gave up.
     assert_eq!(relay.injected()[&Fault::InternalError], 3);
-    assert_eq!(outside(cache.keys()), before, "nothing deleted");
+    assert_eq!(cache.cache_keys(), before, "nothing deleted");
     // The run released the cache: the next one, with the server well, collects both.
     relay.set_config(RelayConfig::default());
     let o = through.nixpush(&bed, &gc);
