@@ -901,6 +901,16 @@ impl Shared {
                 uploaded.map(|u| (u, spooled)),
             )
         };
+        // Signed before the wait: once the references are published, only the PUT is left on the
+        // chain that every level of the closure waits for.
+        for key in &self.keys {
+            // NarSize was checked non-zero against the real NAR above, so signing cannot fail.
+            narinfo.sign(key).map_err(|e| CacheError::Source {
+                path: info.path.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        let text = narinfo.to_string().into_bytes();
         for (reference, mut rx) in awaited {
             let ok = rx
                 .wait_for(Option::is_some)
@@ -927,16 +937,9 @@ impl Shared {
             )
             .await?;
         }
-        for key in &self.keys {
-            // NarSize was checked non-zero against the real NAR above, so signing cannot fail.
-            narinfo.sign(key).map_err(|e| CacheError::Source {
-                path: info.path.clone(),
-                message: e.to_string(),
-            })?;
-        }
         let key = narinfo_key(&info.path);
         self.target
-            .put_bytes(&key, narinfo.to_string().into_bytes(), CONTENT_TYPE_NARINFO)
+            .put_bytes(&key, text, CONTENT_TYPE_NARINFO)
             .await?;
         Ok(published)
     }

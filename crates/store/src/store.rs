@@ -1,7 +1,8 @@
 use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{HashSet, VecDeque};
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use nixpush_format::StorePath;
 use nixpush_format::nar::NarError;
@@ -154,29 +155,91 @@ impl Store {
 
     /// Path infos of `roots` and everything they reference, transitively, except what lies past a
     /// reference for which `stop` holds (one known to be in the cache with its closure already):
-    /// neither it nor what only it leads to is queried or returned. Each layer of the walk is queried
-    /// over up to `jobs` connections at once.
+    /// neither it nor what only it leads to is queried or returned. Up to `jobs` queries run at once,
+    /// each on its own connection; the first error ends the walk.
     pub fn closure(
         &self,
         roots: &[StorePath],
         jobs: usize,
-        stop: impl Fn(&StorePath) -> bool,
+        stop: impl Fn(&StorePath) -> bool + Sync,
     ) -> Result<BTreeMap<StorePath, PathInfo>, StoreError> {
-        let mut infos = BTreeMap::new();
-        let mut frontier: BTreeSet<StorePath> = roots.iter().cloned().collect();
-        while !frontier.is_empty() {
-            let batch: Vec<StorePath> = std::mem::take(&mut frontier).into_iter().collect();
-            for info in self.path_infos(&batch, jobs)? {
-                for r in &info.references {
-                    if !infos.contains_key(r) && *r != info.path && !stop(r) {
-                        frontier.insert(r.clone());
+        let walk = Mutex::new(Walk {
+            queue: roots
+                .iter()
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+            seen: roots.iter().cloned().collect(),
+            ..Walk::default()
+        });
+        let more = Condvar::new();
+        let jobs = jobs.max(1);
+        // The calling thread walks too, and helpers join while more paths wait than walkers: a deep,
+        // narrow closure never starts a thread, and a wide one starts at most `jobs - 1`, once for
+        // the whole walk rather than for every layer.
+        std::thread::scope(|s| {
+            fn walker<'s, 'e: 's>(
+                store: &'e Store,
+                walk: &'e Mutex<Walk>,
+                more: &'e Condvar,
+                stop: &'e (dyn Fn(&StorePath) -> bool + Sync),
+                jobs: usize,
+                s: &'s std::thread::Scope<'s, 'e>,
+            ) {
+                let lock = || walk.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    let path = {
+                        let mut w = lock();
+                        loop {
+                            if w.error.is_some() {
+                                return;
+                            }
+                            if let Some(p) = w.queue.pop_front() {
+                                w.busy += 1;
+                                break p;
+                            }
+                            if w.busy == 0 {
+                                more.notify_all();
+                                return;
+                            }
+                            w = more.wait(w).unwrap_or_else(|e| e.into_inner());
+                        }
+                    };
+                    let result = store.path_info(&path);
+                    let mut w = lock();
+                    w.busy -= 1;
+                    match result {
+                        Ok(info) => {
+                            for r in &info.references {
+                                if *r != info.path && !stop(r) && w.seen.insert(r.clone()) {
+                                    w.queue.push_back(r.clone());
+                                }
+                            }
+                            w.infos.insert(info.path.clone(), info);
+                        }
+                        Err(e) => w.error = Some(e),
+                    }
+                    let idle = w.walkers - w.busy;
+                    let spawn = w.queue.len() > idle && w.walkers < jobs;
+                    if spawn {
+                        w.walkers += 1;
+                    }
+                    drop(w);
+                    more.notify_all();
+                    if spawn {
+                        s.spawn(move || walker(store, walk, more, stop, jobs, s));
                     }
                 }
-                infos.insert(info.path.clone(), info);
             }
-            frontier.retain(|p| !infos.contains_key(p));
+            walk.lock().unwrap_or_else(|e| e.into_inner()).walkers = 1;
+            walker(self, &walk, &more, &stop, jobs, s);
+        });
+        let walk = walk.into_inner().unwrap_or_else(|e| e.into_inner());
+        match walk.error {
+            Some(e) => Err(e),
+            None => Ok(walk.infos),
         }
-        Ok(infos)
     }
 
     /// Path infos of the paths registered (built, substituted, added) at or after `since` (Unix
@@ -210,31 +273,17 @@ impl Store {
             Ok(out)
         })
     }
+}
 
-    fn path_infos(&self, paths: &[StorePath], jobs: usize) -> Result<Vec<PathInfo>, StoreError> {
-        // Deep, narrow closures have many layers of one or two paths: threads would cost more than
-        // the round trips they overlap.
-        if paths.len() <= 2 {
-            return paths.iter().map(|p| self.path_info(p)).collect();
-        }
-        let jobs = jobs.clamp(1, paths.len().max(1));
-        let chunk = paths.len().div_ceil(jobs).max(1);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = paths
-                .chunks(chunk)
-                .map(|part| {
-                    s.spawn(move || {
-                        part.iter()
-                            .map(|p| self.path_info(p))
-                            .collect::<Result<Vec<_>, _>>()
-                    })
-                })
-                .collect();
-            let mut out = Vec::with_capacity(paths.len());
-            for h in handles {
-                out.extend(h.join().expect("closure query thread panicked")?);
-            }
-            Ok(out)
-        })
-    }
+/// What the walkers of [`Store::closure`] share.
+#[derive(Default)]
+struct Walk {
+    /// Paths to query, and every path ever queued.
+    queue: VecDeque<StorePath>,
+    seen: HashSet<StorePath>,
+    infos: BTreeMap<StorePath, PathInfo>,
+    /// Walkers started, and those with a query under way.
+    walkers: usize,
+    busy: usize,
+    error: Option<StoreError>,
 }

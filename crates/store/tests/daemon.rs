@@ -72,6 +72,17 @@ fn path_info_closure_and_nar_agree_with_nix() {
         stopped.keys().cloned().collect::<BTreeSet<_>>(),
         roots_sp.iter().cloned().collect()
     );
+    // A path the store does not have ends the walk with an error naming it, whichever walker
+    // met it, and the others stop.
+    let missing: StorePath = "/nix/store/00000000000000000000000000000000-not-here"
+        .parse()
+        .unwrap();
+    let mut with_missing = roots_sp.clone();
+    with_missing.push(missing.clone());
+    match store.closure(&with_missing, 4, |_| false) {
+        Err(StoreError::NotValid(p)) => assert_eq!(p, missing),
+        other => panic!("expected NotValid for the missing root, got {other:?}"),
+    }
 }
 
 #[test]

@@ -10,7 +10,8 @@
 //!   [`Faults`] and [`Fault`]). Each decision is logged, so a test asserts that the faults it meant
 //!   to inject really happened.
 //!
-//! The relay runs on its own small Tokio runtime; dropping it closes every connection.
+//! The relay runs on a thread of its own (a one-thread Tokio runtime); dropping it closes every
+//! connection.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -178,7 +179,9 @@ pub struct Relay {
     pub endpoint: String,
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    runtime: Option<tokio::runtime::Runtime>,
+    /// Ends the relay's thread, and with it every connection.
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Relay {
@@ -188,9 +191,9 @@ impl Relay {
             .trim_start_matches("http://")
             .trim_end_matches('/')
             .to_owned();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("relay")
+        // One thread: the relay stands for a network, and its CPU, on a test machine of two cores
+        // shared with client and server, should be as little as can be.
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("cannot start the relay's runtime");
@@ -217,21 +220,35 @@ impl Relay {
             link_free: Mutex::new(tokio::time::Instant::now()),
         });
         let accept = shared.clone();
-        runtime.spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    // Out of descriptors, say: let connections close before accepting more.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("relay".into())
+            .spawn(move || {
+                let accepting = async move {
+                    loop {
+                        let Ok((client, _)) = listener.accept().await else {
+                            // Out of descriptors, say: let connections close before accepting more.
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        };
+                        tokio::spawn(accept_one(accept.clone(), client));
+                    }
                 };
-                tokio::spawn(accept_one(accept.clone(), client));
-            }
-        });
+                runtime.block_on(async {
+                    tokio::select! {
+                        () = accepting => {}
+                        _ = stopped => {}
+                    }
+                });
+                // Dropping the runtime drops every connection's task, closing its sockets.
+            })
+            .expect("cannot start the relay's thread");
         Relay {
             endpoint: format!("http://{addr}"),
             addr,
             shared,
-            runtime: Some(runtime),
+            stop: Some(stop),
+            thread: Some(thread),
         }
     }
 
@@ -257,8 +274,9 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
