@@ -15,6 +15,7 @@ mod cache;
 mod error;
 pub mod fence;
 mod objects;
+mod probe;
 mod publisher;
 pub mod session;
 mod source;

@@ -29,6 +29,7 @@ use crate::CacheError;
 use crate::cache::ThreadBudget;
 use crate::error_chain;
 use crate::fence::{NAR_WINDOW, Observation, Watch};
+use crate::probe;
 use crate::session::{Session, local_host};
 use crate::source::NarSource;
 use crate::spool::{CompressOptions, PARALLEL_MIN_NAR, Spool, spool_nar};
@@ -130,7 +131,7 @@ struct Shared {
     small: Semaphore,
     small_bytes: Semaphore,
     /// Narinfo probes in flight.
-    probes: Semaphore,
+    probes: Arc<Semaphore>,
     threads: Arc<ThreadBudget>,
     paths: Mutex<Paths>,
     /// The collector's state, as this publisher follows it.
@@ -352,7 +353,7 @@ impl Publisher {
                 jobs: Semaphore::new(opts.jobs.max(1)),
                 small: Semaphore::new(SMALL_IN_FLIGHT),
                 small_bytes: Semaphore::new(SMALL_BYTES as usize),
-                probes: Semaphore::new((opts.jobs * 4).max(PROBES_IN_FLIGHT)),
+                probes: Arc::new(Semaphore::new((opts.jobs * 4).max(PROBES_IN_FLIGHT))),
                 threads,
                 paths: Mutex::new(Paths {
                     in_hand: HashMap::new(),
@@ -515,20 +516,20 @@ impl Publisher {
         }
 
         // Ask the cache what it has, many at once: on S3 each question is a round trip.
-        let mut set = JoinSet::new();
-        for (info, hand) in mine {
-            let sh = sh.clone();
-            set.spawn(async move {
-                let _permit = sh.probes.acquire().await;
-                let has = sh.target.exists(&narinfo_key(&info.path)).await;
-                (info, hand, has)
-            });
-        }
+        let mut present = probe::present(
+            &sh.target,
+            &sh.probes,
+            mine.iter().map(|(i, _)| narinfo_key(&i.path)).collect(),
+        )
+        .await;
         let mut upload = Vec::new();
         let mut unavailable = HashSet::new();
         let mut trust_outside = true;
-        while let Some(joined) = set.join_next().await {
-            match joined.expect("narinfo probe panicked") {
+        for (info, hand) in mine {
+            let has = present
+                .remove(&narinfo_key(&info.path))
+                .expect("every path probed");
+            match (info, hand, has) {
                 (info, hand, Ok(true)) => {
                     hand.settle(Ok(()));
                     on_event(Event::AlreadyPresent {

@@ -10,6 +10,7 @@ use nixpush_format::Sha256;
 use nixpush_format::hash::HashCounter;
 use tokio::sync::mpsc;
 
+use crate::probe::Page;
 use crate::{CacheError, Location, StoreUrl};
 
 mod file;
@@ -196,6 +197,31 @@ impl Target {
         match self {
             Target::S3(t) => t.list_prefix(prefix, shallow).await,
             Target::File(t) => t.list_prefix(prefix, shallow).await,
+            Target::Http(t) => Err(CacheError::NotListable {
+                url: t.base().to_owned(),
+            }),
+        }
+    }
+
+    /// One page of the shallow listing after `start_after` (see [`crate::probe`]). A directory is
+    /// read whole, as a page that ends the listing.
+    pub(crate) async fn list_page(&self, start_after: &str) -> Result<Page, CacheError> {
+        match self {
+            Target::S3(t) => t.list_page(start_after).await,
+            Target::File(t) => {
+                let keys: Vec<String> = t
+                    .list_prefix("", true)
+                    .await?
+                    .into_iter()
+                    .map(|e| e.key)
+                    .filter(|k| k.as_str() > start_after)
+                    .collect();
+                Ok(Page {
+                    last: keys.last().cloned(),
+                    keys,
+                    truncated: false,
+                })
+            }
             Target::Http(t) => Err(CacheError::NotListable {
                 url: t.base().to_owned(),
             }),

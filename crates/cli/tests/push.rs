@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use nixpush_format::{NarInfo, StorePath};
-use nixpush_testbed::{Fault, Faults, Relay, RelayConfig, S3Kind, chain_and_diamond, derivation};
+use nixpush_testbed::{
+    Fault, Faults, Relay, RelayConfig, RequestMatch, S3Kind, chain_and_diamond, derivation,
+};
 
 #[macro_use]
 mod common;
@@ -226,6 +228,69 @@ fn a_second_push_uploads_nothing_and_says_so() {
         .collect();
     assert_eq!(before, after, "the second push rewrote objects");
 }
+
+/// A push of many paths asks the bucket by listing it (pages from just before each run of paths,
+/// not a HEAD per path): what it finds is not uploaded again, what it does not is.
+fn half_a_closure_in_the_cache(kind: S3Kind) {
+    let bed = Bed::on(kind);
+    let expr = format!(
+        "builtins.genList (i: {}) 40",
+        // Forty outputs, told apart by `i`.
+        derivation("wide-leaf", "echo $i > $out")
+            .replace("derivation {", "derivation { i = toString i;")
+    );
+    let paths = bed.nix.build(&expr);
+    assert_eq!(paths.len(), 40);
+    let url = bed.s3.store_url("");
+    let half: Vec<&str> = paths.iter().step_by(2).map(String::as_str).collect();
+    bed.push_ok(&url, &half);
+    // Through a relay that answers every HEAD of a narinfo with 500: only a push that lists
+    // instead can tell which paths are there.
+    let relay = Relay::start(
+        &bed.s3.endpoint,
+        RelayConfig {
+            faults: Faults {
+                only: Some(RequestMatch {
+                    method: "HEAD".into(),
+                    target_contains: ".narinfo".into(),
+                }),
+                ..Faults::always(Fault::InternalError)
+            },
+            one_request_per_connection: true,
+            ..RelayConfig::default()
+        },
+    );
+    let mut args: Vec<&str> = paths.iter().map(String::as_str).collect();
+    args.push("--json");
+    let o = bed.push(&bed.s3.store_url_at(&relay.endpoint, ""), &args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        relay.injected().get(&Fault::InternalError),
+        None,
+        "{kind:?}: a narinfo was asked about"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let listed = |field: &str| -> std::collections::BTreeSet<String> {
+        report[field]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let odd: std::collections::BTreeSet<String> =
+        paths.iter().skip(1).step_by(2).cloned().collect();
+    let even: std::collections::BTreeSet<String> = half.iter().map(|p| p.to_string()).collect();
+    assert_eq!(listed("uploaded"), odd, "{kind:?}: uploaded");
+    assert_eq!(listed("already_present"), even, "{kind:?}: found present");
+    for p in &paths {
+        assert!(bed.s3.exists(&format!("{}.narinfo", hash_part(p))), "{p}");
+    }
+}
+
+on_every_server!(half_a_closure_in_the_cache_is_found_by_listing, |kind| {
+    half_a_closure_in_the_cache(kind)
+});
 
 #[test]
 fn a_tampered_narinfo_is_refused_by_nix() {

@@ -27,6 +27,7 @@ use super::{
     ChunkReader, Conditional, Expect, IncompleteUpload, ObjectEntry, ObjectReader, PieceDigest,
     RequestObserver, content_md5, spool_digests,
 };
+use crate::probe::Page;
 use crate::url::AddressingStyle;
 use crate::{CacheError, StoreUrl};
 
@@ -509,6 +510,37 @@ impl S3Target {
             }
         }
         Ok(out)
+    }
+
+    /// One page of the listing after `start_after`, keys below a `/` summed up by their prefix.
+    pub(crate) async fn list_page(&self, start_after: &str) -> Result<Page, CacheError> {
+        let page = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .start_after(start_after)
+            .delimiter("/")
+            .send()
+            .await
+            .map_err(|e| self.classify(e, "ListObjectsV2", &self.bucket))?;
+        let keys: Vec<String> = page
+            .contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_owned))
+            .collect();
+        // A page's entries are its keys and its prefixes, interleaved in order.
+        let last = keys
+            .last()
+            .map(String::as_str)
+            .into_iter()
+            .chain(page.common_prefixes().iter().filter_map(|p| p.prefix()))
+            .max()
+            .map(str::to_owned);
+        Ok(Page {
+            keys,
+            last,
+            truncated: page.is_truncated().unwrap_or(false),
+        })
     }
 
     pub async fn incomplete_uploads(&self) -> Result<Vec<IncompleteUpload>, CacheError> {
