@@ -96,17 +96,62 @@ pub fn run(args: Args) -> Result<()> {
             "no signing key: paths are published with only the signatures the store already has"
         );
     }
+    // Builds wait for their hook, and the hook for the intake's answer: the intake keeps the
+    // priority the daemon started with, on a thread started before the rest yields to builds.
+    let intake = IntakeThread::start()?;
     if cfg.yield_to_builds.unwrap_or(true) {
         yield_to_builds();
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let served = runtime.block_on(nixpush_drain::serve(settings, queue));
+    let runtime = crate::push::upload_runtime()?;
+    let served = runtime.block_on(nixpush_drain::serve(
+        settings,
+        queue,
+        intake.runtime.clone(),
+    ));
     // Attempts cut off at the stop may still hold blocking threads (a long compression): waiting
     // for them would overrun stop-timeout; what they would have done is queued again.
     runtime.shutdown_background();
     served
+}
+
+/// A one-thread runtime on a thread of its own (`nixpush-intake`), running what is spawned on
+/// `runtime` until dropped.
+struct IntakeThread {
+    runtime: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl IntakeThread {
+    fn start() -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("nixpush-intake".into())
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+                // As for the main runtime: a queue write cut off is the hook's to retry.
+                runtime.shutdown_background();
+            })
+            .context("cannot start the intake's thread")?;
+        Ok(IntakeThread {
+            runtime: handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for IntakeThread {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Lowers the daemon's CPU priority (nice 10) and I/O priority (best effort, lowest level), so that

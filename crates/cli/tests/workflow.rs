@@ -80,9 +80,14 @@ fn daemon_down_then_up(kind: S3Kind) {
     assert!(f.signal_daemon(libc::SIGTERM).success());
 }
 
-/// (nice, I/O priority) of a process, as the kernel has them.
+/// (nice, I/O priority) of a process (its first thread), as the kernel has them.
 fn priorities(pid: u32) -> (i64, i64) {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    thread_priorities(pid, pid)
+}
+
+/// (nice, I/O priority) of the thread `tid` of process `pid`.
+fn thread_priorities(pid: u32, tid: u32) -> (i64, i64) {
+    let stat = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
     // Field 19 is the nice value; fields are counted after the parenthesised command name.
     let nice = stat
         .rsplit_once(')')
@@ -92,17 +97,35 @@ fn priorities(pid: u32) -> (i64, i64) {
         .nth(16)
         .unwrap();
     // SAFETY: ioprio_get only reads the scheduling attributes of a process.
-    let io = unsafe { libc::syscall(libc::SYS_ioprio_get, 1, pid as libc::c_int) };
+    let io = unsafe { libc::syscall(libc::SYS_ioprio_get, 1, tid as libc::c_int) };
     (nice.parse().unwrap(), io)
 }
 
+/// The thread of process `pid` named `name`.
+fn thread_named(pid: u32, name: &str) -> u32 {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| t.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .find(|tid: &u32| {
+            fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                .unwrap()
+                .trim()
+                == name
+        })
+        .unwrap_or_else(|| panic!("no thread {name} in process {pid}"))
+}
+
 /// The daemon yields to builds: nice 10 and the lowest best-effort I/O priority, unless told not to.
+/// Its intake, which the hooks (and so the builds) wait for, keeps the priority it started with.
 #[test]
 fn the_daemon_yields_to_builds_unless_told_not_to() {
     let mut f = Flow::with_hook("", false);
     f.start_daemon();
     let pid = f.daemon.as_ref().unwrap().id();
     assert_eq!(priorities(pid), (10, (2 << 13) | 7));
+    let intake = thread_named(pid, "nixpush-intake");
+    let own = thread_priorities(std::process::id(), std::process::id());
+    assert_eq!(thread_priorities(pid, intake), own);
     assert!(f.signal_daemon(libc::SIGTERM).success());
     let mut config = fs::read_to_string(&f.config).unwrap();
     config.push_str("yield-to-builds = false\n");

@@ -33,6 +33,7 @@ use nixpush_cache::StoreUrl;
 use nixpush_format::SecretKey;
 use nixpush_queue::{Queue, RetryPolicy};
 use nixpush_store::{BuildLogs, GcRoots};
+use tokio::runtime::Handle;
 use tokio::sync::{Notify, watch};
 
 pub use source::StoreSource;
@@ -67,9 +68,14 @@ pub struct Settings {
     pub keep_finished: std::time::Duration,
 }
 
-/// Serves the hook's socket and drains the queue until SIGTERM or SIGINT.
-pub async fn serve(settings: Settings, queue: Queue) -> Result<()> {
-    let (listener, peers) = bind(&settings.socket, settings.socket_group.as_deref())?;
+/// Serves the hook's socket and drains the queue until SIGTERM or SIGINT. The socket is served on
+/// `intake_on`, a runtime that builds can wait on (see `nixpush daemon`); the rest on the caller's.
+pub async fn serve(settings: Settings, queue: Queue, intake_on: Handle) -> Result<()> {
+    // The socket is registered with the intake's runtime, which wakes for it alone.
+    let (listener, peers) = {
+        let _intake = intake_on.enter();
+        bind(&settings.socket, settings.socket_group.as_deref())?
+    };
     // Hook requests and the worker share one connection. With two, a hook's commit that met the
     // worker's write lock waited in SQLite's busy handler, which sleeps in steps of milliseconds;
     // the mutex hands over as soon as the worker's transaction ends.
@@ -97,7 +103,7 @@ pub async fn serve(settings: Settings, queue: Queue) -> Result<()> {
     }
     let acceptor = {
         let mut stop = stop.clone();
-        tokio::spawn(async move {
+        intake_on.spawn(async move {
             loop {
                 tokio::select! {
                     accepted = listener.accept() => match accepted {
