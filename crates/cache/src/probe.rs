@@ -1,7 +1,6 @@
 //! Which narinfos a cache already has, for the paths a push may upload.
 //!
-//! On S3 every question is a round trip and a billed request. A push of many paths lists the bucket
-//! instead: a page of the listing begun just before a path's narinfo answers for that path and every
+//! On S3 every question is a round trip. A push of many paths lists the bucket instead: a page of the listing begun just before a path's narinfo answers for that path and every
 //! later one up to the page's last key, up to 1,000 keys at once. The paths go in runs of neighbours
 //! in key order, each run listed on its own, all runs at once. Where the bucket is so full that its
 //! keys lie far apart (a page answers few of the run's paths), or a listing fails, the rest of the run
@@ -210,9 +209,10 @@ mod tests {
             .block_on(list_run(run.to_vec(), pages))
     }
 
-    /// Drawn from few values, so that the bucket and the run share many.
+    /// Drawn from few values, so that the bucket and the run share many; some sort between `log/`
+    /// and `nar/` and the keys beside them (`l0` and `lz`, `na` and `nb`).
     fn hash() -> impl Strategy<Value = String> {
-        "[0-7]{2}"
+        "[0-9a-z][0abz]?"
     }
 
     proptest! {

@@ -206,7 +206,16 @@ impl Store {
                             w = more.wait(w).unwrap_or_else(|e| e.into_inner());
                         }
                     };
-                    let result = store.path_info(&path);
+                    // A panic must end the walk as an error: a walker that vanished while busy
+                    // would leave the others waiting for it for good.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        store.path_info(&path)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::Protocol(format!(
+                            "the query of {path} panicked"
+                        )))
+                    });
                     let mut w = lock();
                     w.busy -= 1;
                     match result {
@@ -218,7 +227,11 @@ impl Store {
                             }
                             w.infos.insert(info.path.clone(), info);
                         }
-                        Err(e) => w.error = Some(e),
+                        // The first error is the walk's: the daemon decides on it (reconnect or
+                        // not), and a later one may only be its consequence.
+                        Err(e) => {
+                            w.error.get_or_insert(e);
+                        }
                     }
                     let idle = w.walkers - w.busy;
                     let spawn = w.queue.len() > idle && w.walkers < jobs;

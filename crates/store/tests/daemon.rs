@@ -72,9 +72,9 @@ fn path_info_closure_and_nar_agree_with_nix() {
         stopped.keys().cloned().collect::<BTreeSet<_>>(),
         roots_sp.iter().cloned().collect()
     );
-    // A path the store does not have ends the walk with an error naming it, whichever walker
-    // met it, and the others stop.
-    let missing: StorePath = "/nix/store/00000000000000000000000000000000-not-here"
+    // A path the store does not have ends the walk with an error naming it, and the others stop.
+    // It sorts last, so it is queried after the roots, while helpers walk beside the first.
+    let missing: StorePath = "/nix/store/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-not-here"
         .parse()
         .unwrap();
     let mut with_missing = roots_sp.clone();
