@@ -161,10 +161,10 @@ mod tests {
 
     /// A shallow page of `bucket` after `after`, of at most `max` entries, as S3 lists it.
     fn page_of(bucket: &BTreeSet<String>, after: &str, max: usize) -> Page {
+        use std::ops::Bound;
         let mut entries: Vec<(String, bool)> = Vec::new();
-        for key in
-            bucket.range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
-        {
+        let mut truncated = false;
+        for key in bucket.range::<str, _>((Bound::Excluded(after), Bound::Unbounded)) {
             let entry = match key.find('/') {
                 Some(i) => (key[..=i].to_owned(), false),
                 None => (key.clone(), true),
@@ -173,26 +173,19 @@ mod tests {
                 continue;
             }
             if entries.len() == max {
-                return Page {
-                    keys: entries
-                        .iter()
-                        .filter(|(_, o)| *o)
-                        .map(|(k, _)| k.clone())
-                        .collect(),
-                    last: entries.last().map(|(k, _)| k.clone()),
-                    truncated: true,
-                };
+                truncated = true;
+                break;
             }
             entries.push(entry);
         }
         Page {
             keys: entries
                 .iter()
-                .filter(|(_, o)| *o)
+                .filter(|(_, object)| *object)
                 .map(|(k, _)| k.clone())
                 .collect(),
             last: entries.last().map(|(k, _)| k.clone()),
-            truncated: false,
+            truncated,
         }
     }
 
