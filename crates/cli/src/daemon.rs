@@ -114,8 +114,10 @@ pub fn run(args: Args) -> Result<()> {
     served
 }
 
-/// A one-thread runtime on a thread of its own (`nixpush-intake`), running what is spawned on
-/// `runtime` until dropped.
+/// The name of the intake's thread and of its blocking threads (the queue's transactions).
+const INTAKE_THREAD: &str = "nixpush-intake";
+
+/// A one-thread runtime on a thread of its own, running what is spawned on `runtime` until dropped.
 struct IntakeThread {
     runtime: tokio::runtime::Handle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -125,12 +127,13 @@ struct IntakeThread {
 impl IntakeThread {
     fn start() -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread()
+            .thread_name(INTAKE_THREAD)
             .enable_all()
             .build()?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
-            .name("nixpush-intake".into())
+            .name(INTAKE_THREAD.into())
             .spawn(move || {
                 let _ = runtime.block_on(stopped);
                 // As for the main runtime: a queue write cut off is the hook's to retry.

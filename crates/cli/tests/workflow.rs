@@ -101,18 +101,16 @@ fn thread_priorities(pid: u32, tid: u32) -> (i64, i64) {
     (nice.parse().unwrap(), io)
 }
 
-/// The thread of process `pid` named `name`.
-fn thread_named(pid: u32, name: &str) -> u32 {
+/// The threads of process `pid` named `name`.
+fn threads_named(pid: u32, name: &str) -> Vec<u32> {
     fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .map(|t| t.unwrap().file_name().to_str().unwrap().parse().unwrap())
-        .find(|tid: &u32| {
+        .filter(|tid: &u32| {
             fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-                .unwrap()
-                .trim()
-                == name
+                .is_ok_and(|comm| comm.trim() == name)
         })
-        .unwrap_or_else(|| panic!("no thread {name} in process {pid}"))
+        .collect()
 }
 
 /// The daemon yields to builds: nice 10 and the lowest best-effort I/O priority, unless told not to.
@@ -123,9 +121,25 @@ fn the_daemon_yields_to_builds_unless_told_not_to() {
     f.start_daemon();
     let pid = f.daemon.as_ref().unwrap().id();
     assert_eq!(priorities(pid), (10, (2 << 13) | 7));
-    let intake = thread_named(pid, "nixpush-intake");
+    // After a build is hooked and published, the queue has been written for the hook and by the
+    // worker: on the intake's thread and on blocking threads it started, all at the priority the
+    // daemon started with.
+    let (outs, _) = f.build(&derivation("intake-priority", "echo x > $out"));
+    assert!(
+        f.hook(Some(std::ffi::OsStr::new(&outs[0])), None)
+            .status
+            .success()
+    );
+    f.wait_published(&outs);
     let own = thread_priorities(std::process::id(), std::process::id());
-    assert_eq!(thread_priorities(pid, intake), own);
+    let intake = threads_named(pid, "nixpush-intake");
+    assert!(
+        intake.len() >= 2,
+        "the intake's thread and its blocking threads: {intake:?}"
+    );
+    for tid in intake {
+        assert_eq!(thread_priorities(pid, tid), own, "thread {tid}");
+    }
     assert!(f.signal_daemon(libc::SIGTERM).success());
     let mut config = fs::read_to_string(&f.config).unwrap();
     config.push_str("yield-to-builds = false\n");

@@ -245,7 +245,13 @@ async fn answer(req: Request, ticket: &Ticket, intake: &Intake) -> Result<Reply,
         return Ok(Reply::Queued { queued, mark: None });
     };
     intake.open.settled_before(ticket).await;
-    crate::worker::import_spill(intake.spill_dir.clone(), intake.queue.clone(), &mut None).await;
+    crate::worker::import_spill(
+        &tokio::runtime::Handle::current(),
+        intake.spill_dir.clone(),
+        intake.queue.clone(),
+        &mut None,
+    )
+    .await;
     // A mark that leaves spilled items out would let a wait pass without them.
     if let Ok(left) = nixpush_queue::spill::pending(&intake.spill_dir)
         && !left.is_empty()

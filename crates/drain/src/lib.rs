@@ -68,8 +68,9 @@ pub struct Settings {
     pub keep_finished: std::time::Duration,
 }
 
-/// Serves the hook's socket and drains the queue until SIGTERM or SIGINT. The socket is served on
-/// `intake_on`, a runtime that builds can wait on (see `nixpush daemon`); the rest on the caller's.
+/// Serves the hook's socket and drains the queue until SIGTERM or SIGINT. The socket, and every
+/// transaction on the queue, are served on `intake_on`, a runtime that builds can wait on (see
+/// `nixpush daemon`); the rest on the caller's.
 pub async fn serve(settings: Settings, queue: Queue, intake_on: Handle) -> Result<()> {
     // The socket is registered with the intake's runtime, which wakes for it alone.
     let (listener, peers) = {
@@ -131,7 +132,7 @@ pub async fn serve(settings: Settings, queue: Queue, intake_on: Handle) -> Resul
         tokio::spawn(metrics::serve(listener, metrics.clone()));
     }
     systemd::ready();
-    let mut worker = Worker::new(settings, queue, metrics);
+    let mut worker = Worker::new(settings, queue, intake_on.clone(), metrics);
     worker.run(work, stop).await;
     let _ = acceptor.await;
     let _ = fs::remove_file(&worker.settings.socket);

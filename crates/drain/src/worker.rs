@@ -11,6 +11,7 @@ use anyhow::Result;
 use nixpush_format::StorePath;
 use nixpush_queue::{Claimed, Outcome, Queue};
 use nixpush_store::GcRoots;
+use tokio::runtime::Handle;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
@@ -46,6 +47,7 @@ const POLL: Duration = Duration::from_secs(1);
 pub(crate) struct Worker {
     pub(crate) settings: Arc<Settings>,
     queue: Arc<Mutex<Queue>>,
+    queue_on: Handle,
     attempts: Arc<Attempts>,
     metrics: Arc<Metrics>,
 }
@@ -60,12 +62,19 @@ struct Unrecorded {
 }
 
 impl Worker {
-    pub(crate) fn new(settings: Settings, queue: Arc<Mutex<Queue>>, metrics: Arc<Metrics>) -> Self {
+    /// `queue_on`: the runtime whose blocking threads work on the queue (see [`Worker::with_queue`]).
+    pub(crate) fn new(
+        settings: Settings,
+        queue: Arc<Mutex<Queue>>,
+        queue_on: Handle,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let settings = Arc::new(settings);
         Worker {
             attempts: Arc::new(Attempts::new(settings.clone(), metrics.clone())),
             settings,
             queue,
+            queue_on,
             metrics,
         }
     }
@@ -90,17 +99,18 @@ impl Worker {
         }
     }
 
+    /// Runs `f` on the queue, on a blocking thread of the intake's runtime: the hooks' commits wait
+    /// for the queue's lock, so what holds it keeps the intake's priority, not the uploads' (a
+    /// transaction at nice 10, preempted by builds, held the hooks and their builds back).
     async fn with_queue<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Queue) -> Result<T, nixpush_queue::QueueError> + Send + 'static,
     ) -> Result<T> {
         let q = self.queue.clone();
-        Ok(
-            tokio::task::spawn_blocking(move || {
-                f(&mut q.lock().unwrap_or_else(|e| e.into_inner()))
-            })
-            .await??,
-        )
+        Ok(blocking_on(&self.queue_on, move || {
+            f(&mut q.lock().unwrap_or_else(|e| e.into_inner()))
+        })
+        .await??)
     }
 
     pub(crate) async fn run(&mut self, work: Arc<Notify>, mut stop: watch::Receiver<bool>) {
@@ -334,6 +344,7 @@ impl Worker {
 
     async fn import_spill(&self, last_error: &mut Option<String>) -> usize {
         import_spill(
+            &self.queue_on,
             self.settings.spill_dir.clone(),
             self.queue.clone(),
             last_error,
@@ -492,15 +503,26 @@ fn sweep(
     Ok((added, removed, pending.len().saturating_sub(max)))
 }
 
+/// Runs `f` on a blocking thread of `on`'s runtime, asked for from that runtime's own thread: a
+/// thread inherits the priority of the one that starts it, and these must have the intake's.
+async fn blocking_on<T: Send + 'static>(
+    on: &Handle,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    on.spawn(async move { tokio::task::spawn_blocking(f).await })
+        .await?
+}
+
 /// Queues what hooks recorded in the spill directory when the queue could not take it; says so
 /// once per distinct error while it still cannot. Returns how many items it queued.
 pub(crate) async fn import_spill(
+    queue_on: &Handle,
     dir: std::path::PathBuf,
     q: Arc<Mutex<Queue>>,
     last_error: &mut Option<String>,
 ) -> usize {
     let shown = dir.clone();
-    let imported = tokio::task::spawn_blocking(move || {
+    let imported = blocking_on(queue_on, move || {
         nixpush_queue::spill::import(
             &dir,
             &mut q.lock().unwrap_or_else(|e| e.into_inner()),
