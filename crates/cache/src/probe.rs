@@ -1,10 +1,11 @@
 //! Which narinfos a cache already has, for the paths a push may upload.
 //!
-//! On S3 every question is a round trip. A push of many paths lists the bucket instead: a page of the listing begun just before a path's narinfo answers for that path and every
-//! later one up to the page's last key, up to 1,000 keys at once. The paths go in runs of neighbours
-//! in key order, each run listed on its own, all runs at once. Where the bucket is so full that its
-//! keys lie far apart (a page answers few of the run's paths), or a listing fails, the rest of the run
-//! is asked about one HEAD at a time, as a small push always is.
+//! On S3 every question is a round trip. A push of many paths lists the bucket instead: a page of
+//! the listing begun just before a path's narinfo answers for that path and every later one up to
+//! the page's last key, up to 1,000 keys at once. The paths go in runs of neighbours in key order,
+//! each run listed on its own, all runs at once. Where the bucket is so full that its keys lie far
+//! apart (a page answers few of the run's paths), or a listing fails, the rest of the run is asked
+//! about one HEAD at a time, as a small push always is.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -63,16 +64,7 @@ enum Outcome {
 pub(crate) async fn present(
     target: &Arc<Target>,
     slots: &Arc<Semaphore>,
-    keys: Vec<String>,
-) -> HashMap<String, Result<bool, CacheError>> {
-    present_listing(target, slots, keys, target.is_s3()).await
-}
-
-async fn present_listing(
-    target: &Arc<Target>,
-    slots: &Arc<Semaphore>,
     mut keys: Vec<String>,
-    list: bool,
 ) -> HashMap<String, Result<bool, CacheError>> {
     keys.sort();
     keys.dedup();
@@ -86,7 +78,7 @@ async fn present_listing(
             Outcome::Asked(key, has)
         });
     };
-    if list && keys.len() >= LIST_FROM {
+    if target.is_s3() && keys.len() >= LIST_FROM {
         let per_run = keys.len().div_ceil(RUNS).max(LIST_FROM / 2);
         for run in keys.chunks(per_run) {
             let (target, slots, run) = (target.clone(), slots.clone(), run.to_vec());
@@ -125,7 +117,7 @@ async fn present_listing(
 
 /// Lists pages (from `page`, given where to start) from just before the first unanswered path of
 /// `run` while they answer enough of it; returns the answers and the paths left to ask about.
-async fn list_run<F: Future<Output = Result<Page, CacheError>>>(
+async fn list_run<F: Future<Output = Result<Option<Page>, CacheError>>>(
     run: Vec<String>,
     mut page: impl FnMut(String) -> F,
 ) -> (Vec<(String, bool)>, Vec<String>) {
@@ -133,7 +125,8 @@ async fn list_run<F: Future<Output = Result<Page, CacheError>>>(
     let mut next = 0;
     while next < run.len() {
         let listed = match page(start_after(&run[next]).to_owned()).await {
-            Ok(listed) => listed,
+            Ok(Some(listed)) => listed,
+            Ok(None) => break,
             Err(e) => {
                 tracing::debug!(error = %error_chain(&e), "listing the cache failed; asking path by path");
                 break;
@@ -195,7 +188,7 @@ mod tests {
         run: &[String],
         max: usize,
     ) -> (Vec<(String, bool)>, Vec<String>) {
-        let pages = |after: String| std::future::ready(Ok(page_of(bucket, &after, max)));
+        let pages = |after: String| std::future::ready(Ok(Some(page_of(bucket, &after, max))));
         tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()

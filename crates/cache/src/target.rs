@@ -203,28 +203,12 @@ impl Target {
         }
     }
 
-    /// One page of the shallow listing after `start_after` (see [`crate::probe`]). A directory is
-    /// read whole, as a page that ends the listing.
-    pub(crate) async fn list_page(&self, start_after: &str) -> Result<Page, CacheError> {
+    /// One page of the shallow listing after `start_after` (see [`crate::probe`]); `None` where
+    /// there are no pages to list: a directory answers each question with a `stat`.
+    pub(crate) async fn list_page(&self, start_after: &str) -> Result<Option<Page>, CacheError> {
         match self {
-            Target::S3(t) => t.list_page(start_after).await,
-            Target::File(t) => {
-                let keys: Vec<String> = t
-                    .list_prefix("", true)
-                    .await?
-                    .into_iter()
-                    .map(|e| e.key)
-                    .filter(|k| k.as_str() > start_after)
-                    .collect();
-                Ok(Page {
-                    last: keys.last().cloned(),
-                    keys,
-                    truncated: false,
-                })
-            }
-            Target::Http(t) => Err(CacheError::NotListable {
-                url: t.base().to_owned(),
-            }),
+            Target::S3(t) => t.list_page(start_after).await.map(Some),
+            Target::File(_) | Target::Http(_) => Ok(None),
         }
     }
 

@@ -163,14 +163,11 @@ impl Store {
         jobs: usize,
         stop: impl Fn(&StorePath) -> bool + Sync,
     ) -> Result<BTreeMap<StorePath, PathInfo>, StoreError> {
+        let roots: BTreeSet<StorePath> = roots.iter().cloned().collect();
         let walk = Mutex::new(Walk {
-            queue: roots
-                .iter()
-                .cloned()
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect(),
-            seen: roots.iter().cloned().collect(),
+            queue: roots.iter().cloned().collect(),
+            seen: roots.into_iter().collect(),
+            walkers: 1,
             ..Walk::default()
         });
         let more = Condvar::new();
@@ -245,7 +242,6 @@ impl Store {
                     }
                 }
             }
-            walk.lock().unwrap_or_else(|e| e.into_inner()).walkers = 1;
             walker(self, &walk, &more, &stop, jobs, s);
         });
         let walk = walk.into_inner().unwrap_or_else(|e| e.into_inner());
