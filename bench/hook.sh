@@ -2,7 +2,10 @@
 # Benchmark (not a test) of the post-build-hook path.
 #   1. nixpush-hook latency, p50/p99 over N runs, with the daemon up and with it down;
 #   2. 100 trivial builds through a private nix-daemon with post-build-hook set to /bin/true (the
-#      floor), to nixpush-hook (daemon up), and to the documented recipe (`nix copy` in the hook);
+#      floor), to nixpush-hook (daemon down; daemon up, uploading to the S3 server; daemon up,
+#      uploading to a directory cache), and to the documented recipe (`nix copy` in the hook). The
+#      S3 server shares the builds' two cores here, as a remote one would not: the directory cache
+#      tells what the daemon's own work costs the builds;
 #   3. the publish lag (hook to narinfo acknowledged, as the queue records it), p50/p99, of a burst
 #      of BURST hook calls for built paths, 16 at a time, with the daemon up.
 # Usage: bench/hook.sh [RUNS] [BUILDS] [ROUNDS] [BURST]
@@ -27,12 +30,17 @@ socket = "$WORK/hook.sock"
 gc-roots-dir = "$WORK/gcroots"
 TOML
 export NIXPUSH_CONFIG="$WORK/nixpush.toml"
+# The same daemon uploading to a directory on the same disk: no server's work on these cores.
+mkdir -p "$WORK/dircache"
+sed -e "s#^to = .*#to = \"file://$WORK/dircache?compression=zstd\"#" \
+    -e "s#^state-dir = .*#state-dir = \"$WORK/state-dir\"#" \
+    -e "s#^socket = .*#socket = \"$WORK/hook-dir.sock\"#" "$WORK/nixpush.toml" > "$WORK/nixpush-dir.toml"
 
 start_daemon() {
-    ${DAEMON_NICE:+nice -n "$DAEMON_NICE"} "$NIXPUSH" daemon > "$WORK/daemon.log" 2>&1 &
+    ${DAEMON_NICE:+nice -n "$DAEMON_NICE"} "$NIXPUSH" daemon >> "$WORK/daemon.log" 2>&1 &
     DAEMON=$!
     PIDS+=("$DAEMON")
-    wait_for "nixpush daemon" test -S "$WORK/hook.sock"
+    wait_for "nixpush daemon" test -S "$(sed -n 's/^socket = "\(.*\)"$/\1/p' "$NIXPUSH_CONFIG")"
 }
 stop_daemon() { kill "$DAEMON"; wait "$DAEMON" 2>/dev/null || true; }
 
@@ -110,13 +118,13 @@ exec nix copy --to "http://127.0.0.1:$ANON_PORT/recipe?compression=zstd&secret-k
 SH
 chmod +x "$WORK/recipe-hook.sh"
 
-narinfos() { ls "$WORK/s3/cache" | grep -c 'narinfo$' || true; }
-published_at_least() { [ "$(narinfos)" -ge "$1" ]; }
+narinfos() { ls "${1:-$WORK/s3/cache}" | grep -c 'narinfo$' || true; }
+published_at_least() { [ "$(narinfos "${2:-}")" -ge "$1" ]; }
 
 # Rounds alternate the hooks, so that a slow moment of the shared machine does not land on one of
 # them alone; the medians are compared.
 say "$BUILDS trivial builds per hook, $ROUNDS rounds"
-noop=(); direct=(); up=(); expected=0; lines=0
+noop=(); direct=(); up=(); updir=(); expected=0; lines=0; dir_expected=0
 for round in $(seq 1 "$ROUNDS"); do
     read -r _ ms _ _ < <(builds "noop-$round" /bin/true); noop+=("$ms")
     # Daemon down: the hook commits to the queue itself and nothing uploads during the builds,
@@ -131,24 +139,33 @@ for round in $(seq 1 "$ROUNDS"); do
     expected=$((expected + BUILDS))
     wait_for "the daemon to publish the builds" published_at_least "$expected"
     stop_daemon
+    export NIXPUSH_CONFIG="$WORK/nixpush-dir.toml"
+    start_daemon
+    read -r _ ms _ _ < <(builds "updir-$round" "$HOOK"); updir+=("$ms")
+    dir_expected=$((dir_expected + BUILDS))
+    wait_for "the daemon to publish the builds to the directory" published_at_least "$dir_expected" "$WORK/dircache"
+    stop_daemon
+    export NIXPUSH_CONFIG="$WORK/nixpush.toml"
 done
 read -r _ recipe_ms _ _ < <(builds recipe "$WORK/recipe-hook.sh")
 echo "nixpush-hook printed $lines 'queued' lines into the build logs with the daemon up; bucket 'cache' has $(narinfos) narinfos"
+echo "the daemon uploading to a directory put $(narinfos "$WORK/dircache") narinfos in it"
 echo "the recipe's nix copy put $(ls "$WORK/s3/recipe" | grep -c 'narinfo$') narinfos in bucket 'recipe'"
 echo
-python3 - "$BUILDS" "${noop[*]}" "${direct[*]}" "${up[*]}" "$recipe_ms" <<'PY'
+python3 - "$BUILDS" "${noop[*]}" "${direct[*]}" "${up[*]}" "${updir[*]}" "$recipe_ms" <<'PY'
 import statistics, sys
 builds = sys.argv[1]
-noop, direct, up = ([int(x) for x in a.split()] for a in sys.argv[2:5])
-recipe = int(sys.argv[5])
+noop, direct, up, updir = ([int(x) for x in a.split()] for a in sys.argv[2:6])
+recipe = int(sys.argv[6])
 floor = statistics.median(noop)
 print(f"{builds} builds per run; median wall time over {len(noop)} rounds (all rounds in brackets)")
 def row(label, runs):
     m = statistics.median(runs)
-    print(f"{label:<38} {m:7.0f} ms  {m / floor:5.2f} x floor   {runs}")
+    print(f"{label:<40} {m:7.0f} ms  {m / floor:5.2f} x floor   {runs}")
 row("/bin/true (floor)", noop)
 row("nixpush-hook (daemon down)", direct)
 row("nixpush-hook (daemon up, uploading)", up)
+row("  the same, uploading to a directory", updir)
 row("recipe: nix copy in the hook (1 run)", [recipe])
 PY
 cat "$WORK/lat-down" "$WORK/lat-up"

@@ -114,13 +114,17 @@ impl Cache {
         journal: Option<&std::path::Path>,
         observer: Option<RequestObserver>,
     ) -> Result<Self, CacheError> {
-        let target = Target::open(&url, journal, observer).await?;
+        let target = Target::open_unchecked(&url, journal, observer).await?;
+        // The start-up check and the first read at once: a round trip less before any work. The
+        // check's error is the one to report: it says why the read failed too.
+        let (checked, existing) = tokio::join!(target.check(), target.get(NIX_CACHE_INFO));
+        checked?;
         let cache = Cache {
             target: Arc::new(target),
             url,
             threads: Arc::new(ThreadBudget::new(compression_threads())),
         };
-        cache.ensure_cache_info().await?;
+        cache.ensure_cache_info(existing?).await?;
         Ok(cache)
     }
 
@@ -135,8 +139,9 @@ impl Cache {
         self.target.abort_journaled().await
     }
 
-    async fn ensure_cache_info(&self) -> Result<(), CacheError> {
-        if let Some(existing) = self.target.get(NIX_CACHE_INFO).await? {
+    /// Checks the `nix-cache-info` the cache has (`existing`), or writes one.
+    async fn ensure_cache_info(&self, existing: Option<Vec<u8>>) -> Result<(), CacheError> {
+        if let Some(existing) = existing {
             let text = String::from_utf8_lossy(&existing);
             let store_dir = text.lines().find_map(|l| l.strip_prefix("StoreDir: "));
             return match store_dir {

@@ -71,6 +71,18 @@ impl Target {
         journal: Option<&Path>,
         observer: Option<RequestObserver>,
     ) -> Result<Self, CacheError> {
+        let target = Self::open_unchecked(url, journal, observer).await?;
+        target.check().await?;
+        Ok(target)
+    }
+
+    /// [`Target::open`] without the start-up check, for a caller that makes it alongside its
+    /// first request (see [`Target::check`]).
+    pub(crate) async fn open_unchecked(
+        url: &StoreUrl,
+        journal: Option<&Path>,
+        observer: Option<RequestObserver>,
+    ) -> Result<Self, CacheError> {
         Ok(match &url.location {
             Location::S3 { bucket } => Target::S3(Box::new(
                 s3::S3Target::open(url, bucket, journal, observer).await?,
@@ -84,6 +96,16 @@ impl Target {
         })
     }
 
+    /// Turns "nothing works" into one precise message before any work starts: on S3, whether the
+    /// bucket answers (unreachable, denied, missing, in another region). A directory was checked
+    /// when it was opened.
+    pub(crate) async fn check(&self) -> Result<(), CacheError> {
+        match self {
+            Target::S3(t) => t.check_bucket().await,
+            Target::File(_) | Target::Http(_) => Ok(()),
+        }
+    }
+
     /// Opens a cache to read from, changing nothing: a missing directory is an error.
     pub async fn open_read(url: &StoreUrl) -> Result<Self, CacheError> {
         Self::open_read_observed(url, None).await
@@ -94,13 +116,15 @@ impl Target {
         url: &StoreUrl,
         observer: Option<RequestObserver>,
     ) -> Result<Self, CacheError> {
-        Ok(match &url.location {
+        let target = match &url.location {
             Location::S3 { bucket } => Target::S3(Box::new(
                 s3::S3Target::open(url, bucket, None, observer).await?,
             )),
             Location::File { dir } => Target::File(file::FileTarget::existing(dir).await?),
             Location::Http { base } => Target::Http(http::HttpTarget::open(base)?),
-        })
+        };
+        target.check().await?;
+        Ok(target)
     }
 
     /// Deletes up to 1,000 objects at once (one request on S3); ones already gone are no error.

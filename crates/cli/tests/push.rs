@@ -654,6 +654,55 @@ fn a_stalled_connection_costs_a_retry_not_the_push() {
     assert_eq!(bed.narinfos().len(), 7);
 }
 
+/// The bucket is checked while `nix-cache-info` is read, not before it: a push starts a round trip
+/// sooner. Through a relay that never answers HeadBucket, the read still arrives.
+#[test]
+fn the_bucket_is_checked_while_the_cache_info_is_read() {
+    let bed = Bed::new();
+    let roots = bed.nix.build(&chain_and_diamond());
+    let relay = Relay::start(
+        &bed.s3.endpoint,
+        RelayConfig {
+            faults: Faults {
+                only: Some(RequestMatch {
+                    method: "HEAD".into(),
+                    target_contains: String::new(),
+                }),
+                ..Faults::always(Fault::Stall)
+            },
+            one_request_per_connection: true,
+            ..RelayConfig::default()
+        },
+    );
+    let url = bed.s3.store_url_at(&relay.endpoint, "");
+    let mut push = Command::new(env!("CARGO_BIN_EXE_nixpush"))
+        .args(["push", "--store", &bed.nix.store_url(), "--to", &url])
+        .args(["--secret-key-file", &bed.secret])
+        .args(&roots)
+        .envs(bed.s3.credentials_env())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // A request the relay let through came while the check went unanswered; a push that waited
+    // for the check sends none before it gives up on the bucket and exits.
+    let read_meanwhile = loop {
+        if relay.connections().iter().any(|(_, fault)| fault.is_none()) {
+            break true;
+        }
+        if push.try_wait().unwrap().is_some() {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let _ = push.kill();
+    let _ = push.wait();
+    assert!(
+        read_meanwhile,
+        "nothing was read while the bucket check went unanswered"
+    );
+    assert!(relay.injected().contains_key(&Fault::Stall));
+}
+
 /// Regression: a huge `--jobs` panicked instead of being refused.
 #[test]
 fn jobs_out_of_range_is_a_usage_error() {

@@ -148,13 +148,12 @@ impl S3Target {
             storage_class: url.storage_class.as_deref().map(StorageClass::from),
             url: url.clone(),
         };
-        target.check_bucket().await?;
         Ok(target)
     }
 
     /// Turns "nothing works" into one precise message at start-up (unreachable, denied, no bucket,
     /// wrong region).
-    async fn check_bucket(&self) -> Result<(), CacheError> {
+    pub(crate) async fn check_bucket(&self) -> Result<(), CacheError> {
         let e = match self.client.head_bucket().bucket(&self.bucket).send().await {
             Ok(_) => return Ok(()),
             Err(e) => e,

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use nixpush_format::StorePath;
 use nixpush_queue::{Queue, State};
 use nixpush_testbed::{
-    DaemonOptions, Fault, Faults, NixDaemon, Relay, RelayConfig, S3Kind, S3Server, derivation,
+    DaemonOptions, Fault, Faults, NixDaemon, Relay, RelayConfig, RequestMatch, S3Kind, S3Server,
+    derivation,
 };
 
 pub const DEADLINE: Duration = Duration::from_secs(90);
@@ -123,9 +124,10 @@ impl Flow {
         fs::write(&self.config, config).unwrap();
     }
 
-    /// Routes the daemon through a relay that answers the first three connections 503 SlowDown
-    /// with `Retry-After: retry_after`: as many as the SDK's own attempts at one request, so the
-    /// daemon sees the throttling itself.
+    /// Routes the daemon through a relay that answers the first three HeadBucket attempts (the
+    /// first HEADs) 503 SlowDown with `Retry-After: retry_after`: as many as the SDK's own
+    /// attempts at one request, so the daemon sees the throttling itself. Only HEADs: the read of
+    /// `nix-cache-info` goes alongside the first attempt, and would take a fault of the three.
     pub fn throttled(&self, retry_after: u32) -> Relay {
         let relay = Relay::start(
             &self.s3.endpoint,
@@ -133,8 +135,14 @@ impl Flow {
                 faults: Faults {
                     limit: Some(3),
                     retry_after_secs: retry_after,
+                    only: Some(RequestMatch {
+                        method: "HEAD".into(),
+                        target_contains: String::new(),
+                    }),
                     ..Faults::always(Fault::SlowDown)
                 },
+                // Each request on a connection of its own, so that the relay sees every HEAD.
+                one_request_per_connection: true,
                 ..RelayConfig::default()
             },
         );
