@@ -6,6 +6,7 @@
 //! memory; past [`MEMORY_SPOOL`] bytes the spool moves to a file, so memory stays bounded whatever
 //! the NAR's size.
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
@@ -95,19 +96,47 @@ pub struct SpooledNar {
     pub nar_size: u64,
 }
 
-enum Compressor<W: Write> {
+type ZstdContext = zstd::zstd_safe::CCtx<'static>;
+
+thread_local! {
+    /// A zstd context for each thread, reused by the NARs it compresses one after the other:
+    /// creating one per NAR (allocating and clearing its tables) was a tenth of the CPU of a push
+    /// of a thousand small paths.
+    static ZSTD_CONTEXT: RefCell<Option<ZstdContext>> = const { RefCell::new(None) };
+}
+
+enum Compressor<'c, W: Write> {
     None(W),
-    Zstd(zstd::stream::write::Encoder<'static, W>),
+    Zstd(zstd::stream::write::Encoder<'c, W>),
     Xz(liblzma::write::XzEncoder<W>),
 }
 
-impl<W: Write> Compressor<W> {
-    /// `size_hint`: how many bytes are expected (the NAR's recorded size).
-    fn new(w: W, opts: &CompressOptions, size_hint: u64) -> io::Result<Self> {
+impl<'c, W: Write> Compressor<'c, W> {
+    /// `size_hint`: how many bytes are expected (the NAR's recorded size). `context`: a zstd
+    /// context to compress with on this thread, instead of a new one.
+    fn new(
+        w: W,
+        opts: &CompressOptions,
+        size_hint: u64,
+        context: Option<&'c mut ZstdContext>,
+    ) -> io::Result<Self> {
+        let level = opts.level.unwrap_or(3);
         Ok(match opts.compression {
             Compression::None => Compressor::None(w),
             Compression::Zstd => {
-                let mut e = zstd::stream::write::Encoder::new(w, opts.level.unwrap_or(3))?;
+                let mut e = match context {
+                    Some(c) => {
+                        // What the last NAR set (its size hint, a level) goes with its session.
+                        c.reset(zstd::zstd_safe::ResetDirective::SessionAndParameters)
+                            .map_err(|code| {
+                                io::Error::other(zstd::zstd_safe::get_error_name(code))
+                            })?;
+                        let mut e = zstd::stream::write::Encoder::with_context(w, c);
+                        e.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))?;
+                        e
+                    }
+                    None => zstd::stream::write::Encoder::new(w, level)?,
+                };
                 // Most NARs are a few KiB. Told so, zstd sizes its tables for them instead of
                 // clearing megabytes of them for every path. A hint, not a promise: a NAR that
                 // turns out longer still compresses, and is then refused for its size.
@@ -147,7 +176,7 @@ impl<W: Write> Compressor<W> {
     }
 }
 
-impl<W: Write> Write for Compressor<W> {
+impl<W: Write> Write for Compressor<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Compressor::None(w) => w.write(buf),
@@ -173,6 +202,24 @@ pub fn spool_nar(
     opts: &CompressOptions,
     spool_dir: &Path,
 ) -> Result<SpooledNar, CacheError> {
+    let one_thread = opts.threads <= 1 || info.nar_size < PARALLEL_MIN_NAR;
+    if opts.compression == Compression::Zstd && one_thread {
+        ZSTD_CONTEXT.with_borrow_mut(|slot| {
+            let context = slot.get_or_insert_with(ZstdContext::create);
+            spool_with(info, source, opts, spool_dir, Some(context))
+        })
+    } else {
+        spool_with(info, source, opts, spool_dir, None)
+    }
+}
+
+fn spool_with(
+    info: &PathInfo,
+    source: &dyn NarSource,
+    opts: &CompressOptions,
+    spool_dir: &Path,
+    context: Option<&mut ZstdContext>,
+) -> Result<SpooledNar, CacheError> {
     let path = &info.path;
     let spool_err = |source: io::Error| CacheError::Spool {
         dir: spool_dir.to_owned(),
@@ -194,7 +241,7 @@ pub fn spool_nar(
     };
     let mut nar = Recording {
         inner: HashingWriter::new(
-            Compressor::new(compressed, &opts, info.nar_size).map_err(spool_err)?,
+            Compressor::new(compressed, &opts, info.nar_size, context).map_err(spool_err)?,
         ),
         error: None,
     };
@@ -343,6 +390,46 @@ mod tests {
                 assert_eq!(s.file_hash, Sha256::digest(&file), "{compression:?}");
                 assert_eq!(decompress(compression, &file), *nar, "{compression:?}");
             }
+        }
+    }
+
+    /// Compressions on one thread share a zstd context: what a NAR left in it (a frame cut off by a
+    /// failing source, a level) never reaches the next NAR.
+    #[test]
+    fn a_threads_zstd_context_starts_afresh_for_each_nar() {
+        struct Failing(Vec<u8>);
+        impl NarSource for Failing {
+            fn write_nar(&self, _: &StorePath, out: &mut dyn Write) -> Result<(), SourceError> {
+                out.write_all(&self.0)?;
+                Err(io::Error::other("the store went away").into())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cut: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let next = b"nix-archive-1 next".to_vec();
+        let zstd = |level| CompressOptions {
+            compression: Compression::Zstd,
+            level,
+            threads: 1,
+        };
+        let failed = spool_nar(
+            &info(&cut, cut.len() as u64),
+            &Failing(cut.clone()),
+            &zstd(Some(19)),
+            dir.path(),
+        );
+        assert!(matches!(failed, Err(CacheError::Source { .. })));
+        for level in [Some(1), None] {
+            let s = spool_nar(
+                &info(&next, next.len() as u64),
+                &Bytes(next.clone()),
+                &zstd(level),
+                dir.path(),
+            )
+            .unwrap();
+            assert_eq!(decompress(Compression::Zstd, &spooled_bytes(&s)), next);
         }
     }
 
