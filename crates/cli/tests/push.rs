@@ -614,8 +614,8 @@ fn result_symlinks_and_derivations_name_their_outputs() {
 fn a_stalled_connection_costs_a_retry_not_the_push() {
     let bed = Bed::new();
     let roots = bed.nix.build(&chain_and_diamond());
-    // The first two connections are read and never answered: the first attempt at the first
-    // request and its first retry.
+    // The first two connections are read and never answered: the first attempts at the bucket's
+    // check and at the read of nix-cache-info, which go together.
     let relay = Relay::start(
         &bed.s3.endpoint,
         RelayConfig {
@@ -627,14 +627,7 @@ fn a_stalled_connection_costs_a_retry_not_the_push() {
         },
     );
     let url = bed.s3.store_url_at(&relay.endpoint, "");
-    let mut push = Command::new(env!("CARGO_BIN_EXE_nixpush"))
-        .args(["push", "--store", &bed.nix.store_url(), "--to", &url])
-        .args(["--secret-key-file", &bed.secret])
-        .args(&roots)
-        .envs(bed.s3.credentials_env())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut push = bed.spawn_push(&url, &roots, std::process::Stdio::piped());
     // Two 30 s deadlines and the push itself; without deadlines it never ends.
     let limit = std::time::Instant::now() + std::time::Duration::from_secs(300);
     let status = loop {
@@ -675,14 +668,7 @@ fn the_bucket_is_checked_while_the_cache_info_is_read() {
         },
     );
     let url = bed.s3.store_url_at(&relay.endpoint, "");
-    let mut push = Command::new(env!("CARGO_BIN_EXE_nixpush"))
-        .args(["push", "--store", &bed.nix.store_url(), "--to", &url])
-        .args(["--secret-key-file", &bed.secret])
-        .args(&roots)
-        .envs(bed.s3.credentials_env())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut push = bed.spawn_push(&url, &roots, std::process::Stdio::null());
     // A request the relay let through came while the check went unanswered; a push that waited
     // for the check sends none before it gives up on the bucket and exits.
     let read_meanwhile = loop {

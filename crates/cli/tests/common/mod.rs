@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 use nixpush_testbed::{NixDaemon, S3Kind, S3Server};
 
@@ -100,6 +100,18 @@ impl Bed {
             .envs(self.s3.credentials_env())
             .env_remove("CI")
             .output()
+            .unwrap()
+    }
+
+    /// `nixpush push` of `roots` to `to`, started and left running.
+    pub fn spawn_push(&self, to: &str, roots: &[String], stderr: Stdio) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_nixpush"))
+            .args(["push", "--store", &self.nix.store_url(), "--to", to])
+            .args(["--secret-key-file", &self.secret])
+            .args(roots)
+            .envs(self.s3.credentials_env())
+            .stderr(stderr)
+            .spawn()
             .unwrap()
     }
 
