@@ -99,9 +99,10 @@ pub struct SpooledNar {
 type ZstdContext = zstd::zstd_safe::CCtx<'static>;
 
 thread_local! {
-    /// A zstd context for each thread, reused by the NARs it compresses one after the other:
-    /// creating one per NAR (allocating and clearing its tables) was a tenth of the CPU of a push
-    /// of a thousand small paths.
+    /// A zstd context for each thread, reused by the small NARs it compresses one after the
+    /// other: creating one for each (allocating and clearing its tables) was a twentieth of the
+    /// CPU of a push of a thousand small paths. Small NARs only, so that what a thread keeps is
+    /// small tables, never the window of a large NAR at a high level.
     static ZSTD_CONTEXT: RefCell<Option<ZstdContext>> = const { RefCell::new(None) };
 }
 
@@ -202,8 +203,7 @@ pub fn spool_nar(
     opts: &CompressOptions,
     spool_dir: &Path,
 ) -> Result<SpooledNar, CacheError> {
-    let one_thread = opts.threads <= 1 || info.nar_size < PARALLEL_MIN_NAR;
-    if opts.compression == Compression::Zstd && one_thread {
+    if opts.compression == Compression::Zstd && info.nar_size <= MEMORY_SPOOL as u64 {
         ZSTD_CONTEXT.with_borrow_mut(|slot| {
             let context = slot.get_or_insert_with(ZstdContext::create);
             spool_with(info, source, opts, spool_dir, Some(context))
