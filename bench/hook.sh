@@ -37,6 +37,7 @@ sed -e "s#^to = .*#to = \"file://$WORK/dircache?compression=zstd\"#" \
     -e "s#^socket = .*#socket = \"$WORK/hook-dir.sock\"#" "$WORK/nixpush.toml" > "$WORK/nixpush-dir.toml"
 
 start_daemon() {
+    echo "== nixpush daemon with $NIXPUSH_CONFIG" >> "$WORK/daemon.log"
     ${DAEMON_NICE:+nice -n "$DAEMON_NICE"} "$NIXPUSH" daemon >> "$WORK/daemon.log" 2>&1 &
     DAEMON=$!
     PIDS+=("$DAEMON")
