@@ -616,21 +616,7 @@ fn a_stalled_connection_costs_a_retry_not_the_push() {
     let roots = bed.nix.build(&chain_and_diamond());
     // The first two HEADs are read and never answered: the first attempt at the bucket's check
     // and its first retry.
-    let relay = Relay::start(
-        &bed.s3.endpoint,
-        RelayConfig {
-            faults: Faults {
-                limit: Some(2),
-                only: Some(RequestMatch {
-                    method: "HEAD".into(),
-                    target_contains: String::new(),
-                }),
-                ..Faults::always(Fault::Stall)
-            },
-            one_request_per_connection: true,
-            ..RelayConfig::default()
-        },
-    );
+    let relay = stalling_heads(&bed, Some(2));
     let url = bed.s3.store_url_at(&relay.endpoint, "");
     let mut push = bed.spawn_push(&url, &roots, std::process::Stdio::piped());
     // Two 30 s deadlines and the push itself; without deadlines it never ends.
@@ -658,20 +644,7 @@ fn a_stalled_connection_costs_a_retry_not_the_push() {
 fn the_bucket_is_checked_while_the_cache_info_is_read() {
     let bed = Bed::new();
     let roots = bed.nix.build(&chain_and_diamond());
-    let relay = Relay::start(
-        &bed.s3.endpoint,
-        RelayConfig {
-            faults: Faults {
-                only: Some(RequestMatch {
-                    method: "HEAD".into(),
-                    target_contains: String::new(),
-                }),
-                ..Faults::always(Fault::Stall)
-            },
-            one_request_per_connection: true,
-            ..RelayConfig::default()
-        },
-    );
+    let relay = stalling_heads(&bed, None);
     let url = bed.s3.store_url_at(&relay.endpoint, "");
     let mut push = bed.spawn_push(&url, &roots, std::process::Stdio::null());
     // Until the check is answered, the push sends one request besides it: the read. A push that
@@ -693,6 +666,26 @@ fn the_bucket_is_checked_while_the_cache_info_is_read() {
         through, 1,
         "requests let through while the bucket check went unanswered"
     );
+}
+
+/// A relay in front of the bed's S3 server that reads HEADs (the first `limit` of them, or all)
+/// and never answers them; every request comes on a connection of its own, so every HEAD is seen.
+fn stalling_heads(bed: &Bed, limit: Option<usize>) -> Relay {
+    Relay::start(
+        &bed.s3.endpoint,
+        RelayConfig {
+            faults: Faults {
+                limit,
+                only: Some(RequestMatch {
+                    method: "HEAD".into(),
+                    target_contains: String::new(),
+                }),
+                ..Faults::always(Fault::Stall)
+            },
+            one_request_per_connection: true,
+            ..RelayConfig::default()
+        },
+    )
 }
 
 /// Regression: a huge `--jobs` panicked instead of being refused.
