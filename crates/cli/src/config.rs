@@ -17,6 +17,11 @@ pub const DEFAULT_GC_ROOTS_MAX: usize = 10_000;
 pub const DEFAULT_STOP_TIMEOUT: f64 = 60.0;
 /// How long finished items stay in the queue: a week of `status` history.
 pub const DEFAULT_KEEP_FINISHED: f64 = 7.0 * 86400.0;
+/// How long the daemon gathers the builds that finish together before uploading them: a tenth of a
+/// second adds as much to each build's publish lag, and lets a run of short builds share requests.
+pub const DEFAULT_GATHER: f64 = 0.1;
+/// Past a minute, gathering is only delay.
+const MAX_GATHER: f64 = 60.0;
 
 /// More concurrent paths than this is a typo, not a plan: each one holds a connection, buffers and
 /// a share of the compression threads.
@@ -69,6 +74,7 @@ pub struct Config {
     pub upload_logs: Option<bool>,
     pub stop_timeout: Option<f64>,
     pub keep_finished: Option<f64>,
+    pub gather: Option<f64>,
 }
 
 /// The keys that say where things are recorded, which the hook must honour even in a file that
@@ -153,6 +159,7 @@ impl Config {
             ("retry-give-up-after", c.retry_give_up_after, 0.0),
             ("stop-timeout", c.stop_timeout, 0.0),
             ("keep-finished", c.keep_finished, MIN_BASE_DELAY),
+            ("gather", c.gather, 0.0),
         ] {
             if let Some(v) = v {
                 anyhow::ensure!(
@@ -160,6 +167,12 @@ impl Config {
                     "`{name}` must be a number of seconds from {min} to {MAX_SECONDS}, not {v}"
                 );
             }
+        }
+        if let Some(g) = c.gather {
+            anyhow::ensure!(
+                g <= MAX_GATHER,
+                "`gather` must be at most {MAX_GATHER} seconds, not {g}: builds would wait that long to be uploaded"
+            );
         }
         if let (Some(base), Some(max)) = (c.retry_base_delay, c.retry_max_delay) {
             anyhow::ensure!(
@@ -204,6 +217,10 @@ impl Config {
 
     pub fn stop_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT))
+    }
+
+    pub fn gather(&self) -> Duration {
+        Duration::from_secs_f64(self.gather.unwrap_or(DEFAULT_GATHER))
     }
 
     pub fn keep_finished(&self) -> Duration {
@@ -281,6 +298,8 @@ mod tests {
             ),
             ("jobs = 0", "jobs"),
             ("jobs = 1000000000000", "jobs"),
+            ("gather = -0.1", "gather"),
+            ("gather = 61", "gather"),
         ] {
             let e = format!("{:#}", Config::parse(text).unwrap_err());
             assert!(e.contains(key), "{text}: {e}");

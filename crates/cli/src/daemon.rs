@@ -71,6 +71,7 @@ pub fn run(args: Args) -> Result<()> {
         metrics_listen: cfg.metrics_listen.clone(),
         stop_timeout: cfg.stop_timeout(),
         keep_finished: cfg.keep_finished(),
+        gather: cfg.gather(),
     };
     fs::create_dir_all(&settings.state_dir).with_context(|| {
         format!(

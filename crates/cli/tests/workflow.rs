@@ -297,6 +297,32 @@ fn under_systemd_the_daemon_notifies_and_logs_json_lines() {
     assert_eq!(uploaded, 2, "{log}");
 }
 
+/// Builds hooked one after another within `gather` wait for its end and are then claimed together:
+/// none is in flight while the window runs (20 s here, far longer than five hooks take), then every
+/// one is published.
+#[test]
+fn builds_hooked_within_the_gather_window_are_claimed_together() {
+    let mut f = Flow::with_hook("", false);
+    let mut config = fs::read_to_string(&f.config).unwrap();
+    config.push_str("gather = 20\n");
+    fs::write(&f.config, config).unwrap();
+    let (outs, _) = f.build(&many(5, "gathered"));
+    f.start_daemon();
+    for p in &outs {
+        assert!(f.hook(Some(std::ffi::OsStr::new(p)), None).status.success());
+    }
+    let items = f.queue_items();
+    assert_eq!(items.len(), 5);
+    assert!(
+        items.iter().all(|(_, s)| *s == State::Queued),
+        "claimed before the window was over: {items:?}"
+    );
+    f.wait_published(&outs);
+    wait_for("every item to be recorded done", || {
+        f.queue_items().iter().all(|(_, s)| *s == State::Done)
+    });
+}
+
 /// With a short `keep-finished`, items published or gone are pruned from the queue.
 #[test]
 fn finished_items_are_pruned_after_keep_finished() {

@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use tokio::time::Duration;
 
 use crate::ipc::{MAX_REQUEST, Reply, Request};
+use crate::worker::Wake;
 
 /// How long a peer may take to send its request line.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
@@ -93,7 +94,7 @@ pub(crate) fn bind(socket: &Path, group: Option<&str>) -> Result<(UnixListener, 
 pub(crate) struct Intake {
     pub peers: Peers,
     pub queue: Arc<Mutex<Queue>>,
-    pub work: Arc<Notify>,
+    pub work: Arc<Wake>,
     pub open: Arc<Open>,
     pub spill_dir: PathBuf,
 }
@@ -238,7 +239,7 @@ async fn answer(req: Request, ticket: &Ticket, intake: &Intake) -> Result<Reply,
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
-        intake.work.notify_one();
+        intake.work.arrived.notify_one();
         n
     };
     let Some(barrier) = req.barrier else {
@@ -274,7 +275,7 @@ async fn answer(req: Request, ticket: &Ticket, intake: &Intake) -> Result<Reply,
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
-    intake.work.notify_one();
+    intake.work.wanted.notify_one();
     Ok(Reply::Queued {
         queued,
         mark: Some(mark),

@@ -2,7 +2,8 @@
 //!
 //! - [`intake`]: the hook's socket; each request is committed to the queue before it is
 //!   acknowledged, and only root, the daemon's user and `socket-group` may send one.
-//! - [`worker`]: claims due items as they come, runs an attempt for each at once, and records
+//! - [`worker`]: claims due items as they come (builds that finish together, together), runs an
+//!   attempt for each at once, and records
 //!   each item's outcome as soon as its attempt ends; imports what hooks spilled; keeps GC roots in
 //!   step with the queue.
 //! - [`item`]: one attempt at one item: resolve derivations to outputs, walk the closure up to
@@ -34,12 +35,12 @@ use nixpush_format::SecretKey;
 use nixpush_queue::{Queue, RetryPolicy};
 use nixpush_store::{BuildLogs, GcRoots};
 use tokio::runtime::Handle;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 pub use source::StoreSource;
 
 use intake::{Intake, Open, bind};
-use worker::Worker;
+use worker::{Wake, Worker};
 
 /// What the daemon needs to know, from the configuration and its flags.
 pub struct Settings {
@@ -66,6 +67,9 @@ pub struct Settings {
     pub stop_timeout: std::time::Duration,
     /// How long finished items stay in the queue (for `status`) before they are pruned.
     pub keep_finished: std::time::Duration,
+    /// How long the worker waits, once a hook has recorded a build, for others before claiming
+    /// (see [`worker::Gathering`]).
+    pub gather: std::time::Duration,
 }
 
 /// Serves the hook's socket and drains the queue until SIGTERM or SIGINT. The socket, and every
@@ -81,7 +85,7 @@ pub async fn serve(settings: Settings, queue: Queue, intake_on: Handle) -> Resul
     // worker's write lock waited in SQLite's busy handler, which sleeps in steps of milliseconds;
     // the mutex hands over as soon as the worker's transaction ends.
     let queue = Arc::new(Mutex::new(queue));
-    let work = Arc::new(Notify::new());
+    let work = Arc::new(Wake::default());
     let intake = Intake {
         peers,
         queue: queue.clone(),
