@@ -168,11 +168,13 @@ struct SessionRecord {
     written: tokio::sync::Mutex<Written>,
 }
 
-/// The last write that succeeded: the version of the content it read, and when it was made.
+/// The last write that succeeded: the version of the content it read, when it was made, and when
+/// the server acknowledged it.
 #[derive(Default)]
 struct Written {
     version: u64,
     at: Option<SystemTime>,
+    done: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -226,26 +228,32 @@ impl SessionRecord {
     }
 
     /// Makes the object hold at least `version`: written by this call, or by a recent one that
-    /// read the content after that version was reached.
-    async fn flush(&self, target: &Target, version: u64) -> Result<(), CacheError> {
+    /// read the content after that version was reached. Returns when that write was acknowledged:
+    /// a look at the collector begun since then is one begun after the session held the paths,
+    /// which pushes gathered together share, although they got here one after another.
+    async fn flush(&self, target: &Target, version: u64) -> Result<Instant, CacheError> {
         let mut written = self.written.lock().await;
         let recent = written
             .at
             .and_then(|at| at.elapsed().ok())
             .is_some_and(|age| age < SESSION_WRITE_TRUSTED);
-        if written.version >= version && version > 0 && recent {
-            return Ok(());
+        match written.done {
+            Some(done) if written.version >= version && version > 0 && recent => Ok(done),
+            _ => self.write_locked(target, &mut written).await,
         }
-        self.write_locked(target, &mut written).await
     }
 
     /// Writes the object again, so that its date is now (while a long push relies on it).
     async fn rewrite(&self, target: &Target) -> Result<(), CacheError> {
         let mut written = self.written.lock().await;
-        self.write_locked(target, &mut written).await
+        self.write_locked(target, &mut written).await.map(drop)
     }
 
-    async fn write_locked(&self, target: &Target, written: &mut Written) -> Result<(), CacheError> {
+    async fn write_locked(
+        &self,
+        target: &Target,
+        written: &mut Written,
+    ) -> Result<Instant, CacheError> {
         let (body, version) = {
             let content = self.content();
             let session = Session {
@@ -260,15 +268,17 @@ impl SessionRecord {
         target
             .put_bytes(&self.key, body, "application/json")
             .await?;
+        let done = Instant::now();
         *written = Written {
             version,
             at: Some(at),
+            done: Some(done),
         };
-        Ok(())
+        Ok(done)
     }
 
-    /// Adds a NAR relied on, and has the object hold it.
-    async fn add_nar(&self, target: &Target, nar: &str) -> Result<(), CacheError> {
+    /// Adds a NAR relied on, and has the object hold it (see [`SessionRecord::flush`]).
+    async fn add_nar(&self, target: &Target, nar: &str) -> Result<Instant, CacheError> {
         let version = {
             let mut content = self.content();
             if content.nars.insert(nar.to_owned()) {
@@ -419,8 +429,8 @@ impl Publisher {
         let record = sh.session();
         let version = record.add_paths(&candidates, &summary.skipped);
         let looked = async {
-            record.flush(&sh.target, version).await?;
-            sh.watch.look_after(Instant::now()).await
+            let held = record.flush(&sh.target, version).await?;
+            sh.watch.look_after(held).await
         };
         // A collection keeps sessions younger than its --keep-within (an hour at least): one
         // that runs long is written again, so that it never ages out while the push relies on it.
@@ -858,8 +868,8 @@ impl Shared {
             // server maybe from the first), its narinfo may go up long after its date. Either way
             // the session keeps it.
             let nar_existed = if spooled.file_size >= ASK_BEFORE_PUT {
-                record.add_nar(&self.target, &key).await?;
-                self.watch.look_after(Instant::now()).await?;
+                let held = record.add_nar(&self.target, &key).await?;
+                self.watch.look_after(held).await?;
                 self.target.size(&key).await? == Some(spooled.file_size)
             } else {
                 false
@@ -1138,7 +1148,9 @@ mod tests {
             || -> Session { serde_json::from_slice(&std::fs::read(&object).unwrap()).unwrap() };
         let a = info("a", &["b"]);
         let v = record.add_paths(std::slice::from_ref(&a), &[]);
-        record.flush(&target, v).await.unwrap();
+        let before = Instant::now();
+        let held = record.flush(&target, v).await.unwrap();
+        assert!(held >= before);
         let hashes = |names: &[&str]| -> Vec<String> {
             let mut h: Vec<String> = names
                 .iter()
@@ -1152,11 +1164,12 @@ mod tests {
         std::fs::remove_file(&object).unwrap();
         let again = record.add_paths(std::slice::from_ref(&a), &[]);
         assert_eq!(again, v);
-        record.flush(&target, again).await.unwrap();
+        // A look at the collector need only begin after that write.
+        assert_eq!(record.flush(&target, again).await.unwrap(), held);
         assert!(!object.exists(), "written again for nothing");
         // Once that write is older than can be trusted, it is made again.
         record.written.lock().await.at = Some(SystemTime::now() - SESSION_WRITE_TRUSTED);
-        record.flush(&target, again).await.unwrap();
+        assert!(record.flush(&target, again).await.unwrap() > held);
         assert_eq!(read().paths, hashes(&["a", "b"]));
         // Another push's paths and a NAR relied on are added to the same object.
         let c = info("c", &[]);
