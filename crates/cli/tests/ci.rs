@@ -235,9 +235,7 @@ fn enqueue_queues_what_no_hook_saw() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    let mut config = std::fs::read_to_string(&f.config).unwrap();
-    config.push_str("skip-signed-by = [\"upstream-1\"]\n");
-    std::fs::write(&f.config, config).unwrap();
+    f.configure("skip-signed-by = [\"upstream-1\"]\n");
     // The store is shared with the tests running alongside: --since finds their paths too, and
     // rooting them would keep them from the deletions those tests make.
     f.without_gc_roots();
@@ -437,9 +435,7 @@ fn build_logs_reach_the_cache_and_nix_log_reads_them() {
 #[test]
 fn upload_logs_false_uploads_none() {
     let mut f = Flow::new("");
-    let mut config = std::fs::read_to_string(&f.config).unwrap();
-    config.push_str("upload-logs = false\n");
-    std::fs::write(&f.config, config).unwrap();
+    f.configure("upload-logs = false\n");
     f.start_daemon();
     let (outs, _) = f.build(&derivation("unlogged", "echo $name; echo done > $out"));
     f.wait_published(&outs);

@@ -141,9 +141,7 @@ fn the_daemon_yields_to_builds_unless_told_not_to() {
         assert_eq!(thread_priorities(pid, tid), own, "thread {tid}");
     }
     assert!(f.signal_daemon(libc::SIGTERM).success());
-    let mut config = fs::read_to_string(&f.config).unwrap();
-    config.push_str("yield-to-builds = false\n");
-    fs::write(&f.config, config).unwrap();
+    f.configure("yield-to-builds = false\n");
     f.start_daemon();
     let pid = f.daemon.as_ref().unwrap().id();
     // What it was started with: this test's own.
@@ -303,9 +301,7 @@ fn under_systemd_the_daemon_notifies_and_logs_json_lines() {
 #[test]
 fn builds_hooked_within_the_gather_window_are_claimed_together() {
     let mut f = Flow::with_hook("", false);
-    let mut config = fs::read_to_string(&f.config).unwrap();
-    config.push_str("gather = 20\n");
-    fs::write(&f.config, config).unwrap();
+    f.configure("gather = 20\n");
     let (outs, _) = f.build(&many(5, "gathered"));
     f.start_daemon();
     for p in &outs {
@@ -327,9 +323,7 @@ fn builds_hooked_within_the_gather_window_are_claimed_together() {
 #[test]
 fn finished_items_are_pruned_after_keep_finished() {
     let mut f = Flow::with_hook("", false);
-    let mut config = fs::read_to_string(&f.config).unwrap();
-    config.push_str("keep-finished = 0.2\n");
-    fs::write(&f.config, config).unwrap();
+    f.configure("keep-finished = 0.2\n");
     let (outs, _) = f.build(&many(3, "pruned"));
     let joined = outs.join(" ");
     assert!(
@@ -370,9 +364,7 @@ fn a_stop_waits_stop_timeout_then_leaves_the_rest_queued() {
         },
     );
     f.route_through(&relay, "");
-    let mut config = fs::read_to_string(&f.config).unwrap();
-    config.push_str("stop-timeout = 0.5\n");
-    fs::write(&f.config, config).unwrap();
+    f.configure("stop-timeout = 0.5\n");
     // 16 MiB at 256 KiB/s: a minute, far beyond the stop's half second.
     let (large, _) = f.build(&derivation(
         "stopped",
@@ -542,9 +534,7 @@ fn the_metrics_say_what_the_daemon_did() {
     let relay = f.throttled(1);
     let textfile = f.dir.path().join("nixpush.prom");
     f.serve_metrics();
-    let mut config = fs::read_to_string(&f.config).unwrap();
-    config.push_str(&format!("metrics-textfile = \"{}\"\n", textfile.display()));
-    fs::write(&f.config, config).unwrap();
+    f.configure(&format!("metrics-textfile = \"{}\"\n", textfile.display()));
     let (outs, _) = f.build(&many(3, "metrics"));
     for p in &outs {
         assert!(f.hook(Some(std::ffi::OsStr::new(p)), None).status.success());
@@ -1578,9 +1568,7 @@ fn one_daemon_per_state_directory_and_bad_config_is_named() {
 fn socket_group_opens_the_socket_to_that_group_only() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let mut f = Flow::with_hook("", false);
-    let mut config = fs::read_to_string(&f.config).unwrap();
-    config.push_str("socket-group = \"nixbld\"\n");
-    fs::write(&f.config, config).unwrap();
+    f.configure("socket-group = \"nixbld\"\n");
     f.start_daemon();
     let meta = fs::metadata(&f.socket).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);

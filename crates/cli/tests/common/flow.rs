@@ -167,11 +167,16 @@ impl Flow {
         }
     }
 
+    /// Adds `lines` to the configuration file, for the daemon started next.
+    pub fn configure(&self, lines: &str) {
+        let mut config = fs::read_to_string(&self.config).unwrap();
+        config.push_str(lines);
+        fs::write(&self.config, config).unwrap();
+    }
+
     /// Has the daemon serve its metrics, on a port it chooses (see [`Flow::scrape`]).
     pub fn serve_metrics(&self) {
-        let mut config = fs::read_to_string(&self.config).unwrap();
-        config.push_str("metrics-listen = \"127.0.0.1:0\"\n");
-        fs::write(&self.config, config).unwrap();
+        self.configure("metrics-listen = \"127.0.0.1:0\"\n");
     }
 
     /// The running daemon's metrics, scraped over HTTP and parsed.
