@@ -1256,6 +1256,37 @@ mod tests {
         assert_eq!(source.reads.load(SeqCst), 4);
     }
 
+    /// A push whose paths a recent session write holds relies on a look at the collector begun
+    /// after that write, whoever made it: it does not read the state again. Here the state object
+    /// is damaged after the first push, so a read would refuse it; a push with a path the session
+    /// lacks writes it again and must read anew.
+    #[tokio::test]
+    async fn pushes_one_session_write_covers_share_the_look_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = file_cache(dir.path()).await;
+        let publisher = cache.publisher(Arc::new(Source::default()), &opts(dir.path(), 4));
+        let first = publisher.push(vec![real("first", &[])], &[], &|_| {}).await;
+        assert!(first.failed.is_empty(), "{:?}", first.failed);
+        let state = dir.path().join("cache").join(crate::fence::STATE_KEY);
+        std::fs::create_dir_all(state.parent().unwrap()).unwrap();
+        std::fs::write(&state, b"not json").unwrap();
+        let again = publisher.push(vec![real("first", &[])], &[], &|_| {}).await;
+        assert!(
+            again.failed.is_empty(),
+            "read the state again: {:?}",
+            again.failed
+        );
+        let other = publisher.push(vec![real("other", &[])], &[], &|_| {}).await;
+        assert!(
+            other
+                .failed
+                .iter()
+                .any(|(_, e)| error_chain(&**e).contains("state.json")),
+            "{:?}",
+            other.failed
+        );
+    }
+
     /// A push cancelled while it has a path in hand releases it: a push waiting for that path
     /// learns it was abandoned, and a later push takes it in hand and publishes it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -94,7 +94,7 @@ pub(crate) fn bind(socket: &Path, group: Option<&str>) -> Result<(UnixListener, 
 pub(crate) struct Intake {
     pub peers: Peers,
     pub queue: Arc<Mutex<Queue>>,
-    pub work: Arc<Wake>,
+    pub wake: Arc<Wake>,
     pub open: Arc<Open>,
     pub spill_dir: PathBuf,
 }
@@ -239,7 +239,7 @@ async fn answer(req: Request, ticket: &Ticket, intake: &Intake) -> Result<Reply,
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
-        intake.work.arrived.notify_one();
+        intake.wake.arrived.notify_one();
         n
     };
     let Some(barrier) = req.barrier else {
@@ -275,7 +275,7 @@ async fn answer(req: Request, ticket: &Ticket, intake: &Intake) -> Result<Reply,
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
-    intake.work.wanted.notify_one();
+    intake.wake.wanted.notify_one();
     Ok(Reply::Queued {
         queued,
         mark: Some(mark),

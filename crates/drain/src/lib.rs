@@ -3,9 +3,8 @@
 //! - [`intake`]: the hook's socket; each request is committed to the queue before it is
 //!   acknowledged, and only root, the daemon's user and `socket-group` may send one.
 //! - [`worker`]: claims due items as they come (builds that finish together, together), runs an
-//!   attempt for each at once, and records
-//!   each item's outcome as soon as its attempt ends; imports what hooks spilled; keeps GC roots in
-//!   step with the queue.
+//!   attempt for each at once, and records each item's outcome as soon as its attempt ends;
+//!   imports what hooks spilled; keeps GC roots in step with the queue.
 //! - [`item`]: one attempt at one item: resolve derivations to outputs, walk the closure up to
 //!   what the cache is known to hold, publish it (see `nixpush_cache::Publisher`), decide.
 //! - [`build_logs`]: the build logs of published outputs, uploaded after them.
@@ -85,11 +84,11 @@ pub async fn serve(settings: Settings, queue: Queue, intake_on: Handle) -> Resul
     // worker's write lock waited in SQLite's busy handler, which sleeps in steps of milliseconds;
     // the mutex hands over as soon as the worker's transaction ends.
     let queue = Arc::new(Mutex::new(queue));
-    let work = Arc::new(Wake::default());
+    let wake = Arc::new(Wake::default());
     let intake = Intake {
         peers,
         queue: queue.clone(),
-        work: work.clone(),
+        wake: wake.clone(),
         open: Arc::new(Open::default()),
         spill_dir: settings.spill_dir.clone(),
     };
@@ -137,7 +136,7 @@ pub async fn serve(settings: Settings, queue: Queue, intake_on: Handle) -> Resul
     }
     systemd::ready();
     let mut worker = Worker::new(settings, queue, intake_on.clone(), metrics);
-    worker.run(work, stop).await;
+    worker.run(wake, stop).await;
     let _ = acceptor.await;
     let _ = fs::remove_file(&worker.settings.socket);
     tracing::info!("stopped");
