@@ -151,6 +151,12 @@ const SESSION_REFRESH: Duration = Duration::from_secs(15 * 60);
 /// the bucket would keep for the whole `--keep-within` and every collection would read.
 const SESSION_PERIOD: Duration = Duration::from_secs(15 * 60);
 
+/// A session record naming this many paths and NARs takes no new pushes: each write sends the
+/// whole record, so on a builder that publishes thousands of paths in a period the bytes would grow
+/// with the square of them. At about 35 bytes a name, a write stays under 150 KB (plus what the
+/// pushes already in it add).
+const SESSION_MAX_NAMES: usize = 4096;
+
 /// A write of a session record older than this is not relied on: a push that finds its paths
 /// written writes again anyway, so that what it relies on is named by an object a collection
 /// counts as young (after a machine's suspension, say, that no `Instant` saw).
@@ -200,9 +206,13 @@ impl SessionRecord {
         }
     }
 
-    /// Whether pushes beginning now may still join this record.
+    /// Whether pushes beginning now may still join this record: young, and not full.
     fn open_to_new_pushes(&self) -> bool {
-        self.opened.elapsed().is_ok_and(|age| age < SESSION_PERIOD)
+        let names = {
+            let content = self.content();
+            content.paths.len() + content.nars.len()
+        };
+        self.opened.elapsed().is_ok_and(|age| age < SESSION_PERIOD) && names < SESSION_MAX_NAMES
     }
 
     fn content(&self) -> std::sync::MutexGuard<'_, SessionContent> {
@@ -302,7 +312,7 @@ impl Shared {
     }
 
     /// The session record for a push begun now: the current one, or a new one once its period is
-    /// over (pushes still relying on the old one keep it fresh themselves).
+    /// over or it is full (pushes still relying on the old one keep it fresh themselves).
     fn session(&self) -> Arc<SessionRecord> {
         let mut current = self.session.lock().unwrap_or_else(|e| e.into_inner());
         if !current.open_to_new_pushes() {
@@ -1045,6 +1055,7 @@ impl Remembered {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::SESSIONS_PREFIX;
     use crate::{Cache, StoreUrl};
     use nixpush_format::Sha256;
 
@@ -1254,6 +1265,44 @@ mod tests {
         assert_eq!(summary.uploaded, vec![store_path("third")]);
         assert_eq!(summary.present, vec![store_path("shared")]);
         assert_eq!(source.reads.load(SeqCst), 4);
+    }
+
+    /// A session record that names [`SESSION_MAX_NAMES`] takes no new push: the next one opens a
+    /// record of its own, so that no write grows without bound; until then pushes share one.
+    #[tokio::test]
+    async fn a_full_session_record_takes_no_new_push() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = file_cache(dir.path()).await;
+        let publisher = cache.publisher(Arc::new(Source::default()), &opts(dir.path(), 4));
+        let sessions = || -> Vec<Session> {
+            let mut found = Vec::new();
+            for host in std::fs::read_dir(dir.path().join("cache").join(SESSIONS_PREFIX)).unwrap() {
+                for f in std::fs::read_dir(host.unwrap().path()).unwrap() {
+                    found.push(
+                        serde_json::from_slice(&std::fs::read(f.unwrap().path()).unwrap()).unwrap(),
+                    );
+                }
+            }
+            found
+        };
+        let hash = |name: &str| store_path(name).hash_part().to_owned();
+        for name in ["one", "two"] {
+            let s = publisher.push(vec![real(name, &[])], &[], &|_| {}).await;
+            assert!(s.failed.is_empty(), "{:?}", s.failed);
+        }
+        assert_eq!(sessions().len(), 1, "the two pushes share one record");
+        let full = publisher.shared.session();
+        full.content()
+            .paths
+            .extend((0..SESSION_MAX_NAMES).map(|i| format!("{i:032}")));
+        let s = publisher.push(vec![real("three", &[])], &[], &|_| {}).await;
+        assert!(s.failed.is_empty(), "{:?}", s.failed);
+        let mut found = sessions();
+        found.sort_by_key(|s| s.paths.len());
+        assert_eq!(found.len(), 2, "a full record took a new push");
+        assert_eq!(found[0].paths, [hash("three")]);
+        assert!(!found[1].paths.contains(&hash("three")));
+        assert!(!Arc::ptr_eq(&full, &publisher.shared.session()));
     }
 
     /// A push whose paths a recent session write holds relies on a look at the collector begun
