@@ -191,6 +191,14 @@ struct SessionContent {
     version: u64,
 }
 
+/// Tells apart the records one host opens in one millisecond: random, so that two processes do not
+/// collide, and counted, so that one process never does (full records are replaced at once).
+fn session_id() -> u64 {
+    static OPENED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    getrandom::u64().unwrap_or_default().wrapping_add(n)
+}
+
 impl SessionRecord {
     fn open(host: &str) -> Self {
         let opened = SystemTime::now();
@@ -198,7 +206,7 @@ impl SessionRecord {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         SessionRecord {
-            key: Session::key(host, started, getrandom::u64().unwrap_or_default()),
+            key: Session::key(host, started, session_id()),
             host: host.to_owned(),
             opened,
             content: Mutex::default(),
@@ -1292,15 +1300,22 @@ mod tests {
         }
         assert_eq!(sessions().len(), 1, "the two pushes share one record");
         let full = publisher.shared.session();
-        full.content()
-            .paths
-            .extend((0..SESSION_MAX_NAMES).map(|i| format!("{i:032}")));
+        let filled = {
+            let mut content = full.content();
+            content
+                .paths
+                .extend((0..SESSION_MAX_NAMES).map(|i| format!("{i:032}")));
+            content.version += 1;
+            content.version
+        };
+        full.flush(&publisher.shared.target, filled).await.unwrap();
         let s = publisher.push(vec![real("three", &[])], &[], &|_| {}).await;
         assert!(s.failed.is_empty(), "{:?}", s.failed);
         let mut found = sessions();
         found.sort_by_key(|s| s.paths.len());
         assert_eq!(found.len(), 2, "a full record took a new push");
         assert_eq!(found[0].paths, [hash("three")]);
+        assert_eq!(found[1].paths.len(), SESSION_MAX_NAMES + 2);
         assert!(!found[1].paths.contains(&hash("three")));
         assert!(!Arc::ptr_eq(&full, &publisher.shared.session()));
     }

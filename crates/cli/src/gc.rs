@@ -34,7 +34,7 @@ pub struct GcArgs {
     #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_duration)]
     keep_within: Duration,
     /// Also keep each host's N newest push sessions, however old (a session covers the pushes one
-    /// process began within 15 minutes)
+    /// process began within 15 minutes, up to 4,096 paths and NARs)
     #[arg(long, value_name = "N")]
     keep_last: Option<usize>,
     /// Delete a NAR only once no narinfo has needed it for this long: clients cache the narinfos
