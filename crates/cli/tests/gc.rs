@@ -202,6 +202,9 @@ fn collects_what_no_root_needs(bed: &Bed, cache: &Cache) {
         report["narinfos_read"], 0,
         "remembered from the earlier runs, unchanged: {report}"
     );
+    // Both marks keep the sessions; the second reads none again, since none changed.
+    assert!(report["sessions_kept"].as_u64() >= Some(2), "{report}");
+    assert_eq!(report["sessions_read"], report["sessions_kept"], "{report}");
     assert!(!cache.has_narinfo(&old) && !cache.has_narinfo(&dead_twin));
     for p in [&new, &shared, &pinned, &live_twin] {
         assert!(cache.has_narinfo(p), "{p} deleted");

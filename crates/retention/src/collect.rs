@@ -91,6 +91,8 @@ pub struct Report {
     pub pins: usize,
     pub sessions: usize,
     pub sessions_kept: usize,
+    /// Sessions read (GET) in all: a later mark reads only those written again since.
+    pub sessions_read: usize,
     pub narinfos: usize,
     /// Narinfos read (GET) in all: those new or changed since the memo, and again in later marks.
     pub narinfos_read: usize,
@@ -136,6 +138,9 @@ pub struct Collector {
     /// When the last state write was sent: the lease counts from then.
     renewed: Instant,
     t0: SystemTime,
+    /// The sessions read by an earlier mark of this run, by key, with what told their version
+    /// apart: the next mark reads again only those that changed.
+    sessions_seen: HashMap<String, (String, Session)>,
 }
 
 impl Collector {
@@ -242,6 +247,7 @@ impl Collector {
             etag,
             renewed: Instant::now(),
             t0,
+            sessions_seen: HashMap::new(),
         }
     }
 
@@ -440,9 +446,22 @@ impl Collector {
                 keep.extend(list.iter().take(n).map(|e| e.key.as_str()));
             }
         }
-        let keys: Vec<String> = keep.iter().map(|k| (*k).to_owned()).collect();
-        let bodies = self.get_all(keys).await?;
+        // A session whose version is the one an earlier mark read holds what it held then: the
+        // second mark's listing still sees every session written before the announcement.
         let mut kept = Vec::new();
+        let mut to_read = Vec::new();
+        for e in entries.iter().filter(|e| keep.contains(e.key.as_str())) {
+            let version = tag(e);
+            match (self.sessions_seen.get(&e.key), &version) {
+                (Some((seen, session)), Some(now)) if seen == now => kept.push(session.clone()),
+                _ => to_read.push((e.key.clone(), version)),
+            }
+        }
+        let versions: HashMap<String, Option<String>> = to_read.iter().cloned().collect();
+        self.report.sessions_read += to_read.len();
+        let bodies = self
+            .get_all(to_read.into_iter().map(|(k, _)| k).collect())
+            .await?;
         for (key, body) in bodies {
             let Some(body) = body else { continue };
             let session: Session =
@@ -450,6 +469,10 @@ impl Collector {
                     key: key.clone(),
                     message: e.to_string(),
                 })?;
+            if let Some(Some(version)) = versions.get(&key) {
+                self.sessions_seen
+                    .insert(key, (version.clone(), session.clone()));
+            }
             kept.push(session);
         }
         self.report.sessions_kept = kept.len();
@@ -835,5 +858,55 @@ async fn check_conditional_writes(objects: &Objects, run: &str) -> Result<(), Re
     match (first, again?, stale?) {
         (Conditional::Written(_), Conditional::Refused, Conditional::Refused) => Ok(()),
         _ => Err(RetentionError::NoConditionalWrites),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nixpush_cache::StoreUrl;
+
+    async fn write(objects: &Objects, key: &str, paths: &[&str]) {
+        let session = Session {
+            host: "builder".into(),
+            paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+            nars: Vec::new(),
+        };
+        let body = serde_json::to_vec(&session).unwrap();
+        objects.put(key, body, "application/json").await.unwrap();
+    }
+
+    /// A later mark of one run reads again the sessions written since the last, and only those:
+    /// what it keeps is what they hold now.
+    #[tokio::test]
+    async fn a_later_mark_reads_again_only_the_sessions_written_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        let url: StoreUrl = format!("file://{}", cache.display()).parse().unwrap();
+        let objects = Objects::open(&url, None).await.unwrap();
+        let (one, two) = (Session::key("builder", 1, 1), Session::key("builder", 2, 2));
+        write(&objects, &one, &["a"]).await;
+        write(&objects, &two, &["x"]).await;
+        let policy = Policy {
+            keep_within: Duration::from_secs(3600),
+            keep_last: None,
+            nar_grace: Duration::ZERO,
+            max_delete: None,
+            dry_run: false,
+            single_runner: true,
+            memo: None,
+        };
+        let mut c = Collector::begin(objects.clone(), policy, "collector")
+            .await
+            .unwrap();
+        let (kept, _) = c.sessions().await.unwrap();
+        assert_eq!((kept.len(), c.report.sessions_read), (2, 2));
+        write(&objects, &one, &["a", "b"]).await;
+        let (kept, _) = c.sessions().await.unwrap();
+        assert_eq!(c.report.sessions_read, 3, "only the session written again");
+        let mut paths: Vec<Vec<String>> = kept.into_iter().map(|s| s.paths).collect();
+        paths.sort();
+        assert_eq!(paths, [vec!["a", "b"], vec!["x"]]);
     }
 }
