@@ -164,6 +164,8 @@ const SESSION_WRITE_TRUSTED: Duration = Duration::from_secs(5 * 60);
 
 /// The session record of the pushes begun within one [`SESSION_PERIOD`]: what they publish or rely
 /// on, written before they rely on it, and rewritten when one relies on a NAR it found present.
+/// It is always written whole and only ever grows, so a new version of the object is a longer one:
+/// a collector that sees no entity tags tells versions apart by size.
 struct SessionRecord {
     key: String,
     host: String,

@@ -208,7 +208,7 @@ pub fn gc(args: GcArgs) -> Result<()> {
 fn print(r: &Report) {
     let verb = if r.dry_run { "would delete" } else { "deleted" };
     eprintln!(
-        "nixpush gc: {} narinfos ({} read), {} live (roots: {} pins, {} of {} sessions kept ({} read), and what was written within the window)",
+        "nixpush gc: {} narinfos ({} read), {} live (roots: {} pins, {} of {} sessions kept, and what was written within the window); {} session reads over both marks",
         r.narinfos, r.narinfos_read, r.live, r.pins, r.sessions_kept, r.sessions, r.sessions_read
     );
     eprintln!(

@@ -1,8 +1,8 @@
 //! The worker: claims due items as they come (gathering the builds that finish together, see
-//! [`Gathering`]) and runs an attempt for each (see [`crate::item`]),
-//! at most [`IN_FLIGHT`] at once; records each outcome as soon as it is known; meanwhile imports
-//! spilled hook records and keeps the GC roots of queued items in step with the queue. On stop it
-//! lets the attempts in hand finish for `stop-timeout`, then puts the rest back in the queue.
+//! [`Gathering`]) and runs an attempt for each (see [`crate::item`]), at most [`IN_FLIGHT`] at
+//! once; records each outcome as soon as it is known; meanwhile imports spilled hook records and
+//! keeps the GC roots of queued items in step with the queue. On stop it lets the attempts in hand
+//! finish for `stop-timeout`, then puts the rest back in the queue.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -58,8 +58,8 @@ pub(crate) struct Wake {
 /// the last claim. Builds that finish within it are claimed in one transaction and pushed at once,
 /// so they share their session write and their looks at the collector's state, which one build at
 /// a time would each pay for (7 S3 requests a build on its own, 5.1 gathered, measured over 100
-/// builds in a row). The
-/// window never extends: a steady stream of builds is claimed every `gather`, not held back.
+/// builds in a row). The window never extends: a steady stream of builds is claimed every
+/// `gather`, not held back.
 pub(crate) struct Gathering {
     window: Duration,
     due: Option<Instant>,
@@ -186,9 +186,8 @@ impl Worker {
         let mut watchdog = systemd::Watchdog::new();
         // Whether a claim may find work: not after one that came back short, until the window a
         // hook's request opened ends, a `wait` asks, the next due item's time comes, or a retry
-        // scheduled since says so. An attempt
-        // that ends only frees room; claiming for it again would take the queue's write lock
-        // from the hooks once per finished item.
+        // scheduled since says so. An attempt that ends only frees room; claiming for it again
+        // would take the queue's write lock from the hooks once per finished item.
         let mut may_find = true;
         let mut gathering = Gathering::new(self.settings.gather);
         while !*stop.borrow() {

@@ -2,6 +2,7 @@
 //! README.md, "Retention", for the protocol and why it holds).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nixpush_cache::fence::{CLOCK_SKEW, GcState, LEASE, NAR_WINDOW, Phase, STATE_KEY};
@@ -91,7 +92,7 @@ pub struct Report {
     pub pins: usize,
     pub sessions: usize,
     pub sessions_kept: usize,
-    /// Sessions read (GET) in all: a later mark reads only those written again since.
+    /// Session reads (GET) over both marks: the second reads only those written since the first.
     pub sessions_read: usize,
     pub narinfos: usize,
     /// Narinfos read (GET) in all: those new or changed since the memo, and again in later marks.
@@ -140,7 +141,7 @@ pub struct Collector {
     t0: SystemTime,
     /// The sessions read by an earlier mark of this run, by key, with what told their version
     /// apart: the next mark reads again only those that changed.
-    sessions_seen: HashMap<String, (String, Session)>,
+    sessions_seen: HashMap<String, (String, Arc<Session>)>,
 }
 
 impl Collector {
@@ -388,7 +389,7 @@ impl Collector {
         &mut self,
         narinfos: &BTreeMap<String, Listed>,
         pinned: &BTreeSet<String>,
-        kept: &[Session],
+        kept: &[Arc<Session>],
     ) -> BTreeSet<String> {
         let fresh_after = self.before_t0(self.policy.keep_within);
         let roots: BTreeSet<&str> = pinned
@@ -424,7 +425,7 @@ impl Collector {
     }
 
     /// Every session, split into those the policy keeps (read) and those it drops.
-    async fn sessions(&mut self) -> Result<(Vec<Session>, Vec<ObjectEntry>), RetentionError> {
+    async fn sessions(&mut self) -> Result<(Vec<Arc<Session>>, Vec<ObjectEntry>), RetentionError> {
         let entries = self.objects.list(SESSIONS_PREFIX, false).await?;
         self.report.sessions = entries.len();
         let fresh_after = self.before_t0(self.policy.keep_within);
@@ -446,8 +447,11 @@ impl Collector {
                 keep.extend(list.iter().take(n).map(|e| e.key.as_str()));
             }
         }
-        // A session whose version is the one an earlier mark read holds what it held then: the
-        // second mark's listing still sees every session written before the announcement.
+        // A session listed with the version an earlier mark read holds what it held then: the
+        // second mark's listing still sees every session written before the announcement, and
+        // whatever a pusher added since changed the version. Where the server lists no entity
+        // tag, the size tells: a session is always written whole and only ever grows (see
+        // `SessionRecord` in nixpush_cache), so new content is a longer object.
         let mut kept = Vec::new();
         let mut to_read = Vec::new();
         for e in entries.iter().filter(|e| keep.contains(e.key.as_str())) {
@@ -464,11 +468,12 @@ impl Collector {
             .await?;
         for (key, body) in bodies {
             let Some(body) = body else { continue };
-            let session: Session =
-                serde_json::from_slice(&body).map_err(|e| CacheError::BadRecord {
+            let session: Arc<Session> = serde_json::from_slice::<Session>(&body)
+                .map_err(|e| CacheError::BadRecord {
                     key: key.clone(),
                     message: e.to_string(),
-                })?;
+                })?
+                .into();
             if let Some(Some(version)) = versions.get(&key) {
                 self.sessions_seen
                     .insert(key, (version.clone(), session.clone()));
@@ -618,7 +623,7 @@ impl Collector {
     async fn nar_garbage(
         &mut self,
         read: &BTreeMap<String, Listed>,
-        kept: &[Session],
+        kept: &[Arc<Session>],
         planned: &BTreeSet<String>,
     ) -> Result<BTreeSet<String>, RetentionError> {
         let mut now_listed = self.read_narinfos(read.clone()).await?;
@@ -651,7 +656,7 @@ impl Collector {
     async fn sweep_nars(
         &mut self,
         survivors: &BTreeMap<String, Listed>,
-        kept: &[Session],
+        kept: &[Arc<Session>],
     ) -> Result<(), RetentionError> {
         let garbage = self.nar_garbage(survivors, kept, &BTreeSet::new()).await?;
         let t0 = self.report.t0;
@@ -905,7 +910,7 @@ mod tests {
         write(&objects, &one, &["a", "b"]).await;
         let (kept, _) = c.sessions().await.unwrap();
         assert_eq!(c.report.sessions_read, 3, "only the session written again");
-        let mut paths: Vec<Vec<String>> = kept.into_iter().map(|s| s.paths).collect();
+        let mut paths: Vec<Vec<String>> = kept.iter().map(|s| s.paths.clone()).collect();
         paths.sort();
         assert_eq!(paths, [vec!["a", "b"], vec!["x"]]);
     }
