@@ -1,12 +1,13 @@
 //! What a collection does to objects, on each S3 server of the test bed: listings that carry times
 //! and entity tags, and deletions a thousand keys a request (DeleteObjects, with the Content-MD5
-//! that S3 demands). The collection tests can age objects only where they are files (s3s-fs), so
-//! on Garage and moto they delete nothing; these are the requests they would have made.
+//! that S3 demands), sent again for the keys a busy server failed. The collection tests can age
+//! objects only where they are files (s3s-fs), so on Garage and moto they delete nothing; these are
+//! the requests they would have made.
 
 use std::collections::BTreeSet;
 
 use nixpush_cache::{Objects, StoreUrl};
-use nixpush_testbed::{S3Kind, S3Server};
+use nixpush_testbed::{Fault, Faults, Relay, RelayConfig, RequestMatch, S3Kind, S3Server};
 
 /// Keys in two hashed shards, one of them more than a page of listing, and two DeleteObjects
 /// batches.
@@ -32,7 +33,7 @@ fn objects_are_listed_with_times_and_tags_and_deleted_in_batches_on_every_server
         std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    for kind in [S3Kind::S3sFs, S3Kind::Garage, S3Kind::Moto] {
+    let serve = |kind| {
         let s3 = S3Server::start_kind(kind);
         std::fs::write(
             credentials.path(),
@@ -42,6 +43,10 @@ fn objects_are_listed_with_times_and_tags_and_deleted_in_batches_on_every_server
             ),
         )
         .unwrap();
+        s3
+    };
+    for kind in [S3Kind::S3sFs, S3Kind::Garage, S3Kind::Moto] {
+        let s3 = serve(kind);
         let keys: Vec<String> = (0..KEYS)
             .map(|i| {
                 let shard = if i < 1_050 { '0' } else { 'z' };
@@ -76,4 +81,32 @@ fn objects_are_listed_with_times_and_tags_and_deleted_in_batches_on_every_server
         });
         assert_eq!(s3.keys(), ["nixpush/gc/state.json"], "{kind:?}");
     }
+
+    // A DeleteObjects that succeeds but fails each of its keys (S3's InternalError under load,
+    // Garage's ServiceUnavailable when its database is locked) is sent again for those keys.
+    let s3 = serve(S3Kind::S3sFs);
+    let keys: Vec<String> = (0..5).map(|i| format!("{i:032}.narinfo")).collect();
+    s3.put_all(keys.iter().map(|k| (k.clone(), b"x".to_vec())).collect());
+    let relay = Relay::start(
+        &s3.endpoint,
+        RelayConfig {
+            faults: Faults {
+                limit: Some(2),
+                only: Some(RequestMatch {
+                    method: "POST".into(),
+                    target_contains: "delete".into(),
+                }),
+                ..Faults::always(Fault::KeysBusy)
+            },
+            one_request_per_connection: true,
+            ..RelayConfig::default()
+        },
+    );
+    let url: StoreUrl = s3.store_url_at(&relay.endpoint, "").parse().unwrap();
+    rt.block_on(async {
+        let objects = Objects::open(&url, None).await.unwrap();
+        objects.delete_many(&keys).await.unwrap();
+    });
+    assert_eq!(relay.injected().get(&Fault::KeysBusy), Some(&2));
+    assert!(s3.keys().is_empty(), "{:?}", s3.keys());
 }

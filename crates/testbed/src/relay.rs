@@ -44,6 +44,10 @@ pub enum Fault {
     /// as a faulty NIC or middlebox would. Not among [`Fault::ALL`]: what the other faults do, a
     /// client notices; this one only a checksum catches.
     Corrupt,
+    /// Answers a multi-object delete (DeleteObjects) itself, `200 OK` with an `InternalError` for
+    /// every key it names, deleting none, as S3 does for keys under load. Not among
+    /// [`Fault::ALL`]: only that request names keys to fail.
+    KeysBusy,
 }
 
 impl Fault {
@@ -418,6 +422,37 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>,
             )
             .await;
         }
+        Some(Fault::KeysBusy) => {
+            let Ok((_, body)) = read_request(&mut client, read, true).await else {
+                return;
+            };
+            tokio::time::sleep(answer_delay).await;
+            let errors: String = xml_values(&body, "Key")
+                .iter()
+                .map(|key| {
+                    format!(
+                        "<Error><Key>{key}</Key><Code>InternalError</Code>\
+                         <Message>We encountered an internal error. Please try again.</Message>\
+                         </Error>"
+                    )
+                })
+                .collect();
+            let body = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+                 <DeleteResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">{errors}\
+                 </DeleteResult>"
+            );
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+            shared.applied(Fault::KeysBusy);
+            if client.write_all(response.as_bytes()).await.is_ok() {
+                let _ = client.shutdown().await;
+                drain(&mut client).await;
+            }
+        }
         Some(Fault::Cut | Fault::Trickle | Fault::Corrupt) | None => {
             let Ok(server) = TcpStream::connect(&shared.upstream).await else {
                 return;
@@ -459,7 +494,7 @@ async fn answer(
     delay: Duration,
     counted: impl FnOnce(),
 ) {
-    let Ok(method) = read_request(client, read).await else {
+    let Ok((method, _)) = read_request(client, read, false).await else {
         return;
     };
     tokio::time::sleep(delay).await;
@@ -487,9 +522,14 @@ async fn drain(client: &mut TcpStream) {
 }
 
 /// Reads a request's head and body (by `Content-Length`, or chunked to its last chunk), of which
-/// `buf` has arrived, and returns its method. A client that sent `Expect: 100-continue` sends no
-/// body before an answer, so none is read.
-async fn read_request(client: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<String> {
+/// `buf` has arrived, and returns its method, and its body if `keep_body` (chunked bodies are
+/// returned with their framing). A client that sent `Expect: 100-continue` sends no body before an
+/// answer, so none is read.
+async fn read_request(
+    client: &mut TcpStream,
+    mut buf: Vec<u8>,
+    keep_body: bool,
+) -> std::io::Result<(String, Vec<u8>)> {
     let mut chunk = vec![0u8; 64 * 1024];
     let head_len = loop {
         if let Some(end) = head_end(&buf) {
@@ -503,8 +543,15 @@ async fn read_request(client: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Resu
     };
     let head = String::from_utf8_lossy(&buf[..head_len]).to_ascii_lowercase();
     let method = head.split(' ').next().unwrap_or("").to_ascii_uppercase();
+    let body = |buf: &[u8]| {
+        if keep_body {
+            buf[head_len..].to_vec()
+        } else {
+            Vec::new()
+        }
+    };
     if header(&head, "expect").is_some_and(|v| v.contains("100-continue")) {
-        return Ok(method);
+        return Ok((method, Vec::new()));
     }
     if header(&head, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         while !buf[head_len..].ends_with(b"0\r\n\r\n") {
@@ -514,7 +561,7 @@ async fn read_request(client: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Resu
             }
             buf.extend_from_slice(&chunk[..n]);
         }
-        return Ok(method);
+        return Ok((method, body(&buf)));
     }
     let length: usize = header(&head, "content-length")
         .and_then(|v| v.parse().ok())
@@ -526,8 +573,28 @@ async fn read_request(client: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Resu
             break;
         }
         left = left.saturating_sub(n);
+        // Uploads answered by a fault can be large; only a body asked for is kept.
+        if keep_body {
+            buf.extend_from_slice(&chunk[..n]);
+        }
     }
-    Ok(method)
+    Ok((method, body(&buf)))
+}
+
+/// The text of each `<name>` element in `xml`, in order (no nesting or attributes: enough for the
+/// keys of a DeleteObjects request).
+fn xml_values(xml: &[u8], name: &str) -> Vec<String> {
+    let text = String::from_utf8_lossy(xml).into_owned();
+    let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+    let mut values = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find(&open) {
+        rest = &rest[start + open.len()..];
+        let Some(end) = rest.find(&close) else { break };
+        values.push(rest[..end].to_owned());
+        rest = &rest[end + close.len()..];
+    }
+    values
 }
 
 /// The length of an HTTP head (through its blank line), once `buf` holds all of it.

@@ -49,6 +49,31 @@ const COMPLETE_DEADLINE: Duration = Duration::from_secs(600);
 /// 50 s, a 1 GiB object 68 minutes.
 const SLOWEST_UPLOAD_BYTES_PER_SEC: u64 = 256 * 1024;
 
+/// The pauses before each new DeleteObjects request for the keys the last one failed with a
+/// transient error: 7.5 s in all, well inside a collection's lease.
+const DELETE_RETRY_PAUSES: [Duration; 4] = [
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+];
+
+/// One key a DeleteObjects request did not delete, as its answer says.
+struct KeyFailure {
+    key: String,
+    code: Option<String>,
+    message: String,
+}
+
+/// Whether a key that DeleteObjects failed with `code` may be deleted by asking again: the server
+/// was busy, not refusing.
+fn key_failure_is_transient(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some("InternalError" | "ServiceUnavailable" | "SlowDown" | "RequestTimeout")
+    )
+}
+
 /// The deadline of one attempt at uploading `len` bytes.
 fn upload_deadline(len: u64) -> Duration {
     REQUEST_DEADLINE + Duration::from_secs(len / SLOWEST_UPLOAD_BYTES_PER_SEC)
@@ -304,7 +329,54 @@ impl S3Target {
     /// Deletes up to 1,000 keys in one request (DeleteObjects, quiet: only failures come back).
     /// The SDK sends a CRC32 checksum; S3's own API and many servers (MinIO, Ceph, OVH) demand
     /// Content-MD5 of the body, so it is added before the request is signed.
+    ///
+    /// The request can succeed while some of its keys fail: S3 answers `InternalError` or
+    /// `SlowDown` for a key under load, Garage `ServiceUnavailable` when its database is busy. The
+    /// SDK retries only whole requests, so the keys that failed that way are sent again here, after
+    /// a growing pause ([`DELETE_RETRY_PAUSES`]); any other failure of a key is final.
     pub async fn delete_many(&self, keys: &[String]) -> Result<(), CacheError> {
+        let mut pauses = DELETE_RETRY_PAUSES.iter();
+        let mut left = keys.to_vec();
+        loop {
+            let failed = self.delete_once(&left).await?;
+            let Some(first) = failed.first() else {
+                return Ok(());
+            };
+            // The error names a key that failed for good if there is one.
+            let permanent = failed
+                .iter()
+                .find(|f| f.key.is_empty() || !key_failure_is_transient(f.code.as_deref()));
+            let pause = pauses.next().filter(|_| permanent.is_none());
+            let Some(pause) = pause else {
+                let named = permanent.unwrap_or(first);
+                let message = format!(
+                    "{}: {}{}",
+                    named.code.as_deref().unwrap_or("error"),
+                    named.message,
+                    match failed.len() {
+                        1 => String::new(),
+                        n => format!(" (and {} more keys failed)", n - 1),
+                    }
+                );
+                return Err(CacheError::S3 {
+                    operation: "DeleteObjects",
+                    key: named.key.clone(),
+                    message,
+                    status: None,
+                });
+            };
+            tracing::debug!(
+                keys = failed.len(),
+                code = first.code.as_deref().unwrap_or_default(),
+                "DeleteObjects failed some keys; sending them again"
+            );
+            tokio::time::sleep(*pause).await;
+            left = failed.into_iter().map(|f| f.key).collect();
+        }
+    }
+
+    /// One DeleteObjects request; the keys it failed.
+    async fn delete_once(&self, keys: &[String]) -> Result<Vec<KeyFailure>, CacheError> {
         use aws_sdk_s3::types::{Delete, ObjectIdentifier};
         let first = keys.first().cloned().unwrap_or_default();
         let built = |e: aws_sdk_s3::error::BuildError| CacheError::S3 {
@@ -337,19 +409,15 @@ impl S3Target {
             .send()
             .await
             .map_err(|e| self.classify(e, "DeleteObjects", &first))?;
-        match out.errors().first() {
-            None => Ok(()),
-            Some(e) => Err(CacheError::S3 {
-                operation: "DeleteObjects",
+        Ok(out
+            .errors()
+            .iter()
+            .map(|e| KeyFailure {
                 key: e.key().unwrap_or_default().to_owned(),
-                message: format!(
-                    "{}: {}",
-                    e.code().unwrap_or("error"),
-                    e.message().unwrap_or_default()
-                ),
-                status: None,
-            }),
-        }
+                code: e.code().map(str::to_owned),
+                message: e.message().unwrap_or_default().to_owned(),
+            })
+            .collect())
     }
 
     /// The bucket's versioning status (`Enabled`, `Suspended`), `None` if it was never enabled.
@@ -991,6 +1059,21 @@ mod tests {
         );
         assert_eq!(region_named(Some(""), b"<Region></Region>"), None);
         assert_eq!(region_named(None, &[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn keys_a_busy_server_failed_are_deleted_again_and_refused_ones_are_not() {
+        for busy in [
+            "InternalError",
+            "ServiceUnavailable",
+            "SlowDown",
+            "RequestTimeout",
+        ] {
+            assert!(key_failure_is_transient(Some(busy)), "{busy}");
+        }
+        for refused in [None, Some("AccessDenied"), Some("NoSuchBucket"), Some("")] {
+            assert!(!key_failure_is_transient(refused), "{refused:?}");
+        }
     }
 
     #[test]
