@@ -244,15 +244,22 @@ fn under_systemd_the_daemon_notifies_and_logs_json_lines() {
     let mut f = Flow::with_hook("", false);
     let notify_path = f.dir.path().join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let next = |f: &Flow| {
+    // Read as they come, as systemd does: a socket holds ten unread datagrams, and the daemon's
+    // eleventh ping would block it.
+    let (sent, notifications) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut buf = [0u8; 256];
-        let n = notify
-            .recv(&mut buf)
-            .unwrap_or_else(|e| panic!("no notification ({e}); daemon log:\n{}", f.log()));
-        String::from_utf8_lossy(&buf[..n]).trim().to_owned()
+        while let Ok(n) = notify.recv(&mut buf) {
+            let message = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
+            if sent.send(message).is_err() {
+                return;
+            }
+        }
+    });
+    let next = |f: &Flow| {
+        notifications
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("no notification ({e}); daemon log:\n{}", f.log()))
     };
     f.start_daemon_with(&[
         ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
@@ -270,16 +277,12 @@ fn under_systemd_the_daemon_notifies_and_logs_json_lines() {
     f.wait_published(&outs);
     assert!(f.signal_daemon(libc::SIGTERM).success());
     let mut rest = Vec::new();
-    while let Ok(n) = {
-        notify
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let mut buf = [0u8; 256];
-        notify
-            .recv(&mut buf)
-            .map(|n| String::from_utf8_lossy(&buf[..n]).trim().to_owned())
-    } {
-        rest.push(n);
+    while let Ok(message) = notifications.recv_timeout(Duration::from_secs(30)) {
+        let stopping = message == "STOPPING=1";
+        rest.push(message);
+        if stopping {
+            break;
+        }
     }
     assert!(rest.iter().any(|m| m == "STOPPING=1"), "{rest:?}");
     let log = f.log();
@@ -296,44 +299,66 @@ fn under_systemd_the_daemon_notifies_and_logs_json_lines() {
 }
 
 /// Builds hooked one after another within `gather` wait for its end: none is claimed while the
-/// window runs, past the worker's 1 s poll, but the first, which a claim under way at the daemon's
-/// start may take. `nixpush wait` does not wait for the window: it would time out (30 s) long
-/// before the window (60 s) ends.
+/// window runs, past the worker's 1 s poll. `nixpush wait` does not wait for the window: it would
+/// time out (30 s) long before the window (60 s) ends.
 #[test]
 fn builds_hooked_within_the_gather_window_are_claimed_together() {
     let mut f = Flow::with_hook("", false);
     f.configure("gather = 60\n");
-    let (outs, _) = f.build(&many(5, "gathered"));
+    let (outs, _) = f.build(&many(6, "gathered"));
+    let (first, outs) = outs.split_first().unwrap();
     f.start_daemon();
-    for p in &outs {
+    // One build first, and `wait` for it, which ends its window: the daemon is past the claim of
+    // its start, which could take any build hooked meanwhile.
+    assert!(
+        f.hook(Some(std::ffi::OsStr::new(first)), None)
+            .status
+            .success()
+    );
+    let waited = |f: &Flow| {
+        let o = f
+            .nixpush()
+            .args(["wait", "--timeout", "30"])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            f.log()
+        );
+    };
+    waited(&f);
+    assert!(f.published(first));
+    for p in outs {
         assert!(f.hook(Some(std::ffi::OsStr::new(p)), None).status.success());
     }
+    // A poll that came as the first of them arrived, before the window opened, may have claimed
+    // what was queued by then; nothing after.
+    let claimed = |f: &Flow| -> Vec<String> {
+        let items = f.queue_items();
+        assert_eq!(items.len(), 6);
+        items
+            .into_iter()
+            .filter(|(item, s)| item != first && *s != State::Queued)
+            .map(|(item, _)| item)
+            .collect()
+    };
+    let before = claimed(&f);
+    assert!(before.len() <= 2, "claimed as they came: {before:?}");
     // Watched for longer than the poll, whose claims must wait for the window too.
     let watched = Instant::now();
     while watched.elapsed() < Duration::from_millis(2500) {
-        let items = f.queue_items();
-        assert_eq!(items.len(), 5);
-        assert!(
-            items
-                .iter()
-                .filter(|(item, _)| *item != outs[0])
-                .all(|(_, s)| *s == State::Queued),
-            "claimed before the window was over: {items:?}"
+        assert_eq!(
+            claimed(&f),
+            before,
+            "claimed before the window was over:\n{}",
+            f.log()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let o = f
-        .nixpush()
-        .args(["wait", "--timeout", "30"])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{}\ndaemon log:\n{}",
-        String::from_utf8_lossy(&o.stderr),
-        f.log()
-    );
-    for p in &outs {
+    waited(&f);
+    for p in outs {
         assert!(f.published(p), "{p} not published after the wait");
     }
 }

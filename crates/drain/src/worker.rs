@@ -475,10 +475,13 @@ impl Worker {
                 // Nor roots made after the item was queued: a hook for it that came after the
                 // look-up above made them, and is queueing it again. (2 ms for the roundings of
                 // two millisecond clocks; the hook makes its roots before the item is queued.)
+                // The roots' time is compared with the queue's, not aged by a second reading of
+                // the clock: a pause between the two readings would keep them until the sweep.
                 .filter(|(item, enqueued_at)| {
-                    roots.age(item).is_none_or(|age| {
-                        let age = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
-                        let made = nixpush_queue::now_ms() - age;
+                    roots.made(item).is_none_or(|made| {
+                        let made = made
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
                         made <= *enqueued_at + 2
                     })
                 })

@@ -118,14 +118,18 @@ impl GcRoots {
         }
     }
 
-    /// How long ago `item`'s roots were made, if it has any.
-    pub fn age(&self, item: &str) -> Option<std::time::Duration> {
+    /// When `item`'s roots were made, if it has any.
+    pub fn made(&self, item: &str) -> Option<std::time::SystemTime> {
         let item = item.parse::<StorePath>().ok()?;
-        let made = fs::symlink_metadata(self.dir.join(item.base_name()))
+        fs::symlink_metadata(self.dir.join(item.base_name()))
             .ok()?
             .modified()
-            .ok()?;
-        Some(made.elapsed().unwrap_or_default())
+            .ok()
+    }
+
+    /// How long ago `item`'s roots were made, if it has any.
+    pub fn age(&self, item: &str) -> Option<std::time::Duration> {
+        Some(self.made(item)?.elapsed().unwrap_or_default())
     }
 
     /// The items that have roots now, as store paths.
