@@ -165,10 +165,11 @@ impl<'c, W: Write> Compressor<'c, W> {
                         .encoder()?
                 } else {
                     // The encoder clears match-finder tables sized to its dictionary for every
-                    // stream: about 17 MB at the default preset, 15 times the CPU of compressing a
-                    // NAR of a few KiB. A NAR no larger than the dictionary needs no more of it
-                    // (the smallest preset's, 256 KiB, bounds what is cut, so no preset's grows).
-                    // A hint, as for zstd: a longer NAR still compresses, and is refused.
+                    // stream: about 17 MB at the default preset (0.5 MB at the least), 15 times
+                    // the CPU of compressing a NAR of a few KiB. A NAR no larger than the
+                    // dictionary needs no more of it (the smallest preset's, 256 KiB, bounds what
+                    // is cut, so no preset's grows). A hint, as for zstd: a longer NAR still
+                    // compresses, and is refused.
                     let mut lzma = liblzma::stream::LzmaOptions::new_preset(preset)?;
                     if size_hint <= XZ_SMALLEST_PRESET_DICT {
                         lzma.dict_size(size_hint.next_power_of_two().max(XZ_DICT_MIN) as u32);
@@ -380,6 +381,22 @@ mod tests {
         }
     }
 
+    /// `nar` spooled on one thread with `compression` at its default level.
+    fn spool(nar: &[u8], compression: Compression, dir: &Path) -> SpooledNar {
+        let opts = CompressOptions {
+            compression,
+            level: None,
+            threads: 1,
+        };
+        spool_nar(
+            &info(nar, nar.len() as u64),
+            &Bytes(nar.to_vec()),
+            &opts,
+            dir,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn spooled_nars_decompress_to_the_nar_and_carry_their_hashes() {
         let dir = tempfile::tempdir().unwrap();
@@ -390,18 +407,7 @@ mod tests {
             .collect();
         for compression in [Compression::None, Compression::Zstd, Compression::Xz] {
             for nar in [&small, &large] {
-                let opts = CompressOptions {
-                    compression,
-                    level: None,
-                    threads: 1,
-                };
-                let s = spool_nar(
-                    &info(nar, nar.len() as u64),
-                    &Bytes(nar.clone()),
-                    &opts,
-                    dir.path(),
-                )
-                .unwrap();
+                let s = spool(nar, compression, dir.path());
                 let file = spooled_bytes(&s);
                 assert_eq!(s.file_size, file.len() as u64);
                 assert_eq!(s.file_hash, Sha256::digest(&file), "{compression:?}");
@@ -411,25 +417,13 @@ mod tests {
     }
 
     /// xz's dictionary (in the LZMA2 properties of the first block's header) is fit to a small NAR,
-    /// so that the encoder clears tables for kilobytes, not megabytes; a larger NAR keeps the
-    /// preset's.
+    /// so that the encoder clears about 0.5 MB of tables (liblzma's floor), not 17 MB; a larger
+    /// NAR keeps the preset's.
     #[test]
     fn a_small_nars_xz_dictionary_is_fit_to_it() {
         let dir = tempfile::tempdir().unwrap();
         let dict = |nar: &[u8]| {
-            let opts = CompressOptions {
-                compression: Compression::Xz,
-                level: None,
-                threads: 1,
-            };
-            let s = spool_nar(
-                &info(nar, nar.len() as u64),
-                &Bytes(nar.to_vec()),
-                &opts,
-                dir.path(),
-            )
-            .unwrap();
-            let file = spooled_bytes(&s);
+            let file = spooled_bytes(&spool(nar, Compression::Xz, dir.path()));
             assert_eq!(decompress(Compression::Xz, &file), nar);
             // Stream header (12 bytes), then the block header: its size, flags (no sizes
             // stored), the LZMA2 filter's id and properties' size, and the properties.

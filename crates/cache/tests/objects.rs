@@ -83,30 +83,42 @@ fn objects_are_listed_with_times_and_tags_and_deleted_in_batches_on_every_server
     }
 
     // A DeleteObjects that succeeds but fails each of its keys (S3's InternalError under load,
-    // Garage's ServiceUnavailable when its database is locked) is sent again for those keys.
+    // Garage's ServiceUnavailable when its database is locked) is sent again for those keys; a
+    // server that stays busy is given up on after five requests, naming a key.
     let s3 = serve(S3Kind::S3sFs);
     let keys: Vec<String> = (0..5).map(|i| format!("{i:032}.narinfo")).collect();
     s3.put_all(keys.iter().map(|k| (k.clone(), b"x".to_vec())).collect());
-    let relay = Relay::start(
-        &s3.endpoint,
-        RelayConfig {
-            faults: Faults {
-                limit: Some(2),
-                only: Some(RequestMatch {
-                    method: "POST".into(),
-                    target_contains: "delete".into(),
-                }),
-                ..Faults::always(Fault::KeysBusy)
+    let busy = |limit| {
+        Relay::start(
+            &s3.endpoint,
+            RelayConfig {
+                faults: Faults {
+                    limit,
+                    only: Some(RequestMatch {
+                        method: "POST".into(),
+                        target_contains: "delete".into(),
+                    }),
+                    ..Faults::always(Fault::KeysBusy)
+                },
+                one_request_per_connection: true,
+                ..RelayConfig::default()
             },
-            one_request_per_connection: true,
-            ..RelayConfig::default()
-        },
-    );
-    let url: StoreUrl = s3.store_url_at(&relay.endpoint, "").parse().unwrap();
-    rt.block_on(async {
-        let objects = Objects::open(&url, None).await.unwrap();
-        objects.delete_many(&keys).await.unwrap();
-    });
-    assert_eq!(relay.injected().get(&Fault::KeysBusy), Some(&2));
+        )
+    };
+    let delete = |relay: &Relay| {
+        let url: StoreUrl = s3.store_url_at(&relay.endpoint, "").parse().unwrap();
+        rt.block_on(async {
+            let objects = Objects::open(&url, None).await.unwrap();
+            objects.delete_many(&keys).await
+        })
+    };
+    let always = busy(None);
+    let e = delete(&always).unwrap_err().to_string();
+    assert!(e.contains(&keys[0]) && e.contains("InternalError"), "{e}");
+    assert_eq!(always.injected().get(&Fault::KeysBusy), Some(&5));
+    assert_eq!(s3.keys().len(), 5);
+    let twice = busy(Some(2));
+    delete(&twice).unwrap();
+    assert_eq!(twice.injected().get(&Fault::KeysBusy), Some(&2));
     assert!(s3.keys().is_empty(), "{:?}", s3.keys());
 }

@@ -46,7 +46,8 @@ pub enum Fault {
     Corrupt,
     /// Answers a multi-object delete (DeleteObjects) itself, `200 OK` with an `InternalError` for
     /// every key it names, deleting none, as S3 does for keys under load. Not among
-    /// [`Fault::ALL`]: only that request names keys to fail.
+    /// [`Fault::ALL`]: only that request names keys to fail, so it goes with [`Faults::only`]
+    /// naming it (another request would get an empty, successful answer).
     KeysBusy,
 }
 

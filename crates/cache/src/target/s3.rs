@@ -1062,7 +1062,7 @@ mod tests {
     }
 
     #[test]
-    fn keys_a_busy_server_failed_are_deleted_again_and_refused_ones_are_not() {
+    fn key_failures_a_busy_server_gives_are_transient_and_refusals_are_not() {
         for busy in [
             "InternalError",
             "ServiceUnavailable",
