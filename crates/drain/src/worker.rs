@@ -478,12 +478,9 @@ impl Worker {
                 // The roots' time is compared with the queue's, not aged by a second reading of
                 // the clock: a pause between the two readings would keep them until the sweep.
                 .filter(|(item, enqueued_at)| {
-                    roots.made(item).is_none_or(|made| {
-                        let made = made
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-                        made <= *enqueued_at + 2
-                    })
+                    roots
+                        .made(item)
+                        .is_none_or(|made| nixpush_queue::ms_of(made) <= *enqueued_at + 2)
                 })
                 .try_for_each(|(item, _)| roots.release(item))
         })

@@ -45,5 +45,7 @@ mod queue;
 mod retry;
 pub mod spill;
 
-pub use queue::{Claimed, Item, Kind, Latest, Outcome, Queue, QueueError, State, Status, now_ms};
+pub use queue::{
+    Claimed, Item, Kind, Latest, Outcome, Queue, QueueError, State, Status, ms_of, now_ms,
+};
 pub use retry::{Decision, RetryPolicy};

@@ -138,8 +138,12 @@ pub struct Status {
 }
 
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    ms_of(SystemTime::now())
+}
+
+/// `t` on the queue's clock: milliseconds since the Unix epoch.
+pub fn ms_of(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_millis() as i64
 }

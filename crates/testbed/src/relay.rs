@@ -399,10 +399,10 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>,
             }
         }
         Some(Fault::InternalError) => {
-            let body = s3_error(
+            let body = Body::Fixed(s3_error(
                 "InternalError",
                 "We encountered an internal error. Please try again.",
-            );
+            ));
             let status = "500 Internal Server Error";
             answer(&mut client, read, status, "", body, answer_delay, || {
                 shared.applied(Fault::InternalError)
@@ -410,7 +410,7 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>,
             .await;
         }
         Some(Fault::SlowDown) => {
-            let body = s3_error("SlowDown", "Please reduce your request rate.");
+            let body = Body::Fixed(s3_error("SlowDown", "Please reduce your request rate."));
             let retry = format!("Retry-After: {}\r\n", config.faults.retry_after_secs);
             answer(
                 &mut client,
@@ -424,35 +424,16 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>,
             .await;
         }
         Some(Fault::KeysBusy) => {
-            let Ok((_, body)) = read_request(&mut client, read, true).await else {
-                return;
-            };
-            tokio::time::sleep(answer_delay).await;
-            let errors: String = xml_values(&body, "Key")
-                .iter()
-                .map(|key| {
-                    format!(
-                        "<Error><Key>{key}</Key><Code>InternalError</Code>\
-                         <Message>We encountered an internal error. Please try again.</Message>\
-                         </Error>"
-                    )
-                })
-                .collect();
-            let body = format!(
-                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
-                 <DeleteResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">{errors}\
-                 </DeleteResult>"
-            );
-            let response = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\
-                 Connection: close\r\n\r\n{body}",
-                body.len()
-            );
-            shared.applied(Fault::KeysBusy);
-            if client.write_all(response.as_bytes()).await.is_ok() {
-                let _ = client.shutdown().await;
-                drain(&mut client).await;
-            }
+            answer(
+                &mut client,
+                read,
+                "200 OK",
+                "",
+                Body::Of(keys_failed),
+                answer_delay,
+                || shared.applied(Fault::KeysBusy),
+            )
+            .await;
         }
         Some(Fault::Cut | Fault::Trickle | Fault::Corrupt) | None => {
             let Ok(server) = TcpStream::connect(&shared.upstream).await else {
@@ -476,11 +457,35 @@ async fn serve(shared: Arc<Shared>, mut client: TcpStream, fault: Option<Fault>,
     }
 }
 
+/// DeleteObjects' answer that fails every key its request names, deleting none.
+fn keys_failed(request: &[u8]) -> String {
+    let errors: String = xml_values(request, "Key")
+        .iter()
+        .map(|key| {
+            format!(
+                "<Error><Key>{key}</Key><Code>InternalError</Code>\
+                 <Message>We encountered an internal error. Please try again.</Message></Error>"
+            )
+        })
+        .collect();
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+         <DeleteResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">{errors}</DeleteResult>"
+    )
+}
+
 fn s3_error(code: &str, message: &str) -> String {
     format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
          <Error><Code>{code}</Code><Message>{message}</Message></Error>"
     )
+}
+
+/// The body of the relay's own answer: fixed, or made from the request's body (which is then kept;
+/// otherwise it is read and dropped, as uploads can be large).
+enum Body {
+    Fixed(String),
+    Of(fn(&[u8]) -> String),
 }
 
 /// Reads one request (of which `read` has arrived), answers it with `status` after `delay`, and
@@ -491,16 +496,21 @@ async fn answer(
     read: Vec<u8>,
     status: &str,
     headers: &str,
-    body: String,
+    body: Body,
     delay: Duration,
     counted: impl FnOnce(),
 ) {
-    let Ok((method, _)) = read_request(client, read, false).await else {
+    let keep_body = matches!(body, Body::Of(_));
+    let Ok((method, request)) = read_request(client, read, keep_body).await else {
         return;
     };
     tokio::time::sleep(delay).await;
-    // The answer to a HEAD has no body.
-    let body = if method == "HEAD" { "" } else { body.as_str() };
+    let body = match body {
+        // The answer to a HEAD has no body.
+        _ if method == "HEAD" => String::new(),
+        Body::Fixed(body) => body,
+        Body::Of(make) => make(&request),
+    };
     let response = format!(
         "HTTP/1.1 {status}\r\n{headers}Content-Type: application/xml\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n{body}",
