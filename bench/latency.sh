@@ -6,6 +6,8 @@
 # over ROUNDS rounds, each into a fresh bucket; medians are compared. nixpush also pushes through a
 # relay that adds nothing: what the push costs on this machine with no latency at all (client, server,
 # relay and nix-daemon share its cores), so that what the latency adds can be told from the rest.
+# Each nixpush round also prints when its objects landed (the bucket's file times): the NARs, and the
+# narinfos level by level, whose chain of acknowledged PUTs the push cannot shorten.
 # Usage: bench/latency.sh [DELAY_MS] [ROUNDS] [DEPTH] [WIDTH]
 source "$(dirname "$0")/../scripts/lib.sh"
 DELAY_MS="${1:-10}"
@@ -57,7 +59,30 @@ run() { # run TOOL BUCKET: seconds to push the closure into a fresh bucket
     end=$(date +%s.%N)
     [ "$(ls "$WORK/s3/$2" | grep -c '\.narinfo$')" = "$COUNT" ] \
         || { echo "$1 published $(ls "$WORK/s3/$2" | grep -c '\.narinfo$') of $COUNT narinfos" >&2; exit 1; }
+    [ "$1" = nix-copy ] || chain "$WORK/s3/$2" "$start" > "$WORK/$2.chain"
     python3 -c "print(f'{$end - $start:.2f}')"
+}
+
+chain() { # chain BUCKET_DIR START: when the objects landed (their files' times), by level
+    python3 - "$@" <<'PY'
+import os, re, sys
+bucket, start = sys.argv[1], float(sys.argv[2])
+nars, narinfos = [], {}
+for name in os.listdir(bucket):
+    if not name.endswith(".narinfo"):
+        continue
+    path = os.path.join(bucket, name)
+    text = open(path).read()
+    level = re.search(r"StorePath: /nix/store/\w+-bench-layer(?:-(\d+)-|ed-root)", text).group(1)
+    level = int(level) if level is not None else None
+    nars.append(os.stat(os.path.join(bucket, re.search(r"URL: (\S+)", text).group(1))).st_mtime - start)
+    narinfos.setdefault(level, []).append(os.stat(path).st_mtime - start)
+first = max(narinfos[0])
+last = narinfos[None][0]
+levels = len(narinfos) - 1
+print(f"NARs landed {min(nars):.2f}-{max(nars):.2f} s; the narinfos of level 0 by {first:.2f} s, "
+      f"the root's at {last:.2f} s: {(last - first) / levels * 1000:.0f} ms a level")
+PY
 }
 
 say "$ROUNDS rounds, $DELAY_MS ms each way: nix copy, nixpush, and nixpush with no delay, alternately"
@@ -67,6 +92,8 @@ for round in $(seq 1 "$ROUNDS"); do
     push_runs+=("$(run nixpush "push-$round")")
     near_runs+=("$(run nixpush-near "near-$round")")
     echo "round $round: nix copy ${copy_runs[-1]} s, nixpush ${push_runs[-1]} s, nixpush with no delay ${near_runs[-1]} s"
+    echo "  nixpush: $(cat "$WORK/push-$round.chain")"
+    echo "  nixpush with no delay: $(cat "$WORK/near-$round.chain")"
 done
 median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END{print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 copy_s=$(median "${copy_runs[@]}")
