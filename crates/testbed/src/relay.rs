@@ -169,8 +169,9 @@ struct Shared {
     /// The rest of the current round of fault kinds, taken from the end.
     round: Mutex<Vec<Fault>>,
     /// Faults as decided for each connection: when it was accepted, or once its first request's
-    /// head arrived when faults are kept to some requests.
-    log: Mutex<ConnectionLog>,
+    /// head arrived when faults are kept to some requests; and whether that request was one they
+    /// are kept to (always, when they are not).
+    log: Mutex<Vec<(Instant, Option<Fault>, bool)>>,
     /// Faults that really happened: the RST sent, the request read and left unanswered, the request
     /// read and the answer about to be written, the response cut, bytes trickled.
     applied: Mutex<BTreeMap<Fault, usize>>,
@@ -268,7 +269,19 @@ impl Relay {
     /// Every connection accepted so far, in the order of the decisions, with the fault decided for
     /// it (see [`Faults::only`]).
     pub fn connections(&self) -> ConnectionLog {
-        self.shared.log.lock().unwrap().clone()
+        let log = self.shared.log.lock().unwrap();
+        log.iter().map(|&(at, fault, _)| (at, fault)).collect()
+    }
+
+    /// The connections whose first request is one [`Faults::only`] keeps faults to (all of them
+    /// when it is not set): the attempts at the requests under test, without the others a client
+    /// sent meanwhile.
+    pub fn matched(&self) -> ConnectionLog {
+        let log = self.shared.log.lock().unwrap();
+        log.iter()
+            .filter(|&&(_, _, matched)| matched)
+            .map(|&(at, fault, _)| (at, fault))
+            .collect()
     }
 
     /// How many times each fault really happened to a client.
@@ -292,7 +305,7 @@ impl Shared {
         let config = self.config.lock().unwrap();
         let f = &config.faults;
         let mut log = self.log.lock().unwrap();
-        let given = log.iter().filter(|(_, f)| f.is_some()).count();
+        let given = log.iter().filter(|(_, f, _)| f.is_some()).count();
         let in_window = f.window.contains(&self.started.elapsed());
         let fault =
             if eligible && in_window && !f.kinds.is_empty() && f.limit.is_none_or(|l| given < l) {
@@ -315,7 +328,7 @@ impl Shared {
             } else {
                 None
             };
-        log.push((Instant::now(), fault));
+        log.push((Instant::now(), fault, eligible));
         fault
     }
 

@@ -340,4 +340,10 @@ fn faults_for_one_kind_of_request_leave_the_others_alone() {
             None
         ]
     );
+    // The GETs alone: the requests the faults are for, without the PUTs around them.
+    let matched: Vec<_> = relay.matched().into_iter().map(|(_, f)| f).collect();
+    assert_eq!(
+        matched,
+        [Some(Fault::InternalError), Some(Fault::InternalError)]
+    );
 }
