@@ -14,6 +14,7 @@ mod gc_roots;
 mod protocol;
 mod store;
 pub mod unix;
+mod walk;
 
 pub use address::StoreAddress;
 pub use build_log::{

@@ -1,8 +1,7 @@
-use std::collections::{BTreeMap, BTreeSet};
-use std::collections::{HashSet, VecDeque};
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 
 use nixpush_format::StorePath;
 use nixpush_format::nar::NarError;
@@ -163,92 +162,7 @@ impl Store {
         jobs: usize,
         stop: impl Fn(&StorePath) -> bool + Sync,
     ) -> Result<BTreeMap<StorePath, PathInfo>, StoreError> {
-        let roots: BTreeSet<StorePath> = roots.iter().cloned().collect();
-        let walk = Mutex::new(Walk {
-            queue: roots.iter().cloned().collect(),
-            seen: roots.into_iter().collect(),
-            walkers: 1,
-            ..Walk::default()
-        });
-        let more = Condvar::new();
-        let jobs = jobs.max(1);
-        // The calling thread walks too, and helpers join while more paths wait than walkers: a deep,
-        // narrow closure never starts a thread, and a wide one starts at most `jobs - 1`, once for
-        // the whole walk rather than for every layer.
-        std::thread::scope(|s| {
-            fn walker<'s, 'e: 's>(
-                store: &'e Store,
-                walk: &'e Mutex<Walk>,
-                more: &'e Condvar,
-                stop: &'e (dyn Fn(&StorePath) -> bool + Sync),
-                jobs: usize,
-                s: &'s std::thread::Scope<'s, 'e>,
-            ) {
-                let lock = || walk.lock().unwrap_or_else(|e| e.into_inner());
-                loop {
-                    let path = {
-                        let mut w = lock();
-                        loop {
-                            if w.error.is_some() {
-                                return;
-                            }
-                            if let Some(p) = w.queue.pop_front() {
-                                w.busy += 1;
-                                break p;
-                            }
-                            if w.busy == 0 {
-                                more.notify_all();
-                                return;
-                            }
-                            w = more.wait(w).unwrap_or_else(|e| e.into_inner());
-                        }
-                    };
-                    // A panic must end the walk as an error: a walker that vanished while busy
-                    // would leave the others waiting for it for good.
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        store.path_info(&path)
-                    }))
-                    .unwrap_or_else(|_| {
-                        Err(StoreError::Protocol(format!(
-                            "the query of {path} panicked"
-                        )))
-                    });
-                    let mut w = lock();
-                    w.busy -= 1;
-                    match result {
-                        Ok(info) => {
-                            for r in &info.references {
-                                if *r != info.path && !stop(r) && w.seen.insert(r.clone()) {
-                                    w.queue.push_back(r.clone());
-                                }
-                            }
-                            w.infos.insert(info.path.clone(), info);
-                        }
-                        // The first error is the walk's: the daemon decides on it (reconnect or
-                        // not), and a later one may only be its consequence.
-                        Err(e) => {
-                            w.error.get_or_insert(e);
-                        }
-                    }
-                    let idle = w.walkers - w.busy;
-                    let spawn = w.queue.len() > idle && w.walkers < jobs;
-                    if spawn {
-                        w.walkers += 1;
-                    }
-                    drop(w);
-                    more.notify_all();
-                    if spawn {
-                        s.spawn(move || walker(store, walk, more, stop, jobs, s));
-                    }
-                }
-            }
-            walker(self, &walk, &more, &stop, jobs, s);
-        });
-        let walk = walk.into_inner().unwrap_or_else(|e| e.into_inner());
-        match walk.error {
-            Some(e) => Err(e),
-            None => Ok(walk.infos),
-        }
+        crate::walk::closure(roots, jobs, &stop, |p| self.path_info(p))
     }
 
     /// Path infos of the paths registered (built, substituted, added) at or after `since` (Unix
@@ -282,17 +196,4 @@ impl Store {
             Ok(out)
         })
     }
-}
-
-/// What the walkers of [`Store::closure`] share.
-#[derive(Default)]
-struct Walk {
-    /// Paths to query, and every path ever queued.
-    queue: VecDeque<StorePath>,
-    seen: HashSet<StorePath>,
-    infos: BTreeMap<StorePath, PathInfo>,
-    /// Walkers started, and those with a query under way.
-    walkers: usize,
-    busy: usize,
-    error: Option<StoreError>,
 }
