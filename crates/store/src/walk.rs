@@ -126,14 +126,16 @@ mod tests {
     use nixpush_format::Sha256;
     use std::collections::HashMap;
 
+    /// A store path named `name`, with a hash part of its own.
     fn path(name: &str) -> StorePath {
-        format!("/nix/store/{:0>32}-{name}", name.len())
+        let hash = Sha256::digest(name.as_bytes()).to_nix32();
+        format!("/nix/store/{}-{name}", &hash[..32])
             .parse()
             .unwrap()
     }
 
     /// A store of `width` paths per level over `depth` levels, each referencing two of the level
-    /// below, as `(name, references)`.
+    /// below: each path with its references.
     fn layered(depth: usize, width: usize) -> HashMap<StorePath, Vec<StorePath>> {
         let name = |d: usize, i: usize| path(&format!("l{d}-{i}"));
         (0..depth)
