@@ -191,6 +191,9 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[
 const SUPERSEDED: &str =
     "EXISTS (SELECT 1 FROM items newer WHERE newer.item = items.item AND newer.id > items.id)";
 
+/// How long an opener or writer waits for another process's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Queue {
     /// Opens (creating if needed) `state_dir/queue.sqlite`.
     pub fn open(state_dir: &Path) -> Result<Queue, QueueError> {
@@ -199,13 +202,34 @@ impl Queue {
             source,
         })?;
         let path = state_dir.join("queue.sqlite");
+        // A new database keeps a rollback journal until an opener switches it to WAL. There,
+        // SQLite answers a lock upgrade that could deadlock with "database is locked" at once,
+        // without waiting (CI met it with 64 hooks creating the queue together): such an opener
+        // starts again, within the time it would have waited for the lock.
+        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match Self::open_at(&path) {
+                Err(QueueError::Db { source, .. })
+                    if source.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+                opened => return opened,
+            }
+        }
+    }
+
+    fn open_at(path: &Path) -> Result<Queue, QueueError> {
         let err = |source| QueueError::Db {
-            path: path.clone(),
+            path: path.to_owned(),
             source,
         };
-        let conn = Connection::open(&path).map_err(err)?;
+        let conn = Connection::open(path).map_err(err)?;
         // Several processes (hooks, daemon, status) share the file: wait for each other's locks.
-        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -216,7 +240,10 @@ impl Queue {
         // rebuilds by reading the whole WAL. With the daemon up, its connection stays open and a
         // hook's close costs nothing.
         conn.execute_batch(SCHEMA).map_err(err)?;
-        let mut queue = Queue { conn, path };
+        let mut queue = Queue {
+            conn,
+            path: path.to_owned(),
+        };
         queue.add_missing_columns()?;
         queue
             .conn
